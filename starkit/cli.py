@@ -1,0 +1,66 @@
+"""The ``starkit`` command: a LightningCLI whose model and data are chosen by ``class_path``.
+
+    starkit fit --config recipes/tokenizer/tiny.yaml
+    starkit predict --config recipes/predict/demo.yaml
+    python -m starkit ...
+
+Extra subcommands that are not Trainer methods (``export``, ``convert``) are dispatched
+before LightningCLI parses the arguments.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import List, Optional
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+# Import every component module so that short class names resolve in YAML.
+_COMPONENT_MODULES = (
+    "starkit.tokenizers",
+    "starkit.text",
+    "starkit.positional",
+    "starkit.samplers",
+    "starkit.generator",
+    "starkit.data",
+    "starkit.callbacks",
+    "starkit.eval",
+)
+for _name in _COMPONENT_MODULES:
+    try:
+        importlib.import_module(_name)
+    except ModuleNotFoundError as err:  # a family not built yet must not break the others
+        if err.name is None or not err.name.startswith("starkit"):
+            raise
+
+# Subcommands handled outside LightningCLI: name -> "module:function(argv)"
+EXTRA_COMMANDS = {
+    "export": "starkit.export:main",
+    "convert": "starkit.convert.cli:main",
+}
+
+
+class StarkitCLI(LightningCLI):
+    """LightningCLI with starkit's defaults: any LightningModule / LightningDataModule by
+    ``class_path``, configs saved next to the run (overwriting allowed)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
+
+
+def main(args: Optional[List[str]] = None) -> Optional[StarkitCLI]:
+    """Entry point of ``starkit`` and ``python -m starkit``."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        module, func = EXTRA_COMMANDS[argv[0]].split(":")
+        getattr(importlib.import_module(module), func)(argv[1:])
+        return None
+    return StarkitCLI(args=argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+from .base import PositionalEncoding, token_grid

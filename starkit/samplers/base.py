@@ -1,0 +1,77 @@
+"""The sampler interface: turns the logits (and hidden states) of one scale into tokens."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import lightning as L
+import torch
+
+
+@dataclass
+class ScaleStep:
+    """Everything a sampler may use at scale k of one generation.
+
+    With guidance the conditional rows come first: ``hidden`` and the logits are
+    ``(2B, l, ...)`` and rows ``B:`` are the unconditional (empty prompt) pass.
+
+    Attributes:
+        scale: k, 0-based.
+        num_scales: K.
+        patch_num: pn_k (the scale's side; l = pn_k**2 tokens).
+        hidden: the generator's last hidden states of this scale ``(B or 2B, l, C)``.
+        logits: the generator's logits of this scale ``(B or 2B, l, V)`` (float32).
+        guided: True when rows B: are the unconditional pass.
+        embed: codebook lookup ``LongTensor (B, l) -> (B, l, Cvae)`` (the tokenizer's).
+        codebook: ``(V, Cvae)`` codebook (for soft tokens).
+        pooled_text: pooled text features ``(B or 2B, D)`` used by samplers with a head.
+        rotary: the positional encoding's rotary tables for this scale, or None.
+        rotary_first: the rotary tables of the first token (the start position), or None.
+        generator: torch.Generator for reproducible sampling, or None.
+    """
+
+    scale: int
+    num_scales: int
+    patch_num: int
+    hidden: torch.Tensor
+    logits: torch.Tensor
+    guided: bool
+    embed: Callable[[torch.Tensor], torch.Tensor]
+    codebook: torch.Tensor
+    pooled_text: Optional[torch.Tensor] = None
+    rotary: Optional[tuple] = None
+    rotary_first: Optional[tuple] = None
+    generator: Optional[torch.Generator] = None
+
+
+class ScaleSampler(L.LightningModule):
+    """Base class of samplers. A sampler may own weights (a head) and a training loss; it is
+    used by the generator through plain methods only (see ENGINEERING notes on nesting).
+
+    Subclasses implement :meth:`sample_scale`, which returns the token embeddings
+    ``(B, l, Cvae)`` of the scale (hard tokens: codebook rows; soft tokens allowed) and the
+    indices ``(B, l)`` (the argmax for soft tokens).
+    """
+
+    has_weights: bool = False
+
+    def sample_scale(self, step: ScaleStep) -> tuple:
+        raise NotImplementedError
+
+    def with_settings(self, **overrides) -> "ScaleSampler":
+        """A shallow copy (sharing weights) with some settings changed; None values are ignored."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if not overrides:
+            return self
+        other = copy.copy(self)
+        other.__dict__ = dict(self.__dict__)
+        for k, v in overrides.items():
+            if not hasattr(self, k):
+                raise ValueError(f"{type(self).__name__} has no setting {k!r}.")
+            setattr(other, k, v)
+        other.validate()
+        return other
+
+    def validate(self) -> None:
+        """Raise a clear error on invalid settings (called at construction and on overrides)."""
