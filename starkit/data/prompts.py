@@ -1,0 +1,239 @@
+"""Prompts for ``predict``: a list or a (possibly huge) file, streamed one image at a time.
+
+Every *item* is one image to generate: prompt ``i``, image ``j`` of
+``num_images_per_prompt`` (``K``). Its global index is ``n = i * K + j``, its seed
+``base_seed(i) + j`` and its file name stem ``f"{i:06d}_{j:02d}"`` (or the JSONL
+``name``), so outputs do not depend on the batch size, the number of workers or ranks.
+
+The file is read lazily by an ``IterableDataset``; item ``n`` goes to shard
+``n % (world_size * num_workers)``, so ranks and workers never duplicate work. With an
+``output_dir``, items whose image already exists are skipped: an interrupted run resumes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+# (prompt, seed or None, name or None) for one prompt
+PromptRecord = Tuple[str, Optional[int], Optional[str]]
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def expected_output_path(output_dir: str, name: str) -> str:
+    """Where the image of item ``name`` is written: ``<output_dir>/<name>.png``.
+
+    The prediction writer writes ``<name>.png`` and ``<name>.json`` there; an item
+    counts as done when its ``.png`` exists, so the writer should write the image last
+    (or to a temporary name and rename it).
+
+    Args:
+        output_dir: The output folder.
+        name: The item's file name stem (the batch's ``"name"`` entry).
+    """
+    return os.path.join(output_dir, f"{name}.png")
+
+
+def safe_name(name: str) -> str:
+    """A file-name stem from a user-given name: no folders, no leading dots."""
+    cleaned = _UNSAFE.sub("_", name).lstrip(".")
+    if not cleaned:
+        raise ValueError(f"name {name!r} gives an empty file name")
+    return cleaned
+
+
+def is_jsonl(path: str) -> bool:
+    """Prompt files ending in ``.jsonl`` (or ``.json``) are JSONL; others plain text."""
+    return path.lower().endswith((".jsonl", ".json"))
+
+
+def read_prompt_file(path: str) -> Iterator[PromptRecord]:
+    """Yield the prompts of a file one at a time (bounded memory).
+
+    Plain text: one prompt per line, surrounding whitespace stripped, blank lines
+    skipped. JSONL: one ``{"prompt": str, "seed": int (optional), "name": str
+    (optional)}`` per line, blank lines skipped.
+
+    Raises:
+        ValueError: naming the file and line for bad UTF-8, bad JSON or bad fields.
+    """
+    jsonl = is_jsonl(path)
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path} line {line_no} is not valid UTF-8: {err}") from None
+            line = line.strip()
+            if not line:
+                continue
+            if not jsonl:
+                yield line, None, None
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as err:
+                raise ValueError(f"{path} line {line_no} is not valid JSON: {err}") from None
+            yield _check_record(record, f"{path} line {line_no}")
+
+
+def _check_record(record, where: str) -> PromptRecord:
+    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+        raise ValueError(f'{where}: expected {{"prompt": str, "seed"?: int, "name"?: str}}')
+    seed, name = record.get("seed"), record.get("name")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"{where}: seed must be an integer, got {seed!r}")
+    if name is not None and not isinstance(name, str):
+        raise ValueError(f"{where}: name must be a string, got {name!r}")
+    return record["prompt"], seed, None if name is None else safe_name(name)
+
+
+def shard_info() -> Tuple[int, int]:
+    """``(shard_id, num_shards)`` for this process: rank-major, then DataLoader worker."""
+    rank, world = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    info = get_worker_info()
+    worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+    return rank * workers + worker, world * workers
+
+
+class PromptStream(IterableDataset):
+    """Streams one dict per image: ``{"prompt", "seed", "index", "name"}``.
+
+    Args:
+        prompts: A list of prompts (kept as given, blank ones included), or ``None``.
+        prompt_file: A text or JSONL prompt file, read lazily, or ``None``.
+        num_images_per_prompt: Images ``K`` per prompt.
+        seed: Base seed; prompt ``i`` without its own seed gets ``seed + i * K``.
+        output_dir: If given, items whose image exists there are not yielded.
+    """
+
+    def __init__(
+        self,
+        prompts: Optional[List[str]] = None,
+        prompt_file: Optional[str] = None,
+        num_images_per_prompt: int = 1,
+        seed: int = 0,
+        output_dir: Optional[str] = None,
+    ):
+        self.prompts, self.prompt_file = prompts, prompt_file
+        self.num_images_per_prompt, self.seed, self.output_dir = num_images_per_prompt, seed, output_dir
+
+    def records(self) -> Iterator[PromptRecord]:
+        """The prompts, in order, as ``(prompt, seed or None, name or None)``."""
+        if self.prompt_file is not None:
+            return read_prompt_file(self.prompt_file)
+        return ((prompt, None, None) for prompt in self.prompts)
+
+    def all_items(self) -> Iterator[dict]:
+        """Every item in order, ignoring shards and existing outputs."""
+        k = self.num_images_per_prompt
+        for i, (prompt, seed, name) in enumerate(self.records()):
+            base_seed = seed if seed is not None else self.seed + i * k
+            for j in range(k):
+                if name is None:
+                    stem = f"{i:06d}_{j:02d}"
+                else:
+                    stem = name if k == 1 else f"{name}_{j:02d}"
+                yield {"prompt": prompt, "seed": base_seed + j, "index": i * k + j, "name": stem}
+
+    def is_done(self, item: dict) -> bool:
+        """Whether the item's image already exists in ``output_dir``."""
+        return self.output_dir is not None and os.path.exists(
+            expected_output_path(self.output_dir, item["name"])
+        )
+
+    def __iter__(self) -> Iterator[dict]:
+        shard, num_shards = shard_info()
+        for item in self.all_items():
+            if item["index"] % num_shards == shard and not self.is_done(item):
+                yield item
+
+
+def collate_prompts(items: List[dict]) -> Dict[str, list]:
+    """Batch items as lists (plain ints, not tensors): ``{"prompt": [...], "seed": [...], ...}``."""
+    return {key: [item[key] for item in items] for key in ("prompt", "seed", "index", "name")}
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Prompts for ``predict``; batches ``{"prompt": list[str], "seed": list[int],
+    "index": list[int], "name": list[str]}``, one entry per image.
+
+    Give exactly one of ``prompts`` or ``prompt_file``. Prompt ``i``'s image ``j`` gets
+    seed ``base_seed(i) + j`` (``base_seed(i)`` is the JSONL ``seed`` or
+    ``seed + i * num_images_per_prompt``) and name ``f"{i:06d}_{j:02d}"`` (or the JSONL
+    ``name``, with ``_{j:02d}`` appended when ``num_images_per_prompt > 1``), whatever
+    the batch size, workers or ranks.
+
+    Args:
+        prompts: Prompts given inline, e.g. ``["a red circle", "two blue squares"]``.
+        prompt_file: A prompt file: plain text with one prompt per line (blank lines
+            skipped), or ``.jsonl`` with ``{"prompt": str, "seed": int, "name": str}``
+            per line (``seed`` and ``name`` optional). Streamed, so it may be huge.
+        num_images_per_prompt: Images generated for each prompt.
+        seed: Base seed of the prompts that do not carry their own.
+        batch_size: Images per batch (per device).
+        num_workers: DataLoader workers reading the prompt file (0 is usually enough).
+        output_dir: The prediction writer's folder; items whose ``<name>.png`` already
+            exists there are skipped, so an interrupted run resumes.
+    """
+
+    def __init__(
+        self,
+        prompts: Optional[List[str]] = None,
+        prompt_file: Optional[str] = None,
+        num_images_per_prompt: int = 1,
+        seed: int = 0,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        output_dir: Optional[str] = None,
+    ):
+        super().__init__()
+        if (prompts is None) == (prompt_file is None):
+            raise ValueError("give exactly one of `prompts` (a list) or `prompt_file` (a file)")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        self.save_hyperparameters()
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.dataset = PromptStream(prompts, prompt_file, num_images_per_prompt, seed, output_dir)
+        self.num_prompts: Optional[int] = None
+
+    @property
+    def source(self) -> str:
+        """The prompt file, or ``"the prompts list"``."""
+        return self.dataset.prompt_file or "the `prompts` list"
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Check the whole source once, streaming: errors come before any generation."""
+        if self.num_prompts is not None:
+            return
+        if self.dataset.prompt_file is not None and not os.path.isfile(self.dataset.prompt_file):
+            raise FileNotFoundError(f"prompt file {self.dataset.prompt_file!r} does not exist")
+        self.num_prompts = sum(1 for _ in self.dataset.records())
+        if self.num_prompts == 0:
+            raise ValueError(f"no prompts found in {self.source}")
+        total = self.num_prompts * self.dataset.num_images_per_prompt
+        if self.dataset.output_dir is not None:
+            done = sum(1 for item in self.dataset.all_items() if self.dataset.is_done(item))
+            if done:
+                rank_zero_info(
+                    f"starkit.data: {done} of {total} images already exist in "
+                    f"{self.dataset.output_dir!r}; generating the other {total - done}"
+                )
+
+    def predict_dataloader(self) -> DataLoader:
+        """Batches of items as lists; see the class docstring for the format."""
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate_prompts,
+        )
