@@ -1,0 +1,52 @@
+"""``ImageWriter``: one PNG per generated image plus a JSON sidecar; never overwrites."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional, Sequence
+
+import lightning as L
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from starkit.utils.io import atomic_save_image, atomic_write_bytes, images_to_pil
+
+
+class ImageWriter(BasePredictionWriter):
+    """Writes ``<output_dir>/<name>.png`` and ``<name>.json`` (prompt, seed, settings,
+    checkpoint) for every predicted image.
+
+    Files are written atomically (temporary file, then rename), the JSON first and the PNG
+    last, so an image that exists is complete; an existing image is never overwritten, so a
+    rerun of an interrupted prediction writes only the missing ones.
+
+    Args:
+        output_dir: folder of the images (created if needed).
+    """
+
+    def __init__(self, output_dir: str = "outputs") -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = output_dir
+        self.written = 0
+        self.skipped = 0
+
+    def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
+                           batch_indices: Optional[Sequence[int]], batch: Any, batch_idx: int,
+                           dataloader_idx: int) -> None:
+        os.makedirs(self.output_dir, exist_ok=True)
+        names = prediction.get("name") or [f"{batch_idx:06d}_{i:02d}" for i in range(len(prediction["prompt"]))]
+        ckpt = getattr(trainer, "ckpt_path", None)
+        for i, (image, name) in enumerate(zip(images_to_pil(prediction["images"]), names)):
+            png = os.path.join(self.output_dir, f"{name}.png")
+            if os.path.exists(png):
+                self.skipped += 1
+                continue
+            meta = {"prompt": prediction["prompt"][i], "seed": prediction["seed"][i],
+                    "batch_seed": prediction.get("batch_seed"), "position_in_batch": i,
+                    "settings": prediction.get("settings"), "checkpoint": str(ckpt) if ckpt else None,
+                    "model": type(pl_module).__name__}
+            atomic_write_bytes(os.path.join(self.output_dir, f"{name}.json"),
+                               json.dumps(meta, indent=2, default=str).encode())
+            if atomic_save_image(png, image, overwrite=False):
+                self.written += 1
+            else:
+                self.skipped += 1

@@ -1,0 +1,34 @@
+"""``starkit export CKPT OUT_DIR``: a training checkpoint -> a self-contained model directory."""
+from __future__ import annotations
+
+import argparse
+from typing import List, Optional
+
+import torch
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def export_checkpoint(ckpt_path: str, out_dir: str, dtype: Optional[str] = None, use_ema: bool = True,
+                      copy_text_encoder: bool = False) -> str:
+    """Load a ``ScaleWiseGenerator`` checkpoint (safely, weights only) and write a model directory."""
+    from starkit.generator import ScaleWiseGenerator
+    from starkit.pipeline import save_model_dir
+    generator = ScaleWiseGenerator.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    save_model_dir(generator, out_dir, dtype=DTYPES[dtype] if dtype else None, use_ema=use_ema,
+                   copy_text_encoder=copy_text_encoder)
+    return out_dir
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="starkit export", description=__doc__)
+    parser.add_argument("ckpt", help="a checkpoint written by `starkit fit` with a ScaleWiseGenerator")
+    parser.add_argument("out_dir", help="the model directory to write")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: as trained)")
+    parser.add_argument("--no-ema", action="store_true", help="export the raw weights even when an EMA exists")
+    parser.add_argument("--copy-text-encoder", action="store_true",
+                        help="copy a Hugging Face text encoder into the directory (self-contained)")
+    args = parser.parse_args(argv)
+    export_checkpoint(args.ckpt, args.out_dir, args.dtype, not args.no_ema, args.copy_text_encoder)
+    print(f"wrote {args.out_dir}")

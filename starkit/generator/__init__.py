@@ -1,0 +1,2 @@
+from .module import ScaleWiseGenerator
+from .transformer import SIZES, ScaleTransformer

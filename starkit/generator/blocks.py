@@ -1,0 +1,173 @@
+"""Transformer blocks of the scale-wise generator: self-attention with QK L2-norm and
+rotary positions (block-causal in training, KV-cached in sampling), cross-attention to
+the text tokens, and the FFN.
+
+Parameter names follow the official STAR code (``mat_qkv``, ``q_bias``, ``v_bias``,
+``scale_mul_1H11``, ``mat_q``, ``mat_kv``, ``fc1``/``fc2``) so that its checkpoints map
+onto these modules one to one.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from starkit.positional import apply_rotary
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a whole residual branch per sample with probability ``p``."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class KVCache:
+    """Preallocated keys and values of one self-attention layer, ``(B, H, L, d)`` each."""
+
+    def __init__(self, batch: int, heads: int, length: int, head_dim: int, device, dtype) -> None:
+        self.k = torch.empty(batch, heads, length, head_dim, device=device, dtype=dtype)
+        self.v = torch.empty_like(self.k)
+        self.length = 0  # number of valid positions
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class QKNorm(nn.Module):
+    """L2-normalises queries and keys; queries are then scaled by a learnable per-head
+    factor (init 4, clamped at 100), so attention uses scale 1 (VAR's ``attn_l2_norm``)."""
+
+    def __init__(self, num_heads: int) -> None:
+        super().__init__()
+        self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
+        self.max_log_scale = math.log(100.0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        scale = self.scale_mul_1H11.clamp_max(self.max_log_scale).exp()  # (1, H, 1, 1)
+        q = F.normalize(q.float(), dim=-1).mul(scale).to(q.dtype)
+        k = F.normalize(k.float(), dim=-1).to(k.dtype)
+        return q, k
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with QK L2-norm and optional rotary positions."""
+
+    def __init__(self, width: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, width // num_heads
+        self.mat_qkv = nn.Linear(width, 3 * width, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(width))
+        self.v_bias = nn.Parameter(torch.zeros(width))
+        self.qk_norm = QKNorm(num_heads)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, rotary: Optional[tuple] = None, mask: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None) -> torch.Tensor:
+        B, l, C = x.shape
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, l, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, l, d)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        q, k = self.qk_norm(q, k)
+        if cache is not None:  # sampling: attend to every cached position, no mask needed
+            k, v = cache.append(k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # (B, H, l, d)
+        return self.proj(out.transpose(1, 2).reshape(B, l, C))
+
+
+class CrossAttention(nn.Module):
+    """Attention from image tokens to text tokens (key-padding mask), QK L2-norm.
+
+    The text keys and values depend only on the prompt: :meth:`text_kv` computes them
+    once per generation and every scale reuses them.
+    """
+
+    def __init__(self, width: int, text_dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, width // num_heads
+        self.mat_q = nn.Linear(width, width, bias=False)
+        self.mat_kv = nn.Linear(text_dim, 2 * width, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(width))
+        self.v_bias = nn.Parameter(torch.zeros(width))
+        self.qk_norm = QKNorm(num_heads)
+        self.proj = nn.Linear(width, width)
+
+    def text_kv(self, text_tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Text features ``(B, T, Dt)`` -> normalised keys and values ``(B, H, T, d)``."""
+        B, T, _ = text_tokens.shape
+        bias = torch.cat((torch.zeros_like(self.v_bias), self.v_bias))
+        kv = F.linear(text_tokens, self.mat_kv.weight, bias).view(B, T, 2, self.num_heads, self.head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, d)
+        k = F.normalize(k.float(), dim=-1).to(v.dtype)
+        return k, v
+
+    def forward(self, x: torch.Tensor, text_kv: Tuple[torch.Tensor, torch.Tensor],
+                text_bias: torch.Tensor) -> torch.Tensor:
+        B, l, C = x.shape
+        q = F.linear(x, self.mat_q.weight, self.q_bias).view(B, l, self.num_heads, self.head_dim).transpose(1, 2)
+        scale = self.qk_norm.scale_mul_1H11.clamp_max(self.qk_norm.max_log_scale).exp()
+        q = F.normalize(q.float(), dim=-1).mul(scale)
+        k, v = text_kv
+        q = q.to(v.dtype)
+        out = F.scaled_dot_product_attention(q, k.to(v.dtype), v, attn_mask=text_bias.to(v.dtype), scale=1.0)
+        return self.proj(out.transpose(1, 2).reshape(B, l, C))
+
+
+class FFN(nn.Module):
+    """Two-layer MLP with tanh-approximated GELU."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm block: self-attention, cross-attention to text (optional), FFN.
+
+    Non-affine LayerNorm (eps 1e-6) before each branch; drop-path on self-attention and FFN
+    (the cross-attention branch has none, as in STAR).
+    """
+
+    def __init__(self, width: int, num_heads: int, text_dim: Optional[int], mlp_ratio: float = 4.0,
+                 drop_path: float = 0.0, norm_eps: float = 1e-6) -> None:
+        super().__init__()
+        self.attn = SelfAttention(width, num_heads)
+        self.cross_attn = CrossAttention(width, text_dim, num_heads) if text_dim else None
+        self.ffn = FFN(width, round(width * mlp_ratio))
+        self.norm = nn.LayerNorm(width, eps=norm_eps, elementwise_affine=False)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, rotary=None, mask=None, text_kv=None, text_bias=None,
+                cache: Optional[KVCache] = None) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm(x), rotary=rotary, mask=mask, cache=cache))
+        if self.cross_attn is not None and text_kv is not None:
+            x = x + self.cross_attn(self.norm(x), text_kv, text_bias)
+        return x + self.drop_path(self.ffn(self.norm(x)))
+
+
+def key_padding_bias(mask: torch.Tensor) -> torch.Tensor:
+    """Key-padding mask ``(B, T)`` (True = real token) -> additive bias ``(B, 1, 1, T)``."""
+    mask = mask.clone()
+    mask[~mask.any(dim=1), 0] = True  # a prompt with no real token attends to its first slot, never to nothing
+    bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    return bias.masked_fill_(~mask, float("-inf"))[:, None, None, :]

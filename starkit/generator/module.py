@@ -1,0 +1,281 @@
+"""``ScaleWiseGenerator``: STAR's text-to-image generator as a LightningModule.
+
+The four component families plug in by type (``class_path`` in YAML):
+
+    tokenizer (frozen)  -> indices of every scale, teacher-forcing inputs, decoding
+    text_encoder (frozen) -> token features, mask, pooled vector
+    positional (factory)  -> absolute embeddings and/or rotary tables
+    sampler               -> tokens of one scale from its logits
+
+The generator owns the training loop, the logging, the optimizer and the checkpoint.
+Frozen components stay out of its checkpoint and are rebuilt from their own configs.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from starkit.generator.hparams import library_hparams
+from starkit.generator.transformer import ScaleTransformer, resolve_size
+from starkit.positional import NormalizedRoPE2D, PositionalEncoding
+from starkit.samplers import ParallelSampler, ScaleSampler, ScaleStep
+from starkit.text import TextEmbedding, TextEncoder
+from starkit.tokenizers import ScaleTokenizer
+
+PositionalFactory = Callable[[int, int, Sequence[int]], PositionalEncoding]
+FROZEN_PREFIXES = ("tokenizer.", "text_encoder.")
+
+
+class ScaleWiseGenerator(L.LightningModule):
+    """Scale-wise autoregressive text-to-image generator (STAR / VAR).
+
+    Args:
+        tokenizer: the multi-scale VQ tokenizer (frozen; not saved in this checkpoint).
+        text_encoder: the text encoder (frozen; not saved in this checkpoint).
+        positional: positional-encoding class, called with (width, num_heads, patch_nums)
+            (default: STAR's ``NormalizedRoPE2D(norm=64, base=10000)``).
+        sampler: how tokens are drawn at generation time (default ``ParallelSampler()``).
+        size: named size: tiny, small, d16, d20, d24, d30 (width 64*depth, heads = depth).
+        depth: override the size's depth.
+        width: override the size's width.
+        num_heads: override the size's number of heads.
+        patch_nums: scales to generate (default: the tokenizer's). The last one times the
+            tokenizer's downsampling is the image side.
+        mlp_ratio: FFN width / model width.
+        drop_path_rate: stochastic depth of the last block (default 0.1 * depth / 24).
+        head_norm: non-affine LayerNorm before the logits head (STAR's ``logit_norm``).
+        caption_dropout: share of captions replaced by "" in training (for guidance).
+        lr: peak learning rate (AdamW).
+        weight_decay: AdamW weight decay on >= 2-D weights (not embeddings or gains).
+        betas: AdamW betas.
+        warmup_steps: linear warm-up steps; then linear decay to ``final_lr_ratio * lr``.
+        final_lr_ratio: learning rate at the last step, relative to ``lr``.
+        ema_decay: keep an exponential moving average of the transformer (None: off).
+        token_drop: drop this many random tokens of the last scale in each training step
+            (STAR at 1024: 651), with the loss on the kept ones.
+        activation_checkpointing: recompute block activations in the backward pass.
+        init_from: a starkit checkpoint or model directory whose transformer initialises
+            this one (progressive resolution: scales may differ).
+    """
+
+    def __init__(
+        self,
+        tokenizer: ScaleTokenizer,
+        text_encoder: TextEncoder,
+        positional: Optional[PositionalFactory] = None,
+        sampler: Optional[ScaleSampler] = None,
+        size: str = "d16",
+        depth: Optional[int] = None,
+        width: Optional[int] = None,
+        num_heads: Optional[int] = None,
+        patch_nums: Optional[List[int]] = None,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: Optional[float] = None,
+        head_norm: bool = True,
+        caption_dropout: float = 0.1,
+        lr: float = 1e-4,
+        weight_decay: float = 0.05,
+        betas: Tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 0,
+        final_lr_ratio: float = 0.01,
+        ema_decay: Optional[float] = None,
+        token_drop: int = 0,
+        activation_checkpointing: bool = False,
+        init_from: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        hparams = library_hparams(type(self), locals())
+        self.save_hyperparameters(hparams) if hparams is not None else self.save_hyperparameters()
+        self.strict_loading = False  # frozen components are not in the checkpoint; keys are checked below
+
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self._freeze(self.tokenizer)
+        self._freeze(self.text_encoder)
+        if patch_nums is not None:
+            tokenizer.check_patch_nums(patch_nums)
+            tokenizer.set_patch_nums(patch_nums)
+        self.patch_nums = tuple(tokenizer.patch_nums)
+        self.sampler = sampler if sampler is not None else ParallelSampler()
+
+        arch = resolve_size(size, depth, width, num_heads)
+        if drop_path_rate is None:
+            drop_path_rate = 0.1 * arch["depth"] / 24
+        positional = positional or NormalizedRoPE2D
+        self.transformer = ScaleTransformer(
+            self.patch_nums, tokenizer.codebook_size, tokenizer.embed_dim, text_encoder.dim,
+            arch["depth"], arch["width"], arch["num_heads"],
+            positional(arch["width"], arch["num_heads"], self.patch_nums),
+            mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate, head_norm=head_norm,
+        )
+        self.transformer.activation_checkpointing = activation_checkpointing
+        last = self.patch_nums[-1] ** 2
+        if not 0 <= token_drop < last:
+            raise ValueError(f"token_drop={token_drop} must be in [0, {last}) (the last scale has {last} tokens).")
+        self.ema = None
+        if ema_decay is not None:
+            self.ema = copy.deepcopy(self.transformer).requires_grad_(False)
+        if init_from:
+            from starkit.generator.progressive import init_transformer_from
+            init_transformer_from(self, init_from)
+
+    # ------------------------------------------------------------------ components
+    @staticmethod
+    def _freeze(module: torch.nn.Module) -> None:
+        module.eval()
+        for p in module.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.tokenizer.eval()  # frozen parts never leave eval mode
+        self.text_encoder.eval()
+        if self.ema is not None:
+            self.ema.eval()
+        return self
+
+    def state_dict(self, *args, **kwargs):
+        """The trainable parts only (transformer, EMA, sampler weights): the frozen tokenizer
+        and text encoder are rebuilt from their own configs and files."""
+        full = super().state_dict(*args, **kwargs)
+        for key in [k for k in full if k.startswith(FROZEN_PREFIXES)]:
+            del full[key]
+        return full
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        from starkit.generator.hparams import check_state_dict_keys
+        check_state_dict_keys(self, checkpoint["state_dict"])
+
+    # ------------------------------------------------------------------ training
+    def _encode_batch(self, batch: dict) -> Tuple[List[torch.Tensor], TextEmbedding]:
+        captions = list(batch["caption"])
+        if self.training and self.hparams.caption_dropout > 0:
+            drop = torch.rand(len(captions)) < self.hparams.caption_dropout
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        with torch.no_grad():
+            indices = batch.get("indices") or self.tokenizer.encode(batch["image"])
+            text = self.text_encoder.encode(captions).to(self.device)
+        return [i.to(self.device) for i in indices], text
+
+    def _keep_positions(self) -> Optional[torch.Tensor]:
+        drop = self.hparams.token_drop
+        if not self.training or drop == 0:
+            return None
+        L_total, last = self.transformer.seq_len, self.patch_nums[-1] ** 2
+        start = L_total - last
+        kept_last = torch.randperm(last, device=self.device)[: last - drop].sort().values + start
+        return torch.cat([torch.arange(start, device=self.device), kept_last])
+
+    def _loss(self, batch: dict, stage: str) -> torch.Tensor:
+        indices, text = self._encode_batch(batch)
+        with torch.no_grad():
+            inputs = self.tokenizer.teacher_forcing_inputs(indices)  # (B, L - first_l, Cvae)
+        keep = self._keep_positions()
+        hidden = self.transformer(text.pooled, text.tokens, text.mask, inputs, keep)  # (B, L', C)
+        logits = self.transformer.logits(hidden)  # (B, L', V)
+        targets = torch.cat(indices, dim=1)  # (B, L)
+        if keep is not None:
+            targets = targets[:, keep]
+        token_loss = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, L')
+        loss = token_loss.mean()
+        self._log_per_scale(stage, token_loss.detach(), logits.detach(), targets, keep)
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=targets.shape[0], sync_dist=stage != "train")
+        return loss
+
+    def _log_per_scale(self, stage, token_loss, logits, targets, keep) -> None:
+        levels = self.transformer.levels if keep is None else self.transformer.levels[keep]
+        K = len(self.patch_nums)
+        correct = (logits.argmax(-1) == targets).float().mean(0)  # (L',)
+        count = torch.zeros(K, device=levels.device).index_add_(0, levels, torch.ones_like(levels, dtype=torch.float))
+        loss_k = torch.zeros(K, device=levels.device).index_add_(0, levels, token_loss.mean(0)) / count
+        acc_k = torch.zeros(K, device=levels.device).index_add_(0, levels, correct) / count
+        B = targets.shape[0]
+        self.log(f"{stage}/acc", correct.mean(), batch_size=B, sync_dist=stage != "train")
+        for k in range(K):
+            self.log(f"{stage}/loss_s{k}", loss_k[k], batch_size=B, sync_dist=stage != "train")
+            self.log(f"{stage}/acc_s{k}", acc_k[k], batch_size=B, sync_dist=stage != "train")
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._loss(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._loss(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._loss(batch, "test")
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema is not None:
+            decay = self.hparams.ema_decay
+            ema_p = [p for p in self.ema.parameters()]
+            cur_p = [p.detach() for p in self.transformer.parameters()]
+            torch._foreach_lerp_(ema_p, cur_p, 1.0 - decay)
+
+    def configure_optimizers(self):
+        no_decay_names = self.transformer.no_weight_decay()
+        decay, no_decay = [], []
+        for name, p in self.transformer.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or name in no_decay_names else decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas),
+                                      fused=torch.cuda.is_available())
+        total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer else 1
+        schedule = warmup_linear_decay(self.hparams.warmup_steps, total, self.hparams.final_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, prompts: Union[str, Sequence[str]], cfg: Optional[float] = None, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None, temperature: Optional[float] = None, seed: Optional[int] = None,
+                 num_images_per_prompt: int = 1, sampler: Optional[ScaleSampler] = None,
+                 use_ema: bool = True, return_indices: bool = False):
+        """Generate images for prompts with a KV cache and batched classifier-free guidance.
+
+        Args:
+            prompts: one prompt or a list (the empty string "" is allowed).
+            cfg, top_k, top_p, temperature: override the sampler's settings for this call.
+            seed: seed of a torch.Generator (same seed, same images); None: not seeded.
+            num_images_per_prompt: images per prompt (consecutive in the output).
+            sampler: another sampler for this call (default: the generator's).
+            use_ema: sample with the EMA transformer when there is one.
+            return_indices: also return the K token maps.
+
+        Returns:
+            images ``(N, 3, H, W)`` float in [0, 1] (and the list of indices if asked).
+        """
+        from starkit.generator.sampling import run_sampling
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        sampler = (sampler or self.sampler).with_settings(cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature)
+        net = self.ema if (use_ema and self.ema is not None) else self.transformer
+        images, indices = run_sampling(net, self.tokenizer, self.text_encoder, sampler, prompts, seed, self.device)
+        return (images, indices) if return_indices else images
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        prompts, seeds = list(batch["prompt"]), [int(s) for s in batch["seed"]]
+        images = self.generate(prompts, seed=seeds[0])
+        return {"images": images.mul(255).round().clamp(0, 255).to(torch.uint8).cpu(), "prompt": prompts,
+                "seed": seeds, "name": list(batch.get("name", [])), "batch_seed": seeds[0],
+                "settings": self.sampler.hparams and dict(self.sampler.hparams)}
+
+
+def warmup_linear_decay(warmup_steps: int, total_steps: int, final_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up to 1 over ``warmup_steps``, then linear decay to ``final_ratio``."""
+    def schedule(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(total_steps - warmup_steps, 1)
+        progress = min(max(step - warmup_steps, 0) / span, 1.0)
+        return 1.0 - (1.0 - final_ratio) * progress
+    return schedule

@@ -1,0 +1,72 @@
+"""The scale-by-scale sampling loop: KV cache, text keys/values once, batched guidance."""
+from __future__ import annotations
+
+import contextlib
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from starkit.generator.blocks import key_padding_bias
+from starkit.generator.transformer import ScaleTransformer
+from starkit.samplers import ScaleSampler, ScaleStep
+from starkit.text import TextEmbedding, TextEncoder
+from starkit.tokenizers import ScaleTokenizer
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA; plain float32 elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def encode_with_guidance(text_encoder: TextEncoder, prompts: Sequence[str], guided: bool, device) -> TextEmbedding:
+    """Conditional rows first, then (when guided) the empty prompt once per row."""
+    text = text_encoder.encode(list(prompts))
+    if guided:
+        empty = text_encoder.empty()
+        n = len(prompts)
+        empty = TextEmbedding(empty.tokens.expand(n, -1, -1), empty.mask.expand(n, -1), empty.pooled.expand(n, -1))
+        text = TextEmbedding.cat([text, empty])
+    return text.to(device)
+
+
+@torch.no_grad()
+def run_sampling(net: ScaleTransformer, tokenizer: ScaleTokenizer, text_encoder: TextEncoder, sampler: ScaleSampler,
+                 prompts: Sequence[str], seed: Optional[int], device) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """Generate one image per prompt. Returns images ``(B, 3, H, W)`` in [0, 1] and the K index maps."""
+    device = torch.device(device)
+    if tuple(tokenizer.patch_nums) != tuple(net.patch_nums):
+        raise ValueError(f"tokenizer patch_nums {tokenizer.patch_nums} differ from the generator's {net.patch_nums}.")
+    B, K = len(prompts), len(net.patch_nums)
+    guided = float(getattr(sampler, "cfg", 0.0) or 0.0) > 0
+    generator = torch.Generator(device).manual_seed(int(seed)) if seed is not None else None
+    text = encode_with_guidance(text_encoder, prompts, guided, device)
+    rows = text.pooled.shape[0]
+    with autocast_for(device):
+        cache_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        text_kvs = net.text_kv(text.tokens) if net.blocks[0].cross_attn is not None else None
+        text_bias = key_padding_bias(text.mask) if text_kvs is not None else None
+        caches = net.new_caches(rows, device, cache_dtype)
+        x = net.start_tokens(text.pooled)  # (rows, first_l, C)
+        f_hat = tokenizer.empty_latent(B, device=device)
+        all_indices = []
+        start = 0
+        for k, pn in enumerate(net.patch_nums):
+            hidden = net.forward_scale(x, k, caches, text_kvs, text_bias)  # (rows, pn*pn, C)
+            step = ScaleStep(
+                scale=k, num_scales=K, patch_num=pn, hidden=hidden, logits=net.logits(hidden), guided=guided,
+                embed=tokenizer.embed, codebook=tokenizer.codebook, pooled_text=text.pooled,
+                rotary=net.positional.rotary(slice(start, start + pn * pn)),
+                rotary_first=net.positional.rotary(slice(0, 1)), generator=generator,
+            )
+            emb_BlC, idx_Bl = sampler.sample_scale(step)
+            all_indices.append(idx_Bl)
+            f_hat = tokenizer.add_scale(f_hat, k, emb_BlC.float())
+            start += pn * pn
+            if k + 1 < K:
+                x = net.scale_tokens(tokenizer.next_scale_input(f_hat, k + 1), k + 1)
+                if guided:
+                    x = torch.cat([x, x], dim=0)
+        images = tokenizer.decode_latent(f_hat)
+    return images.float().add(1).mul(0.5).clamp(0, 1), all_indices

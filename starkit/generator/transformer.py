@@ -1,0 +1,194 @@
+"""The scale-wise transformer (STAR's generator network) and its named sizes.
+
+Sequence layout: position block k holds the ``pn_k**2`` tokens of scale k (row-major).
+Block 0 is the start (SOS) token built from the pooled text; block k >= 1 is the
+word embedding of the teacher-forcing input of scale k (the tokenizer's ``f_hat`` after
+scales < k, area-downsampled). A learned level embedding marks each token's scale.
+Self-attention is block-causal: a token sees every token of its own and earlier scales.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from starkit.generator.blocks import Block, KVCache, key_padding_bias
+from starkit.positional import PositionalEncoding
+
+# Named sizes: width 64*depth and heads = depth (head dim 64), as VAR and STAR.
+SIZES = {
+    "tiny": dict(depth=2, width=32, num_heads=2),
+    "small": dict(depth=6, width=384, num_heads=6),
+    "d16": dict(depth=16, width=1024, num_heads=16),
+    "d20": dict(depth=20, width=1280, num_heads=20),
+    "d24": dict(depth=24, width=1536, num_heads=24),
+    "d30": dict(depth=30, width=1920, num_heads=30),
+}
+
+
+def resolve_size(size: str, depth: Optional[int] = None, width: Optional[int] = None,
+                 num_heads: Optional[int] = None) -> dict:
+    """The (depth, width, num_heads) of a named size, with explicit values taking precedence."""
+    if size not in SIZES:
+        raise ValueError(f"Unknown generator size {size!r}; choose one of {sorted(SIZES)} or set depth/width/num_heads.")
+    cfg = dict(SIZES[size])
+    for key, value in (("depth", depth), ("width", width), ("num_heads", num_heads)):
+        if value is not None:
+            cfg[key] = int(value)
+    if cfg["width"] % cfg["num_heads"]:
+        raise ValueError(f"width {cfg['width']} is not divisible by num_heads {cfg['num_heads']}.")
+    return cfg
+
+
+def scale_levels(patch_nums: Sequence[int]) -> torch.Tensor:
+    """Scale index of every position, ``(L,)``."""
+    return torch.cat([torch.full((pn * pn,), k) for k, pn in enumerate(patch_nums)])
+
+
+class ScaleTransformer(nn.Module):
+    """The generator network: embeddings, ``depth`` blocks, and the logits head.
+
+    Args:
+        patch_nums: side of each scale's token map.
+        vocab_size: V, the tokenizer's codebook size.
+        latent_dim: Cvae, the tokenizer's embedding width.
+        text_dim: width of the text features (None: no cross-attention, e.g. class-conditional).
+        depth, width, num_heads: transformer size.
+        positional: the positional encoding (built by the generator).
+        mlp_ratio: FFN width / model width.
+        drop_path_rate: stochastic depth of the last block (linear from 0).
+        head_norm: non-affine LayerNorm before the logits head (STAR's ``logit_norm``).
+        cond_dim: width of the conditioning vector that becomes the start token (default text_dim).
+    """
+
+    def __init__(self, patch_nums: Sequence[int], vocab_size: int, latent_dim: int, text_dim: Optional[int],
+                 depth: int, width: int, num_heads: int, positional: PositionalEncoding, mlp_ratio: float = 4.0,
+                 drop_path_rate: float = 0.0, head_norm: bool = True, norm_eps: float = 1e-6,
+                 cond_dim: Optional[int] = None) -> None:
+        super().__init__()
+        self.patch_nums = tuple(patch_nums)
+        self.first_l = self.patch_nums[0] ** 2
+        self.seq_len = sum(p * p for p in self.patch_nums)
+        self.width, self.depth, self.num_heads, self.vocab_size = width, depth, num_heads, vocab_size
+        self.activation_checkpointing = False
+
+        self.word_embed = nn.Linear(latent_dim, width)
+        self.encoder_proj = nn.Linear(cond_dim or text_dim, width)  # pooled condition -> start token
+        self.pos_start = nn.Parameter(torch.empty(1, self.first_l, width))
+        self.lvl_embed = nn.Embedding(len(self.patch_nums), width)
+        self.positional = positional
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(width, num_heads, text_dim, mlp_ratio, drop_path=rates[i], norm_eps=norm_eps) for i in range(depth)
+        )
+        self.logit_norm = nn.LayerNorm(width, eps=norm_eps, elementwise_affine=False) if head_norm else nn.Identity()
+        self.head_logits = nn.Linear(width, vocab_size)
+
+        levels = scale_levels(self.patch_nums)
+        self.register_buffer("levels", levels, persistent=False)  # (L,)
+        self.register_buffer("block_causal", levels[:, None] >= levels[None, :], persistent=False)  # (L, L)
+        self.init_weights()
+
+    # ------------------------------------------------------------------ init
+    def init_weights(self, init_head: float = 0.02) -> None:
+        """VAR's initialisation: trunc-normal std sqrt(1/(3C)); head x0.02; output projections
+        of attention and FFN divided by sqrt(2*depth)."""
+        std = math.sqrt(1 / self.width / 3)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.trunc_normal_(m.weight, std=std)
+        nn.init.trunc_normal_(self.pos_start, std=std)
+        self.head_logits.weight.data.mul_(init_head)
+        for block in self.blocks:
+            block.attn.proj.weight.data.div_(math.sqrt(2 * self.depth))
+            block.ffn.fc2.weight.data.div_(math.sqrt(2 * self.depth))
+
+    # ------------------------------------------------------------------ embeddings
+    def _add_position(self, x: torch.Tensor, positions) -> torch.Tensor:
+        x = x + self.lvl_embed(self.levels[positions])
+        absolute = self.positional.absolute(positions)
+        return x if absolute is None else x + absolute
+
+    def start_tokens(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled condition ``(B, D)`` -> the first scale's input ``(B, first_l, C)``."""
+        sos = self.encoder_proj(pooled)[:, None, :] + self.pos_start  # (B, first_l, C)
+        return self._add_position(sos, slice(0, self.first_l))
+
+    def scale_tokens(self, latent_BlC: torch.Tensor, scale: int) -> torch.Tensor:
+        """Tokenizer input of scale ``scale`` ``(B, pn**2, Cvae)`` -> ``(B, pn**2, C)``."""
+        start = sum(p * p for p in self.patch_nums[:scale])
+        end = start + self.patch_nums[scale] ** 2
+        return self._add_position(self.word_embed(latent_BlC), slice(start, end))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states ``(B, l, C)`` -> logits ``(B, l, V)`` in float32."""
+        return self.head_logits(self.logit_norm(hidden)).float()
+
+    # ------------------------------------------------------------------ teacher forcing
+    def forward(self, pooled: torch.Tensor, text_tokens: Optional[torch.Tensor], text_mask: Optional[torch.Tensor],
+                inputs_BLC: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Teacher-forced pass over all scales (block-causal mask).
+
+        Args:
+            pooled: ``(B, D)`` pooled condition.
+            text_tokens, text_mask: ``(B, T, Dt)`` and ``(B, T)``; None without cross-attention.
+            inputs_BLC: teacher-forcing inputs of scales 1..K-1 ``(B, L - first_l, Cvae)``.
+            keep: optional LongTensor of the positions kept (token dropping), sorted.
+
+        Returns:
+            hidden states ``(B, L', C)`` (L' = len(keep) when dropping).
+        """
+        x = torch.cat([self.encoder_proj(pooled)[:, None, :] + self.pos_start,
+                       self.word_embed(inputs_BLC)], dim=1)  # (B, L, C)
+        positions = slice(0, self.seq_len) if keep is None else keep
+        if keep is not None:
+            x = x[:, keep]
+        x = self._add_position(x, positions)
+        mask = self.block_causal[positions][:, positions] if keep is not None else self.block_causal
+        rotary = self.positional.rotary(positions)
+        text_kvs, text_bias = self._text_inputs(text_tokens, text_mask)
+        for i, block in enumerate(self.blocks):
+            kv = text_kvs[i] if text_kvs else None
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, rotary, mask, kv, text_bias, use_reentrant=False)
+            else:
+                x = block(x, rotary=rotary, mask=mask, text_kv=kv, text_bias=text_bias)
+        return x
+
+    def _text_inputs(self, text_tokens, text_mask):
+        if text_tokens is None or self.blocks[0].cross_attn is None:
+            return None, None
+        return self.text_kv(text_tokens), key_padding_bias(text_mask)
+
+    # ------------------------------------------------------------------ cached sampling
+    def text_kv(self, text_tokens: torch.Tensor) -> List[tuple]:
+        """Per-block text keys/values, computed once per prompt batch."""
+        return [block.cross_attn.text_kv(text_tokens) for block in self.blocks]
+
+    def new_caches(self, batch: int, device, dtype) -> List[KVCache]:
+        """Empty preallocated KV caches for a whole generation."""
+        head_dim = self.width // self.num_heads
+        return [KVCache(batch, self.num_heads, self.seq_len, head_dim, device, dtype) for _ in self.blocks]
+
+    def forward_scale(self, x: torch.Tensor, scale: int, caches: List[KVCache], text_kvs=None,
+                      text_bias=None) -> torch.Tensor:
+        """One scale of cached sampling: ``x`` ``(B, pn**2, C)`` -> hidden ``(B, pn**2, C)``."""
+        start = sum(p * p for p in self.patch_nums[:scale])
+        rotary = self.positional.rotary(slice(start, start + x.shape[1]))
+        for i, block in enumerate(self.blocks):
+            kv = text_kvs[i] if text_kvs else None
+            x = block(x, rotary=rotary, mask=None, text_kv=kv, text_bias=text_bias, cache=caches[i])
+        return x
+
+    def no_weight_decay(self) -> set:
+        """Names of parameters that get no weight decay (besides all 1-D parameters)."""
+        names = {"pos_start", "lvl_embed.weight"}
+        names |= {n for n, _ in self.named_parameters() if n.startswith("positional.")}
+        return names

@@ -1,0 +1,205 @@
+"""``StarPipeline``: a self-contained model directory in, PIL images out.
+
+Model directory layout (written by :meth:`StarPipeline.save_pretrained` / ``starkit export``)::
+
+    starkit.json            format, generator settings, component configs (class_path/init_args)
+    generator.safetensors   transformer weights (EMA weights when the run kept an EMA) + sampler head
+    tokenizer/              config.json + model.safetensors (MultiScaleVQ.save_pretrained)
+    text_encoder/           optional copy of a Hugging Face encoder (else a reference by name/path)
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import List, Optional, Sequence, Union
+
+import torch
+from PIL import Image
+
+from starkit.generator import ScaleWiseGenerator
+from starkit.generator.hparams import component_config
+from starkit.utils.io import atomic_write_bytes, images_to_pil
+
+FORMAT = "starkit-model"
+FORMAT_VERSION = 1
+COMPONENT_ARGS = ("tokenizer", "text_encoder", "positional", "sampler")
+NOT_EXPORTED = ("init_from", "_instantiator", "_class_path")
+
+
+def _instantiate(config: dict):
+    """Build an object from ``{"class_path": ..., "init_args": {...}}`` (nested dicts too)."""
+    import importlib
+    module, _, name = config["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    args = {k: (_instantiate(v) if isinstance(v, dict) and "class_path" in v else v)
+            for k, v in (config.get("init_args") or {}).items()}
+    return cls(**args)
+
+
+def _positional_factory(config: Optional[dict]):
+    if not config:
+        return None
+    import functools
+    import importlib
+    module, _, name = config["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    return functools.partial(cls, **(config.get("init_args") or {}))
+
+
+def read_model_config(path: str) -> dict:
+    """Read and check ``starkit.json`` of a model directory (one clear error if it is not one)."""
+    cfg_path = os.path.join(path, "starkit.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(
+            f"{path!r} is not a starkit model directory (no starkit.json). Export a checkpoint with "
+            f"`starkit export CKPT OUT_DIR`, or convert official weights with `starkit convert`."
+        )
+    with open(cfg_path) as fh:
+        config = json.load(fh)
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{cfg_path} has format {config.get('format')!r}, expected {FORMAT!r}.")
+    return config
+
+
+def load_generator(path: str, device: Union[str, torch.device] = "cpu", sampler: Optional[dict] = None) -> ScaleWiseGenerator:
+    """Build a :class:`ScaleWiseGenerator` from a model directory and load its weights.
+
+    Args:
+        path: the model directory.
+        device: where to put the model.
+        sampler: optional sampler config (``class_path``/``init_args``) replacing the saved one.
+    """
+    from safetensors.torch import load_file
+
+    from starkit.tokenizers import MultiScaleVQ
+    config = read_model_config(path)
+    tokenizer = MultiScaleVQ.from_pretrained(os.path.join(path, config["tokenizer"]), frozen=True)
+    text_cfg = json.loads(json.dumps(config["text_encoder"]).replace("${MODEL_DIR}", os.path.abspath(path)))
+    text_encoder = _instantiate(text_cfg)
+    generator = ScaleWiseGenerator(
+        tokenizer=tokenizer, text_encoder=text_encoder, positional=_positional_factory(config.get("positional")),
+        sampler=_instantiate(sampler or config["sampler"]) if (sampler or config.get("sampler")) else None,
+        **config["generator"],
+    )
+    weights = load_file(os.path.join(path, "generator.safetensors"), device="cpu")
+    from starkit.generator.hparams import check_state_dict_keys
+    own = generator.state_dict()
+    weights = {k: v.to(own[k].dtype) if k in own else v for k, v in weights.items()}
+    check_state_dict_keys(generator, {**{k: v for k, v in own.items() if k.startswith("sampler.") and k not in weights}, **weights})
+    generator.load_state_dict(weights, strict=False)
+    return generator.to(device).eval()
+
+
+def save_model_dir(generator: ScaleWiseGenerator, path: str, dtype: Optional[torch.dtype] = None,
+                   use_ema: bool = True, copy_text_encoder: bool = False) -> None:
+    """Write a generator (with its tokenizer and text-encoder reference) as a model directory."""
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    hp = dict(generator.hparams)
+    gen_args = {k: v for k, v in hp.items() if k not in COMPONENT_ARGS + NOT_EXPORTED}
+    gen_args["ema_decay"] = None  # the exported transformer IS the EMA (when there is one)
+    gen_args["patch_nums"] = list(generator.patch_nums)
+    text_cfg = component_config(generator.text_encoder)
+    if copy_text_encoder and hasattr(generator.text_encoder, "save_to"):
+        generator.text_encoder.save_to(os.path.join(path, "text_encoder"))
+        text_cfg["init_args"]["name_or_path"] = "${MODEL_DIR}/text_encoder"
+    config = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "generator": gen_args,
+        "tokenizer": "tokenizer", "text_encoder": text_cfg,
+        "positional": component_config(hp.get("positional")) if hp.get("positional") else None,
+        "sampler": component_config(generator.sampler),
+    }
+    generator.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+    source = generator.ema if (use_ema and generator.ema is not None) else generator.transformer
+    tensors = {f"transformer.{k}": v for k, v in source.state_dict().items()}
+    tensors.update({f"sampler.{k}": v for k, v in generator.sampler.state_dict().items()})
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in tensors.items()}
+    tmp = os.path.join(path, ".generator.safetensors.tmp")
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(path, "generator.safetensors"))
+    atomic_write_bytes(os.path.join(path, "starkit.json"), json.dumps(config, indent=2, default=str).encode())
+
+
+class StarPipeline:
+    """Text in, images out, from a self-contained model directory.
+
+    Example::
+
+        pipe = StarPipeline.from_pretrained("models/demo")
+        images = pipe(["a red circle left of a blue square"], seed=0)
+        images[0].save("out.png")
+
+    Args:
+        generator: a :class:`ScaleWiseGenerator` (with its tokenizer and text encoder).
+    """
+
+    def __init__(self, generator: ScaleWiseGenerator) -> None:
+        self.generator = generator.eval()
+
+    @classmethod
+    def from_pretrained(cls, path: str, device: Union[str, torch.device] = "cpu",
+                        sampler: Optional[dict] = None) -> "StarPipeline":
+        """Load a model directory written by ``starkit export`` or :meth:`save_pretrained`."""
+        return cls(load_generator(path, device=device, sampler=sampler))
+
+    def save_pretrained(self, path: str, dtype: Optional[torch.dtype] = None) -> None:
+        """Write the model directory (see the module docstring)."""
+        save_model_dir(self.generator, path, dtype=dtype)
+
+    def to(self, device) -> "StarPipeline":
+        self.generator.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.generator.device
+
+    def __call__(self, prompts: Union[str, Sequence[str]], seed: Optional[int] = None, cfg: Optional[float] = None,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, temperature: Optional[float] = None,
+                 num_images_per_prompt: int = 1, sampler=None, batch_size: int = 16) -> List[Image.Image]:
+        """Generate images; settings left as None use the model's sampler defaults.
+
+        Args:
+            prompts: a prompt or a list of prompts.
+            seed: sampling seed (same seed, same images).
+            cfg, top_k, top_p, temperature: sampling settings for this call.
+            num_images_per_prompt: images per prompt (consecutive in the result).
+            sampler: a :class:`~starkit.samplers.ScaleSampler` to use instead of the model's.
+            batch_size: prompts generated together (batch b uses ``seed + b``).
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("The prompt list is empty: give at least one prompt.")
+        out: List[Image.Image] = []
+        for b, start in enumerate(range(0, len(prompts), batch_size)):
+            images = self.generator.generate(
+                prompts[start:start + batch_size], cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature,
+                seed=None if seed is None else seed + b, num_images_per_prompt=num_images_per_prompt, sampler=sampler)
+            out.extend(images_to_pil(images))
+        return out
+
+
+def _load_pretrained(path: str, sampler: Optional[dict] = None) -> ScaleWiseGenerator:
+    """A generator loaded from a model directory (for ``starkit predict``).
+
+    Args:
+        path: the model directory written by ``starkit export`` or ``starkit convert``.
+        sampler: optional sampler config (class_path/init_args) replacing the saved one.
+    """
+    return load_generator(path, sampler=sampler)
+
+
+def _pretrained_class():
+    from jsonargparse import class_from_function
+    cls = class_from_function(_load_pretrained, ScaleWiseGenerator, name="PretrainedGenerator")
+    cls.__module__ = __name__
+    cls.__doc__ = _load_pretrained.__doc__
+    return cls
+
+
+#: YAML: ``model: {class_path: starkit.pipeline.PretrainedGenerator, init_args: {path: DIR}}``
+PretrainedGenerator = _pretrained_class()

@@ -1,0 +1,82 @@
+"""Sampling primitives shared by the samplers: guidance, filtering, draws without host sync."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def guidance_weight(cfg: float, scale: int, num_scales: int, schedule: str = "linear") -> float:
+    """CFG strength t at scale k: ``cfg * k / (K - 1)`` (linear ramp, VAR/STAR) or ``cfg``."""
+    if schedule == "constant":
+        return float(cfg)
+    if schedule == "linear":
+        return float(cfg) * scale / max(num_scales - 1, 1)
+    raise ValueError(f"Unknown guidance schedule {schedule!r}: use 'linear' or 'constant'.")
+
+
+def apply_guidance(logits: torch.Tensor, t: float, guided: bool) -> torch.Tensor:
+    """``(1 + t) * cond - t * uncond`` when the batch holds both halves, else the logits."""
+    if not guided:
+        return logits
+    B = logits.shape[0] // 2
+    cond, uncond = logits[:B], logits[B:]
+    return cond if t == 0 else (1 + t) * cond - t * uncond
+
+
+def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                  temperature: float = 1.0) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (nucleus) filtering of ``(..., V)`` logits.
+
+    Semantics follow VAR's ``sample_with_top_k_top_p_``: top-k keeps the k largest; top-p
+    removes the smallest tokens whose cumulative probability is <= 1 - top_p, always
+    keeping the most likely one.
+    """
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    V = logits.shape[-1]
+    if top_k is not None and 0 < top_k < V:
+        kth = logits.topk(top_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
+        remove_sorted = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        remove_sorted[..., -1:] = False
+        remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def sample_categorical(logits: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One draw per row from softmax(logits) ``(..., V)`` -> indices ``(...)``.
+
+    Uses the exponential race (argmax of p / E, E ~ Exp(1)), which has exactly the
+    categorical distribution and needs no host synchronisation (unlike torch.multinomial).
+    """
+    probs = logits.float().softmax(dim=-1)
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+def gumbel_soft_tokens(logits: torch.Tensor, codebook: torch.Tensor, tau: float,
+                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Gumbel-softmax mixture of codebook rows ``(B, l, Cvae)`` (VAR's ``more_smooth``)."""
+    uniform = torch.empty_like(logits, dtype=torch.float32).uniform_(1e-10, 1.0, generator=generator)
+    gumbels = -torch.log(-torch.log(uniform))
+    weights = ((logits.float() + gumbels) / tau).softmax(dim=-1)  # (B, l, V)
+    return weights @ codebook.float()
+
+
+def validate_settings(cfg=None, top_k=None, top_p=None, temperature=None, schedule=None) -> None:
+    """One clear error for invalid sampling settings."""
+    if cfg is not None and cfg < 0:
+        raise ValueError(f"cfg must be >= 0 (0 turns guidance off), got {cfg}.")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 (or None to disable top-k), got {top_k}.")
+    if top_p is not None and not (0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] (1 or None disables it), got {top_p}.")
+    if temperature is not None and temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    if schedule is not None and schedule not in ("linear", "constant"):
+        raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {schedule!r}.")

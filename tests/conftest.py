@@ -1,0 +1,46 @@
+"""Shared tiny components: every test model is built from configs, offline, in seconds."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(2)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_PATCH_NUMS = (1, 2, 3, 4)
+TINY_TOKENIZER = dict(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=8, codebook_size=16,
+                      patch_nums=TINY_PATCH_NUMS, using_sa=False)  # 4 * 8 = 32 px
+
+
+def make_tiny_tokenizer(**overrides):
+    from starkit.tokenizers import MultiScaleVQ
+    torch.manual_seed(0)
+    return MultiScaleVQ(**{**TINY_TOKENIZER, **overrides})
+
+
+def make_tiny_generator(**overrides):
+    from starkit.generator import ScaleWiseGenerator
+    from starkit.text import RandomTextEncoder
+    torch.manual_seed(0)
+    args = dict(tokenizer=make_tiny_tokenizer(), text_encoder=RandomTextEncoder(dim=32), size="tiny")
+    args.update(overrides)
+    return ScaleWiseGenerator(**args)
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_generator():
+    return make_tiny_generator()
+
+
+def random_batch(batch_size=4, resolution=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    captions = ["a red circle", "two blue squares", "a green triangle above a yellow circle", "a purple star"]
+    return {"image": torch.rand(batch_size, 3, resolution, resolution, generator=g) * 2 - 1,
+            "caption": [captions[i % len(captions)] for i in range(batch_size)]}

@@ -1,0 +1,169 @@
+"""The scale-wise generator: cached sampling vs teacher forcing, seeds, guidance, training."""
+import pytest
+import torch
+
+from conftest import make_tiny_generator, random_batch
+from starkit.generator.blocks import key_padding_bias
+from starkit.positional import LearnedAbsolutePE, NormalizedRoPE2D, RoPE2D
+
+TOL = 1e-5  # float32 on CPU: cached and masked passes differ only by summation order
+
+
+def teacher_forced_and_cached_logits(gen, prompts, seed=0):
+    torch.manual_seed(seed)
+    tok, net = gen.tokenizer, gen.transformer
+    B = len(prompts)
+    idx = [torch.randint(0, tok.codebook_size, (B, pn * pn)) for pn in tok.patch_nums]
+    text = gen.text_encoder.encode(prompts)
+    full = net.logits(net(text.pooled, text.tokens, text.mask, tok.teacher_forcing_inputs(idx)))
+    caches = net.new_caches(B, "cpu", torch.float32)
+    kvs, bias = net.text_kv(text.tokens), key_padding_bias(text.mask)
+    x, f_hat, parts = net.start_tokens(text.pooled), tok.empty_latent(B), []
+    for k, pn in enumerate(tok.patch_nums):
+        parts.append(net.logits(net.forward_scale(x, k, caches, kvs, bias)))
+        f_hat = tok.add_scale(f_hat, k, tok.embed(idx[k]).float())
+        if k + 1 < len(tok.patch_nums):
+            x = net.scale_tokens(tok.next_scale_input(f_hat, k + 1), k + 1)
+    return full, torch.cat(parts, dim=1)
+
+
+@pytest.mark.parametrize("positional", [NormalizedRoPE2D, RoPE2D, LearnedAbsolutePE])
+def test_kv_cached_logits_equal_teacher_forced(positional):
+    gen = make_tiny_generator(positional=positional).eval()
+    full, cached = teacher_forced_and_cached_logits(gen, ["a red circle", "two blue squares", ""])
+    assert full.shape == cached.shape == (3, 1 + 4 + 9 + 16, 16)
+    assert (full - cached).abs().max().item() < TOL
+
+
+def test_generation_is_reproducible_with_a_seed(tiny_generator):
+    a = tiny_generator.generate(["a red circle", "a blue square"], seed=3)
+    b = tiny_generator.generate(["a red circle", "a blue square"], seed=3)
+    c = tiny_generator.generate(["a red circle", "a blue square"], seed=4, top_k=None, top_p=None)
+    assert a.shape == (2, 3, 32, 32) and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b)
+    _, ia = tiny_generator.generate(["a red circle"], seed=3, return_indices=True)
+    _, ic = tiny_generator.generate(["a red circle"], seed=5, return_indices=True)
+    assert any(not torch.equal(x, y) for x, y in zip(ia, ic))
+
+
+def test_cfg_uses_the_empty_prompt_in_the_same_batch(tiny_generator, monkeypatch):
+    from starkit.generator import sampling
+    seen = {}
+    real = sampling.encode_with_guidance
+
+    def spy(text_encoder, prompts, guided, device):
+        out = real(text_encoder, prompts, guided, device)
+        seen["rows"], seen["uncond"] = out.pooled.shape[0], out[len(prompts):]
+        return out
+
+    monkeypatch.setattr(sampling, "encode_with_guidance", spy)
+    tiny_generator.generate(["a red circle", "a blue square"], cfg=3.0, seed=0)
+    assert seen["rows"] == 4
+    empty = tiny_generator.text_encoder.empty()
+    assert torch.allclose(seen["uncond"].pooled, empty.pooled.expand(2, -1))
+    tiny_generator.generate(["a red circle", "a blue square"], cfg=0.0, seed=0)
+    assert seen["rows"] == 2  # no unconditional pass without guidance
+
+
+def test_guidance_formula():
+    from starkit.samplers.functional import apply_guidance, guidance_weight
+    cond, uncond = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    t = guidance_weight(4.0, 3, 10)
+    assert t == pytest.approx(4.0 * 3 / 9)
+    assert torch.allclose(apply_guidance(torch.cat([cond, uncond]), t, True), (1 + t) * cond - t * uncond)
+    assert guidance_weight(4.0, 3, 10, "constant") == 4.0
+
+
+@pytest.mark.parametrize("kwargs,match", [({"top_k": 0}, "top_k"), ({"top_p": 1.5}, "top_p"), ({"top_p": 0.0}, "top_p"),
+                                          ({"cfg": -1.0}, "cfg"), ({"temperature": 0.0}, "temperature")])
+def test_invalid_sampling_settings_are_clear_errors(tiny_generator, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_generator.generate(["a red circle"], **kwargs)
+
+
+def test_empty_prompt_list_is_a_clear_error(tiny_generator):
+    with pytest.raises(ValueError, match="empty"):
+        tiny_generator.generate([])
+
+
+def test_top_k_top_p_filtering_matches_definition():
+    from starkit.samplers.functional import filter_logits
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]]).log_softmax(-1)
+    kept = torch.isfinite(filter_logits(logits, top_k=2))
+    assert kept.tolist() == [[False, False, False, True, True]]
+    probs = torch.tensor([[0.05, 0.1, 0.15, 0.3, 0.4]])
+    kept = torch.isfinite(filter_logits(probs.log(), top_p=0.6))  # 0.4 + 0.3 >= 0.6: two kept
+    assert kept.tolist() == [[False, False, False, True, True]]
+
+
+def test_exponential_race_sampling_has_the_categorical_distribution():
+    from starkit.samplers.functional import sample_categorical
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    g = torch.Generator().manual_seed(0)
+    draws = sample_categorical(probs.log().expand(200000, 4), g)
+    freq = torch.bincount(draws, minlength=4).float() / draws.numel()
+    assert torch.allclose(freq, probs, atol=0.005)
+
+
+def test_training_step_loss_decreases_and_frozen_parts_stay_frozen():
+    gen = make_tiny_generator(caption_dropout=0.0, lr=3e-3, drop_path_rate=0.0)
+    gen.train()
+    assert not gen.tokenizer.training and not gen.text_encoder.training
+    assert not any(p.requires_grad for p in gen.tokenizer.parameters())
+    opt = torch.optim.AdamW([p for p in gen.transformer.parameters()], lr=3e-3)
+    batch = random_batch(4)
+    gen.log = lambda *a, **k: None
+    losses = []
+    for _ in range(30):
+        loss = gen._loss(batch, "train")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_token_dropping_keeps_the_loss_defined():
+    gen = make_tiny_generator(token_drop=10)
+    gen.train()
+    gen.log = lambda *a, **k: None
+    keep = gen._keep_positions()
+    assert keep.numel() == 30 - 10 and keep[:14].tolist() == list(range(14))
+    loss = gen._loss(random_batch(2), "train")
+    assert torch.isfinite(loss)
+    loss.backward()
+    with pytest.raises(ValueError, match="token_drop"):
+        make_tiny_generator(token_drop=16)
+
+
+def test_checkpoint_holds_only_trainable_parts_and_ema_follows():
+    gen = make_tiny_generator(ema_decay=0.5)
+    keys = gen.state_dict().keys()
+    assert not any(k.startswith(("tokenizer.", "text_encoder.")) for k in keys)
+    assert any(k.startswith("ema.") for k in keys) and any(k.startswith("transformer.") for k in keys)
+    with torch.no_grad():
+        for p in gen.transformer.parameters():
+            p.add_(1.0)
+    before = next(gen.ema.parameters()).clone()
+    gen.on_train_batch_end(None, None, 0)
+    after = next(gen.ema.parameters())
+    target = next(gen.transformer.parameters())
+    assert torch.allclose(after, 0.5 * before + 0.5 * target)
+
+
+def test_optimizer_groups_follow_var():
+    gen = make_tiny_generator()
+    opt = gen.configure_optimizers()["optimizer"]
+    decay, no_decay = opt.param_groups
+    ids = {id(p) for p in no_decay["params"]}
+    assert id(gen.transformer.pos_start) in ids and id(gen.transformer.lvl_embed.weight) in ids
+    assert id(gen.transformer.blocks[0].attn.q_bias) in ids
+    assert id(gen.transformer.blocks[0].attn.mat_qkv.weight) not in ids
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+
+
+def test_wrong_architecture_checkpoint_names_the_keys():
+    small, other = make_tiny_generator(), make_tiny_generator(depth=3)
+    with pytest.raises(RuntimeError, match="missing keys.*transformer.blocks.2"):
+        other.on_load_checkpoint({"state_dict": small.state_dict()})
