@@ -1,0 +1,212 @@
+"""The convolutional encoder and decoder of the multi-scale VQ tokenizer.
+
+The layout follows the taming / latent-diffusion "f16" autoencoder that VAR uses, so that
+parameter names and shapes match VAR's released ``vae_ch160v4096z32.pth`` exactly:
+``conv_in``, ``down.{i}.block.{j}`` / ``up.{i}.block.{j}`` (ResNet blocks),
+``down.{i}.attn.{j}`` / ``up.{i}.attn.{j}`` (self-attention, lowest resolution only),
+``down.{i}.downsample.conv`` / ``up.{i}.upsample.conv``, ``mid.block_1``, ``mid.attn_1``,
+``mid.block_2``, ``norm_out``, ``conv_out``.
+
+Every block is written to run under bf16 autocast with channels_last tensors: the
+single-head attention uses :func:`torch.nn.functional.scaled_dot_product_attention` and
+reshapes through ``flatten`` / ``transpose`` views instead of ``view`` calls that assume a
+contiguous NCHW layout.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm(32 groups, eps 1e-6), the normalisation used everywhere in the autoencoder."""
+    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """Pre-activation ResNet block: (GN, SiLU, conv3x3) x 2 plus a (1x1 conv) shortcut.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels; a 1x1 ``nin_shortcut`` conv is added when they differ.
+        dropout: dropout probability between the two convolutions (0 disables it).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, 1, 1)
+        self.norm2 = group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1)
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, Cin, H, W) -> (B, Cout, H, W)
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head spatial self-attention with a fused 1x1 ``qkv`` conv and a residual.
+
+    Args:
+        channels: channels of the feature map (also the attention head dimension).
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).flatten(2).transpose(1, 2)  # (B, HW, 3C)
+        q, k, v = qkv.unsqueeze(1).chunk(3, dim=-1)  # 3 x (B, 1, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C), scale 1/sqrt(C)
+        h = h.squeeze(1).transpose(1, 2).unflatten(2, (H, W))  # (B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv after zero-padding right and bottom by one pixel (halves H and W)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, 2, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H/2, W/2)
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv (doubles H and W)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, 2H, 2W)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _maybe_attn(channels: int, on: bool) -> nn.Module:
+    return AttnBlock(channels) if on else nn.Identity()
+
+
+class Encoder(nn.Module):
+    """Images -> latent features, downsampling by ``2 ** (len(ch_mult) - 1)``.
+
+    Args:
+        ch: base width; level ``i`` has ``ch * ch_mult[i]`` channels.
+        ch_mult: width multiplier of each resolution level (one level per entry).
+        num_res_blocks: ResNet blocks per level.
+        z_channels: channels of the output latent.
+        in_channels: image channels.
+        dropout: dropout inside the ResNet blocks.
+        using_sa: self-attention after each block of the lowest-resolution level.
+        using_mid_sa: self-attention in the middle block.
+    """
+
+    def __init__(self, ch: int = 160, ch_mult: Sequence[int] = (1, 1, 2, 2, 4), num_res_blocks: int = 2,
+                 z_channels: int = 32, in_channels: int = 3, dropout: float = 0.0,
+                 using_sa: bool = True, using_mid_sa: bool = True) -> None:
+        super().__init__()
+        n = len(ch_mult)
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, 1, 1)
+        self.down = nn.ModuleList()
+        c_in = ch
+        for i, mult in enumerate(ch_mult):
+            level = nn.Module()
+            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
+            for _ in range(num_res_blocks):
+                level.block.append(ResnetBlock(c_in, ch * mult, dropout))
+                c_in = ch * mult
+                if i == n - 1 and using_sa:
+                    level.attn.append(AttnBlock(c_in))
+            if i != n - 1:
+                level.downsample = Downsample(c_in)
+            self.down.append(level)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(c_in, c_in, dropout)
+        self.mid.attn_1 = _maybe_attn(c_in, using_mid_sa)
+        self.mid.block_2 = ResnetBlock(c_in, c_in, dropout)
+        self.norm_out = group_norm(c_in)
+        self.conv_out = nn.Conv2d(c_in, z_channels, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, z, H/d, W/d)
+        h = self.conv_in(x)
+        for level in self.down:
+            for j, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn) > 0:
+                    h = level.attn[j](h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Latent -> images, upsampling by ``2 ** (len(ch_mult) - 1)``.
+
+    ``up`` is stored from the highest resolution (index 0) to the lowest, as in VAR; the
+    forward pass walks it in reverse. Each level has ``num_res_blocks + 1`` ResNet blocks.
+
+    Args:
+        ch: base width; level ``i`` has ``ch * ch_mult[i]`` channels.
+        ch_mult: width multiplier of each resolution level.
+        num_res_blocks: the encoder's blocks per level (the decoder uses one more).
+        z_channels: channels of the input latent.
+        out_channels: image channels.
+        dropout: dropout inside the ResNet blocks.
+        using_sa: self-attention after each block of the lowest-resolution level.
+        using_mid_sa: self-attention in the middle block.
+    """
+
+    def __init__(self, ch: int = 160, ch_mult: Sequence[int] = (1, 1, 2, 2, 4), num_res_blocks: int = 2,
+                 z_channels: int = 32, out_channels: int = 3, dropout: float = 0.0,
+                 using_sa: bool = True, using_mid_sa: bool = True) -> None:
+        super().__init__()
+        n = len(ch_mult)
+        c_in = ch * ch_mult[-1]
+        self.conv_in = nn.Conv2d(z_channels, c_in, 3, 1, 1)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(c_in, c_in, dropout)
+        self.mid.attn_1 = _maybe_attn(c_in, using_mid_sa)
+        self.mid.block_2 = ResnetBlock(c_in, c_in, dropout)
+        levels = []
+        for i in reversed(range(n)):
+            level = nn.Module()
+            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
+            for _ in range(num_res_blocks + 1):
+                level.block.append(ResnetBlock(c_in, ch * ch_mult[i], dropout))
+                c_in = ch * ch_mult[i]
+                if i == n - 1 and using_sa:
+                    level.attn.append(AttnBlock(c_in))
+            if i != 0:
+                level.upsample = Upsample(c_in)
+            levels.insert(0, level)
+        self.up = nn.ModuleList(levels)
+        self.norm_out = group_norm(c_in)
+        self.conv_out = nn.Conv2d(c_in, out_channels, 3, 1, 1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, z, h, w) -> (B, 3, h*d, w*d)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+        for level in reversed(self.up):
+            for j, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn) > 0:
+                    h = level.attn[j](h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """Weight of the final conv (the layer the VQGAN adaptive GAN weight is computed on)."""
+        return self.conv_out.weight
