@@ -149,6 +149,11 @@ def test_diffusers_layout(clip_dir, tmp_path):
 
     shutil.copytree(clip_dir, tmp_path / "text_encoder")
     shutil.copytree(clip_dir, tmp_path / "tokenizer")
+    # as in SD-2.1: no model config in tokenizer/, no tokenizer files in text_encoder/
+    (tmp_path / "tokenizer" / "config.json").unlink()
+    (tmp_path / "tokenizer" / "model.safetensors").unlink()
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+        (tmp_path / "text_encoder" / f).unlink(missing_ok=True)
     (tmp_path / "model_index.json").write_text("{}")
     enc = HFTextEncoder(str(tmp_path))
     assert enc.kind == "clip" and enc.encode(["cat"]).tokens.shape == (1, 77, 32)

@@ -78,17 +78,25 @@ class HFTextEncoder(TextEncoder):
         from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
 
         source = resolve_short_name(name_or_path)
-        model_sub, tok_sub = self._subfolders(source, local_files_only)
+        model_sub, tok_sub = self._subfolders(source)
         common = dict(local_files_only=local_files_only)
         try:
-            cfg = AutoConfig.from_pretrained(source, subfolder=model_sub, **common)
+            try:
+                cfg = AutoConfig.from_pretrained(source, subfolder=model_sub, **common)
+            except OSError:
+                if model_sub or os.path.isdir(source):
+                    raise
+                # a hub pipeline repo (SD-2.1) keeps its text encoder in subfolders
+                model_sub, tok_sub = "text_encoder", "tokenizer"
+                cfg = AutoConfig.from_pretrained(source, subfolder=model_sub, **common)
             model_type = cfg.model_type
             if kind == "auto":
                 kind = ("clip" if model_type in ("clip", "clip_text_model")
                         else "t5" if model_type in ("t5", "mt5", "umt5") else "bert")
             cls = {"clip": CLIPTextModel, "t5": T5EncoderModel, "bert": AutoModel}[kind]
             self.model = cls.from_pretrained(source, subfolder=model_sub, dtype=_DTYPES[dtype], **common)
-            self.tokenizer = AutoTokenizer.from_pretrained(source, subfolder=tok_sub, **common)
+            # the model config tells AutoTokenizer the family when the tokenizer folder has none (SD-2.1)
+            self.tokenizer = AutoTokenizer.from_pretrained(source, subfolder=tok_sub, config=cfg, **common)
         except OSError as e:
             raise self._not_found(name_or_path, source, local_files_only, e) from e
         self.kind = kind
@@ -115,21 +123,14 @@ class HFTextEncoder(TextEncoder):
         self.freeze_if_needed()
 
     @staticmethod
-    def _subfolders(source: str, local_files_only: bool) -> Tuple[str, str]:
-        """("text_encoder", "tokenizer") for a diffusers pipeline folder (as SD-2.1), else ("", "")."""
+    def _subfolders(source: str) -> Tuple[str, str]:
+        """("text_encoder", "tokenizer") for a local diffusers pipeline folder (as SD-2.1), else ("", "")."""
         if os.path.isdir(source):
             has_root = os.path.isfile(os.path.join(source, "config.json"))
             has_sub = os.path.isfile(os.path.join(source, "text_encoder", "config.json"))
             return ("text_encoder", "tokenizer") if (has_sub and not has_root) else ("", "")
-        if source.startswith((".", "/", "~")) or os.sep in source.strip("/").split("/", 1)[-1]:
+        if source.startswith((".", "/", "~")) or "/" in source.strip("/").split("/", 1)[-1]:
             raise FileNotFoundError(f"Text encoder directory {source!r} does not exist.")
-        try:  # a hub id: is it a pipeline repo (model_index.json) in the local cache?
-            from huggingface_hub import try_to_load_from_cache
-            if isinstance(try_to_load_from_cache(source, "model_index.json"), str) and \
-                    not isinstance(try_to_load_from_cache(source, "config.json"), str):
-                return "text_encoder", "tokenizer"
-        except Exception:  # pragma: no cover - cache layout probing is best effort
-            pass
         return "", ""
 
     @staticmethod
