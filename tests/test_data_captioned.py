@@ -247,3 +247,33 @@ def test_val_loader_and_bad_arguments(tmp_path):
         CaptionedImageDataModule()
     with pytest.raises(ValueError, match="missing_caption"):
         CaptionedImageDataModule(root=".", missing_caption="drop")
+
+
+def test_fit_with_a_trainer_logs_the_counts(tmp_path):
+    import lightning as L
+
+    _bad_folder(tmp_path)
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(3, 1)
+
+        def training_step(self, batch, batch_idx):
+            loss = self.layer(batch["image"].mean((2, 3))).pow(2).mean()
+            counts = self.trainer.datamodule.skipped_counts()
+            self.log_dict({k: float(v) for k, v in counts.items()}, on_step=True)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dm = _dm(root=str(tmp_path), val_size=2)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(tmp_path / "run"))
+    trainer.fit(Tiny(), datamodule=dm)
+    skipped = [dm.train_dataset.stats["skipped"], dm.val_dataset.stats["skipped"]]
+    assert sum(sum(s.values()) for s in skipped) >= 6  # the val sanity check may count again
+    logged = trainer.logged_metrics
+    assert any(k.startswith("train/skipped/") and v > 0 for k, v in logged.items())

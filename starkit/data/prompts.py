@@ -145,6 +145,13 @@ class PromptStream(IterableDataset):
                     stem = name if k == 1 else f"{name}_{j:02d}"
                 yield {"prompt": prompt, "seed": base_seed + j, "index": i * k + j, "name": stem}
 
+    def has_outputs(self) -> bool:
+        """Whether ``output_dir`` holds any file (if not, no item needs a ``stat``)."""
+        if self.output_dir is None or not os.path.isdir(self.output_dir):
+            return False
+        with os.scandir(self.output_dir) as entries:
+            return next(entries, None) is not None
+
     def is_done(self, item: dict) -> bool:
         """Whether the item's image already exists in ``output_dir``."""
         return self.output_dir is not None and os.path.exists(
@@ -153,8 +160,9 @@ class PromptStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         shard, num_shards = shard_info()
+        resume = self.has_outputs()
         for item in self.all_items():
-            if item["index"] % num_shards == shard and not self.is_done(item):
+            if item["index"] % num_shards == shard and not (resume and self.is_done(item)):
                 yield item
 
 
@@ -221,7 +229,7 @@ class PromptDataModule(L.LightningDataModule):
         if self.num_prompts == 0:
             raise ValueError(f"no prompts found in {self.source}")
         total = self.num_prompts * self.dataset.num_images_per_prompt
-        if self.dataset.output_dir is not None:
+        if self.dataset.has_outputs():
             done = sum(1 for item in self.dataset.all_items() if self.dataset.is_done(item))
             if done:
                 rank_zero_info(
