@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from collections import Counter
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Literal, Optional, Tuple
 
 import lightning as L
 import torch
@@ -254,9 +254,9 @@ class CaptionedImageDataModule(L.LightningDataModule):
         val_fraction: float = 0.01,
         val_size: Optional[int] = None,
         seed: int = 0,
-        missing_caption: str = "empty",
+        missing_caption: Literal["empty", "skip"] = "empty",
         max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
-        min_size_policy: str = "upscale",
+        min_size_policy: Literal["upscale", "skip"] = "upscale",
         probe_count: int = 16,
         pin_memory: bool = True,
         persistent_workers: bool = True,
