@@ -313,5 +313,8 @@ def load_sample(
         if min_size_policy == "skip":
             raise SampleError("too_small", f"{item.image} is {img.size[0]}x{img.size[1]} < {resolution}")
         repairs.append("upscaled")
-    image = transform(img) if transform is not None else None
+    try:
+        image = transform(img) if transform is not None else None
+    except Exception as err:  # e.g. MemoryError on a huge resize: skip the file, not the epoch
+        raise SampleError("undecodable", f"{item.image}: transform failed: {err!r}") from None
     return {"image": image, "caption": caption, "path": item.image}
