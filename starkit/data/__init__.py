@@ -14,3 +14,4 @@ __all__ = [
     "load_rgb",
     "var_transform",
 ]
+from .shapes import ShapesDataModule, ShapesWorld  # noqa: E402
