@@ -14,7 +14,7 @@ import sys
 from typing import List, Optional
 
 import lightning as L
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, _InstantiatorFn
 
 # Import every component module so that short class names resolve in YAML.
 _COMPONENT_MODULES = (
@@ -41,6 +41,25 @@ EXTRA_COMMANDS = {
 }
 
 
+class _TopLevelInstantiator(_InstantiatorFn):
+    """Lightning records the YAML config as the hyperparameters of the module it builds.
+
+    Its instantiator also fires for every nested LightningModule (our components: tokenizer,
+    text encoder, sampler), which would then save the *generator's* config as their own
+    hyperparameters. This one applies the config only to the class named in the YAML's
+    top-level ``class_path``; nested components save their own arguments.
+    """
+
+    def __call__(self, class_type, *args, applied_instantiation_links: dict, **kwargs):
+        self.cli._dump_config()
+        top = self.cli.config_dump.get(self.key, {})
+        top_path = top.get("class_path") if isinstance(top, dict) else None
+        own_path = f"{class_type.__module__}.{class_type.__qualname__}"
+        if top_path is not None and own_path != top_path and not top_path.endswith("." + class_type.__name__):
+            return class_type(*args, **kwargs)
+        return super().__call__(class_type, *args, applied_instantiation_links=applied_instantiation_links, **kwargs)
+
+
 class StarkitCLI(LightningCLI):
     """LightningCLI with starkit's defaults: any LightningModule / LightningDataModule by
     ``class_path``, configs saved next to the run (overwriting allowed)."""
@@ -50,6 +69,12 @@ class StarkitCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
+
+    def _add_instantiators(self) -> None:
+        self.parser.add_instantiator(_TopLevelInstantiator(cli=self, key="model"), L.LightningModule,
+                                     subclasses=self.subclass_mode_model)
+        self.parser.add_instantiator(_TopLevelInstantiator(cli=self, key="data"), L.LightningDataModule,
+                                     subclasses=self.subclass_mode_data)
 
 
 def main(args: Optional[List[str]] = None) -> Optional[StarkitCLI]:

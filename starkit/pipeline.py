@@ -74,7 +74,9 @@ def load_generator(path: str, device: Union[str, torch.device] = "cpu", sampler:
 
     from starkit.tokenizers import MultiScaleVQ
     config = read_model_config(path)
-    tokenizer = MultiScaleVQ.from_pretrained(os.path.join(path, config["tokenizer"]), frozen=True)
+    tokenizer_dir = os.path.join(path, config["tokenizer"])
+    tokenizer = MultiScaleVQ.from_pretrained(tokenizer_dir, frozen=True)
+    tokenizer.hparams["pretrained"] = tokenizer_dir  # its weights have a home: keep them out of checkpoints
     text_cfg = json.loads(json.dumps(config["text_encoder"]).replace("${MODEL_DIR}", os.path.abspath(path)))
     text_encoder = _instantiate(text_cfg)
     generator = ScaleWiseGenerator(
@@ -83,11 +85,16 @@ def load_generator(path: str, device: Union[str, torch.device] = "cpu", sampler:
         **config["generator"],
     )
     weights = load_file(os.path.join(path, "generator.safetensors"), device="cpu")
-    from starkit.generator.hparams import check_state_dict_keys
-    own = generator.state_dict()
-    weights = {k: v.to(own[k].dtype) if k in own else v for k, v in weights.items()}
-    check_state_dict_keys(generator, {**{k: v for k, v in own.items() if k.startswith("sampler.") and k not in weights}, **weights})
-    generator.load_state_dict(weights, strict=False)
+    own = {k: v for k, v in generator.state_dict().items() if k.startswith(("transformer.", "sampler."))}
+    missing = sorted(k for k in own if k not in weights and not k.startswith("sampler."))
+    unexpected = sorted(k for k in weights if k not in own)
+    mismatched = sorted(k for k in own if k in weights and weights[k].shape != own[k].shape)
+    if missing or unexpected or mismatched:
+        raise RuntimeError(
+            f"{path}/generator.safetensors does not match the architecture in starkit.json: missing "
+            f"{missing[:8]}, unexpected {unexpected[:8]}, shape mismatches {mismatched[:8]}. The directory "
+            f"is inconsistent: export it again with `starkit export`.")
+    generator.load_state_dict({k: v.to(own[k].dtype) for k, v in weights.items()}, strict=False)
     return generator.to(device).eval()
 
 
@@ -190,7 +197,9 @@ def _load_pretrained(path: str, sampler: Optional[dict] = None) -> ScaleWiseGene
         path: the model directory written by ``starkit export`` or ``starkit convert``.
         sampler: optional sampler config (class_path/init_args) replacing the saved one.
     """
-    return load_generator(path, sampler=sampler)
+    from starkit.generator.hparams import own_hyperparameters
+    with own_hyperparameters():
+        return load_generator(path, sampler=sampler)
 
 
 def _pretrained_class():

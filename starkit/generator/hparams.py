@@ -29,8 +29,10 @@ def component_config(value):
         return value
     if isinstance(value, (list, tuple)):
         return [component_config(v) for v in value]
-    if isinstance(value, functools.partial):
-        return {"class_path": class_path(value.func), "init_args": dict(value.keywords)}
+    if isinstance(value, functools.partial):  # ours, or jsonargparse's partial(wrapper, instantiator, cls, **kw)
+        target = value.func if inspect.isclass(value.func) else next(
+            (a for a in value.args if inspect.isclass(a)), value.func)
+        return {"class_path": class_path(target), "init_args": dict(value.keywords)}
     if inspect.isclass(value):
         return {"class_path": class_path(value)}
     if isinstance(value, torch.nn.Module):
@@ -54,8 +56,10 @@ def library_hparams(cls, local_vars: dict) -> Optional[dict]:
 def check_state_dict_keys(model, state_dict: dict) -> None:
     """Raise one clear error when a checkpoint's trainable keys do not match the model."""
     own = set(model.state_dict().keys())
-    given = {k for k in state_dict if not k.startswith(("tokenizer.", "text_encoder."))}
-    missing, unexpected = sorted(own - given), sorted(given - own)
+    given = set(state_dict)
+    missing = sorted(own - given)
+    # a checkpoint may carry frozen weights this model loads from their own files instead
+    unexpected = sorted(k for k in given - own if not k.startswith(("tokenizer.", "text_encoder.")))
     shape_mismatch = sorted(k for k in own & given if tuple(state_dict[k].shape) != tuple(model.state_dict()[k].shape))
     if missing or unexpected or shape_mismatch:
         def show(keys):
@@ -67,3 +71,16 @@ def check_state_dict_keys(model, state_dict: dict) -> None:
             "Build the generator with the config the checkpoint was trained with (size, patch_nums, "
             "positional encoding, ema_decay), or start from it with `init_from` for a new resolution."
         )
+
+
+class own_hyperparameters:
+    """Context in which modules record their own arguments as hyperparameters, even when
+    built inside a LightningCLI instantiation (which would hand them its config)."""
+
+    def __enter__(self):
+        self._token = _given_hyperparameters.set(None)
+        return self
+
+    def __exit__(self, *exc):
+        _given_hyperparameters.reset(self._token)
+        return False

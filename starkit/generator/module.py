@@ -140,17 +140,33 @@ class ScaleWiseGenerator(L.LightningModule):
             self.ema.eval()
         return self
 
+    def _rebuildable_prefixes(self) -> Tuple[str, ...]:
+        """Frozen components that can be rebuilt from a source of their own (a weights file,
+        a hub id or local folder, a seed) stay out of the checkpoint; one without (e.g. a
+        tokenizer with random weights) is saved so that the checkpoint stays complete."""
+        prefixes = []
+        if getattr(self.tokenizer, "hparams", {}).get("pretrained"):
+            prefixes.append("tokenizer.")
+        if hasattr(self.text_encoder, "config"):
+            prefixes.append("text_encoder.")
+        return tuple(prefixes)
+
     def state_dict(self, *args, **kwargs):
-        """The trainable parts only (transformer, EMA, sampler weights): the frozen tokenizer
-        and text encoder are rebuilt from their own configs and files."""
+        """The trainable parts (transformer, EMA, sampler weights); frozen components are rebuilt
+        from their own configs and files (see :meth:`_rebuildable_prefixes`)."""
         full = super().state_dict(*args, **kwargs)
-        for key in [k for k in full if k.startswith(FROZEN_PREFIXES)]:
+        prefixes = self._rebuildable_prefixes()
+        for key in [k for k in full if prefixes and k.startswith(prefixes)]:
             del full[key]
         return full
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         from starkit.generator.hparams import check_state_dict_keys
         check_state_dict_keys(self, checkpoint["state_dict"])
+        # the frozen parts were loaded from their own files: complete the state dict with them
+        own = super().state_dict()
+        for key, value in own.items():
+            checkpoint["state_dict"].setdefault(key, value)
 
     # ------------------------------------------------------------------ training
     def _encode_batch(self, batch: dict) -> Tuple[List[torch.Tensor], TextEmbedding]:
