@@ -299,6 +299,7 @@ class MultiScaleVQ(ScaleTokenizer):
             if hp.grad_clip > 0:
                 self.clip_gradients(opt_d, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
             opt_d.step()
+            self._uncount_last_optimizer_step()
             logs["train/d_loss"] = d_loss
 
         self._track_usage(hits, f)
@@ -307,6 +308,14 @@ class MultiScaleVQ(ScaleTokenizer):
         self.log("loss", loss.detach(), prog_bar=True)
         self.train_step_count += 1
         return loss.detach()
+
+    def _uncount_last_optimizer_step(self) -> None:
+        """Lightning counts every manual ``optimizer.step()`` in ``global_step``; count only the
+        autoencoder's, so that ``max_steps`` and checkpoint intervals are training steps."""
+        try:
+            self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.total.completed -= 1
+        except (AttributeError, RuntimeError):  # no trainer, or another Lightning layout
+            pass
 
     @torch.no_grad()
     def _track_usage(self, hits: List[torch.Tensor], f: torch.Tensor) -> None:
