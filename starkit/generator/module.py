@@ -62,6 +62,8 @@ class ScaleWiseGenerator(L.LightningModule):
         activation_checkpointing: recompute block activations in the backward pass.
         init_from: a starkit checkpoint or model directory whose transformer initialises
             this one (progressive resolution: scales may differ).
+        stage: "generator" trains the transformer; "sampler_head" freezes it and trains only
+            the sampler's own weights (STAR's stage 4, e.g. ``StableSampler``'s head).
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class ScaleWiseGenerator(L.LightningModule):
         token_drop: int = 0,
         activation_checkpointing: bool = False,
         init_from: Optional[str] = None,
+        stage: str = "generator",
     ) -> None:
         super().__init__()
         hparams = library_hparams(type(self), locals())
@@ -103,6 +106,8 @@ class ScaleWiseGenerator(L.LightningModule):
             tokenizer.set_patch_nums(patch_nums)
         self.patch_nums = tuple(tokenizer.patch_nums)
         self.sampler = sampler if sampler is not None else ParallelSampler()
+        if stage not in ("generator", "sampler_head"):
+            raise ValueError(f"stage must be 'generator' or 'sampler_head', got {stage!r}.")
 
         arch = resolve_size(size, depth, width, num_heads)
         if drop_path_rate is None:
@@ -115,6 +120,13 @@ class ScaleWiseGenerator(L.LightningModule):
             mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate, head_norm=head_norm,
         )
         self.transformer.activation_checkpointing = activation_checkpointing
+        self.sampler.build(arch["width"], text_encoder.dim, tokenizer.embed_dim, tokenizer.codebook_size,
+                           arch["num_heads"], self.patch_nums)
+        if stage == "sampler_head":
+            if not any(True for _ in self.sampler.parameters()):
+                raise ValueError(f"stage='sampler_head' needs a sampler with weights; {type(self.sampler).__name__} "
+                                 f"has none (use starkit.samplers.StableSampler).")
+            self._freeze(self.transformer)
         last = self.patch_nums[-1] ** 2
         if not 0 <= token_drop < last:
             raise ValueError(f"token_drop={token_drop} must be in [0, {last}) (the last scale has {last} tokens).")
@@ -136,6 +148,8 @@ class ScaleWiseGenerator(L.LightningModule):
         super().train(mode)
         self.tokenizer.eval()  # frozen parts never leave eval mode
         self.text_encoder.eval()
+        if self.hparams.stage == "sampler_head":
+            self.transformer.eval()
         if self.ema is not None:
             self.ema.eval()
         return self
@@ -189,6 +203,8 @@ class ScaleWiseGenerator(L.LightningModule):
         return torch.cat([torch.arange(start, device=self.device), kept_last])
 
     def _loss(self, batch: dict, stage: str) -> torch.Tensor:
+        if self.hparams.stage == "sampler_head":
+            return self._sampler_head_loss(batch, stage)
         indices, text = self._encode_batch(batch)
         with torch.no_grad():
             inputs = self.tokenizer.teacher_forcing_inputs(indices)  # (B, L - first_l, Cvae)
@@ -202,6 +218,21 @@ class ScaleWiseGenerator(L.LightningModule):
         loss = token_loss.mean()
         self._log_per_scale(stage, token_loss.detach(), logits.detach(), targets, keep)
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=targets.shape[0], sync_dist=stage != "train")
+        return loss
+
+    def _sampler_head_loss(self, batch: dict, stage: str) -> torch.Tensor:
+        from starkit.samplers import HeadTrainingBatch
+        indices, text = self._encode_batch(batch)
+        with torch.no_grad():
+            inputs = self.tokenizer.teacher_forcing_inputs(indices)
+            hidden = self.transformer(text.pooled, text.tokens, text.mask, inputs)  # (B, L, C), frozen
+        loss, logs = self.sampler.training_loss(HeadTrainingBatch(
+            hidden=hidden, indices=indices, pooled_text=text.pooled, patch_nums=self.patch_nums,
+            embed=self.tokenizer.embed, rotary=self.transformer.positional.rotary))
+        B = indices[0].shape[0]
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=B, sync_dist=stage != "train")
+        for name, value in logs.items():
+            self.log(f"{stage}/{name}", value, batch_size=B, sync_dist=stage != "train")
         return loss
 
     def _log_per_scale(self, stage, token_loss, logits, targets, keep) -> None:
@@ -234,9 +265,11 @@ class ScaleWiseGenerator(L.LightningModule):
             torch._foreach_lerp_(ema_p, cur_p, 1.0 - decay)
 
     def configure_optimizers(self):
-        no_decay_names = self.transformer.no_weight_decay()
+        trained = self.sampler if self.hparams.stage == "sampler_head" else self.transformer
+        no_decay_names = self.transformer.no_weight_decay() if trained is self.transformer else set()
+        no_decay_names |= set(getattr(trained, "no_weight_decay", lambda: set())()) if trained is self.sampler else set()
         decay, no_decay = [], []
-        for name, p in self.transformer.named_parameters():
+        for name, p in trained.named_parameters():
             if not p.requires_grad:
                 continue
             (no_decay if p.ndim < 2 or name in no_decay_names else decay).append(p)

@@ -1,3 +1,3 @@
 """Samplers: turn one scale's logits (and hidden states) into tokens."""
-from .base import ScaleSampler, ScaleStep
+from .base import HeadTrainingBatch, ScaleSampler, ScaleStep
 from .parallel import ParallelSampler

@@ -45,6 +45,28 @@ class ScaleStep:
     generator: Optional[torch.Generator] = None
 
 
+@dataclass
+class HeadTrainingBatch:
+    """What a sampler with weights gets in its own training stage (generator frozen).
+
+    Attributes:
+        hidden: the frozen generator's last hidden states of all scales ``(B, L, C)``.
+        indices: ground-truth token maps, K LongTensors ``(B, pn_k**2)``.
+        pooled_text: pooled text features ``(B, D)`` (captions already dropped to "" at the
+            caption-dropout rate).
+        patch_nums: the scales.
+        embed: codebook lookup ``LongTensor (B, l) -> (B, l, Cvae)``.
+        rotary: the generator's ``positional.rotary(positions)`` (tables or None).
+    """
+
+    hidden: torch.Tensor
+    indices: list
+    pooled_text: torch.Tensor
+    patch_nums: tuple
+    embed: Callable[[torch.Tensor], torch.Tensor]
+    rotary: Callable
+
+
 class ScaleSampler(L.LightningModule):
     """Base class of samplers. A sampler may own weights (a head) and a training loss; it is
     used by the generator through plain methods only (see ENGINEERING notes on nesting).
@@ -75,3 +97,13 @@ class ScaleSampler(L.LightningModule):
 
     def validate(self) -> None:
         """Raise a clear error on invalid settings (called at construction and on overrides)."""
+
+    def training_loss(self, batch: HeadTrainingBatch):
+        """Loss of the sampler's own weights (the sampler-head stage): ``(loss, {name: value})``."""
+        raise NotImplementedError(f"{type(self).__name__} has no weights to train; use a sampler with a head "
+                                  f"(e.g. StableSampler) for stage='sampler_head'.")
+
+    def build(self, width: int, text_dim: int, latent_dim: int, vocab_size: int, num_heads: int,
+              patch_nums: tuple) -> None:
+        """Called once by the generator with the sizes only it knows, so samplers with weights
+        can create them (samplers without weights do nothing)."""
