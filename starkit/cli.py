@@ -84,7 +84,12 @@ def main(args: Optional[List[str]] = None) -> Optional[StarkitCLI]:
         module, func = EXTRA_COMMANDS[argv[0]].split(":")
         getattr(importlib.import_module(module), func)(argv[1:])
         return None
-    return StarkitCLI(args=argv)
+    saved_argv = sys.argv
+    sys.argv = sys.argv[:1]  # arguments come from `argv`; keeps LightningCLI from warning about both
+    try:
+        return StarkitCLI(args=argv)
+    finally:
+        sys.argv = saved_argv
 
 
 if __name__ == "__main__":

@@ -44,3 +44,18 @@ def random_batch(batch_size=4, resolution=32, seed=0):
     captions = ["a red circle", "two blue squares", "a green triangle above a yellow circle", "a purple star"]
     return {"image": torch.rand(batch_size, 3, resolution, resolution, generator=g) * 2 - 1,
             "caption": [captions[i % len(captions)] for i in range(batch_size)]}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A model directory exported from a tiny generator trained for two steps through the CLI."""
+    import glob as _glob
+
+    from starkit.cli import main
+    from starkit.export import export_checkpoint
+    root = tmp_path_factory.mktemp("tiny_run")
+    main(["fit", "--config", os.path.join(REPO, "recipes/generator/tiny.yaml"), "--trainer.max_steps=2",
+          "--trainer.limit_val_batches=1", "--trainer.val_check_interval=1", f"--trainer.default_root_dir={root}",
+          "--data.init_args.num_train=32", "--data.init_args.num_val=4", "--trainer.logger=false"])
+    ckpt = sorted(_glob.glob(str(root / "**" / "last.ckpt"), recursive=True))[0]
+    return export_checkpoint(ckpt, str(root / "model"))

@@ -1,0 +1,49 @@
+"""Every recipe opens with the command that runs it, and runs for a step on CPU with tiny overrides."""
+import glob
+import os
+
+import pytest
+
+from conftest import REPO
+from starkit.cli import main
+
+RECIPES = sorted(glob.glob(os.path.join(REPO, "recipes", "**", "*.yaml"), recursive=True))
+OVERRIDES = {"tokenizer": "tests/conf/tiny_tokenizer_overrides.yaml",
+             "generator": "tests/conf/tiny_generator_overrides.yaml"}
+
+
+def family(path):
+    rel = os.path.relpath(path, os.path.join(REPO, "recipes"))
+    return rel.split(os.sep)[0], rel
+
+
+def test_there_are_recipes_for_every_stage():
+    families = {family(p)[0] for p in RECIPES}
+    assert {"tokenizer", "generator", "predict"} <= families
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: family(p)[1])
+def test_recipe_opens_with_its_command(recipe):
+    with open(recipe) as fh:
+        first = fh.readline()
+    rel = os.path.relpath(recipe, REPO)
+    assert first.startswith("# starkit ") and rel in first, f"{rel}: first line must be '# starkit ... --config {rel} ...'"
+
+
+@pytest.mark.parametrize("recipe", [p for p in RECIPES if family(p)[0] in OVERRIDES], ids=lambda p: family(p)[1])
+def test_training_recipe_runs_a_step_on_cpu(recipe, tmp_path):
+    kind = family(recipe)[0]
+    with open(recipe) as fh:
+        subcommand = fh.readline().split()[2]  # "# starkit fit --config ..."
+    main([subcommand, "--config", recipe, "--config", os.path.join(REPO, OVERRIDES[kind]),
+          "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}"])
+
+
+@pytest.mark.parametrize("recipe", [p for p in RECIPES if family(p)[0] == "predict"], ids=lambda p: family(p)[1])
+def test_predict_recipe_writes_images(recipe, tmp_path, tiny_model_dir):
+    out = tmp_path / "out"
+    main(["predict", "--config", recipe, f"--model.init_args.path={tiny_model_dir}", "--trainer.accelerator=cpu",
+          "--trainer.precision=32-true", "--data.init_args.prompt_file=null",
+          '--data.init_args.prompts=["a red circle", "two blue squares"]', "--data.init_args.num_images_per_prompt=1",
+          f"--data.init_args.output_dir={out}", f"--trainer.callbacks.init_args.output_dir={out}"])
+    assert sorted(os.listdir(out)) == ["000000_00.json", "000000_00.png", "000001_00.json", "000001_00.png"]
