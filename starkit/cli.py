@@ -14,7 +14,7 @@ import sys
 from typing import List, Optional
 
 import lightning as L
-from lightning.pytorch.cli import LightningCLI, _InstantiatorFn
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback, _InstantiatorFn
 
 # Import every component module so that short class names resolve in YAML.
 _COMPONENT_MODULES = (
@@ -60,12 +60,23 @@ class _TopLevelInstantiator(_InstantiatorFn):
         return super().__call__(class_type, *args, applied_instantiation_links=applied_instantiation_links, **kwargs)
 
 
+class RunConfigSaver(SaveConfigCallback):
+    """Saves the run's config next to its logs for fit/validate/test; prediction runs write
+    only their images (no config.yaml dropped into the working directory)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "predict":
+            return
+        super().setup(trainer, pl_module, stage)
+
+
 class StarkitCLI(LightningCLI):
     """LightningCLI with starkit's defaults: any LightningModule / LightningDataModule by
     ``class_path``, configs saved next to the run (overwriting allowed)."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", RunConfigSaver)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
