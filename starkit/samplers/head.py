@@ -1,0 +1,103 @@
+"""STAR's sampler head: a small transformer that predicts the tokens of one scale from the
+generator's hidden states of that scale and the tokens of the scale revealed so far.
+
+Sequence (per scale, ``l = pn**2`` tokens, full attention, no cross-attention)::
+
+    [ prefix ; x_1 .. x_l ]
+    prefix = encoder_proj(pooled text) + pos_start
+    x_i    = word_embed(revealed embedding_i, zeros where hidden) + lvl_embed(scale)
+    input  = proj(concat(part, hidden part))   # Linear(2C, C); the prefix is concat(prefix, prefix)
+
+then ``depth`` blocks (RoPE from the generator: the prefix at the (0, 0) position), a
+non-affine LayerNorm and its own logits head Linear(C, V). This is the structure of the
+official ``feat_extract_blocks`` / ``head_proj`` / ``word_embed_head`` / ``lvl_embed_2`` /
+``pos_start_last`` / ``encoder_proj2`` / ``head_logits2`` (names here: ``blocks``, ``proj``,
+``word_embed``, ``lvl_embed``, ``pos_start``, ``encoder_proj``, ``head_logits``), so that
+weights of that layout map one to one.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from starkit.generator.blocks import Block
+
+
+def _cat_rotary(first: Optional[tuple], scale: Optional[tuple]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """Rotary tables of [prefix; scale tokens] ``(1 + l, d/2)`` each, or None without RoPE."""
+    if first is None or scale is None:
+        return None
+    return torch.cat([first[0], scale[0]], dim=0), torch.cat([first[1], scale[1]], dim=0)
+
+
+class SamplerHead(nn.Module):
+    """The sampler head's weights and forward pass.
+
+    Args:
+        width: C, the generator's width (the head runs at the same width and heads).
+        text_dim: width of the pooled text features.
+        latent_dim: Cvae, the tokenizer's embedding width.
+        vocab_size: V.
+        num_heads: attention heads (the generator's, so its rotary tables fit).
+        num_scales: K (the level embedding has one row per scale).
+        depth: number of blocks.
+        mlp_ratio: FFN width / width.
+    """
+
+    def __init__(self, width: int, text_dim: int, latent_dim: int, vocab_size: int, num_heads: int,
+                 num_scales: int, depth: int = 3, mlp_ratio: float = 4.0, norm_eps: float = 1e-6) -> None:
+        super().__init__()
+        self.width, self.depth = width, depth
+        self.word_embed = nn.Linear(latent_dim, width)
+        self.encoder_proj = nn.Linear(text_dim, width)
+        self.pos_start = nn.Parameter(torch.empty(1, 1, width))
+        self.lvl_embed = nn.Embedding(num_scales, width)
+        self.proj = nn.Linear(2 * width, width)
+        self.blocks = nn.ModuleList(Block(width, num_heads, None, mlp_ratio, drop_path=0.0, norm_eps=norm_eps)
+                                    for _ in range(depth))
+        self.logit_norm = nn.LayerNorm(width, eps=norm_eps, elementwise_affine=False)
+        self.head_logits = nn.Linear(width, vocab_size)
+        self.init_weights()
+
+    def init_weights(self, init_head: float = 0.02) -> None:
+        """VAR's init: trunc-normal std sqrt(1/(3C)), logits head x0.02, output projections / sqrt(2 depth)."""
+        std = math.sqrt(1 / self.width / 3)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.pos_start, std=std)
+        self.head_logits.weight.data.mul_(init_head)
+        for block in self.blocks:
+            block.attn.proj.weight.data.div_(math.sqrt(2 * self.depth))
+            block.ffn.fc2.weight.data.div_(math.sqrt(2 * self.depth))
+
+    def forward(self, hidden: torch.Tensor, revealed: torch.Tensor, pooled: torch.Tensor, scale: int,
+                rotary_first: Optional[tuple] = None, rotary: Optional[tuple] = None) -> torch.Tensor:
+        """Logits of every token of one scale given the revealed ones.
+
+        Args:
+            hidden: the generator's hidden states of the scale ``(R, l, C)``.
+            revealed: embeddings of the revealed tokens, zeros where hidden ``(R, l, Cvae)``.
+            pooled: pooled text features ``(R, Dt)``.
+            scale: the scale index k (level embedding).
+            rotary_first, rotary: rotary tables of the (0, 0) position and of the scale's tokens.
+
+        Returns:
+            float32 logits ``(R, l, V)``.
+        """
+        R, l, _ = hidden.shape
+        prefix = self.encoder_proj(pooled)[:, None, :] + self.pos_start  # (R, 1, C)
+        level = self.lvl_embed.weight[scale]  # (C,)
+        part = self.word_embed(revealed.to(hidden.dtype)) + level  # (R, l, C)
+        x = torch.cat([torch.cat([prefix, part], dim=1),
+                       torch.cat([prefix.to(hidden.dtype), hidden], dim=1)], dim=-1)  # (R, 1 + l, 2C)
+        x = self.proj(x)  # (R, 1 + l, C)
+        rot = _cat_rotary(rotary_first, rotary)
+        for block in self.blocks:
+            x = block(x, rotary=rot)
+        return self.head_logits(self.logit_norm(x[:, 1:])).float()  # (R, l, V)

@@ -1,0 +1,237 @@
+"""STAR's stable (causal) sampler: the large scales are revealed over several steps.
+
+Small scales are drawn in parallel exactly as :class:`~starkit.samplers.ParallelSampler`.
+On the last ``causal_scales`` scales the ``pn**2`` tokens are revealed over ``steps`` steps
+(``steps_last`` on the last scale) with a MaskGIT arccos schedule. At each step every hidden
+token is drawn from the (guided, filtered) logits of the **sampler head**, which sees the
+tokens revealed so far; the first ``random_steps`` steps keep tokens at random positions,
+later steps the most confident ones (probability of the drawn token).
+
+Without trained head weights (``use_head=True`` but the head was never trained or loaded)
+the sampler warns once and samples every scale in parallel. With ``use_head=False`` the
+causal reveal runs on the generator's own logits.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from starkit.samplers.base import HeadTrainingBatch, ScaleSampler, ScaleStep
+from starkit.samplers.functional import (apply_guidance, filter_logits, guidance_weight, sample_categorical,
+                                         validate_settings)
+
+SCHEDULES = ("arccos", "cosine", "linear", "root", "square")
+
+
+def mask_fraction(r: torch.Tensor, mode: str = "arccos") -> torch.Tensor:
+    """MaskGIT's schedule functions of ``r`` in [0, 1] (official ``Scheduler._get_vals_to_mask``)."""
+    if mode == "arccos":
+        return torch.arccos(r) / (math.pi * 0.5)
+    if mode == "cosine":
+        return torch.cos(r * math.pi * 0.5)
+    if mode == "linear":
+        return 1 - r
+    if mode == "root":
+        return 1 - r.sqrt()
+    if mode == "square":
+        return 1 - r ** 2
+    raise ValueError(f"Unknown schedule {mode!r}: choose one of {SCHEDULES}.")
+
+
+def reveal_schedule(num_tokens: int, steps: int, mode: str = "arccos") -> List[int]:
+    """Number of tokens revealed at each step: >= 1 per step, summing exactly to ``num_tokens``.
+
+    ``w_s = f(r_s)`` with ``r = linspace(1, 0, steps)`` and f the schedule function
+    (arccos: ``arccos(r) / (pi/2)``); ``n_s = round(w_s / sum(w) * num_tokens)``, zeros raised
+    to 1, and the rounding remainder put on the last step (taken from the largest steps
+    when the rounding overshoots, never below 1). ``steps`` is capped at ``num_tokens``.
+    """
+    if num_tokens < 1 or steps < 1:
+        raise ValueError(f"reveal_schedule needs num_tokens >= 1 and steps >= 1, got {num_tokens}, {steps}.")
+    steps = min(steps, num_tokens)
+    if steps == 1:
+        return [num_tokens]
+    w = mask_fraction(torch.linspace(1, 0, steps, dtype=torch.float64), mode)
+    counts = (w / w.sum() * num_tokens).round().long().clamp_min(1).tolist()
+    diff = num_tokens - sum(counts)
+    if diff >= 0:
+        counts[-1] += diff
+    while diff < 0:  # overshoot: take from the largest step (last one on ties), keeping >= 1
+        i = max(range(steps), key=lambda s: (counts[s], s))
+        take = min(-diff, counts[i] - 1)
+        counts[i] -= take
+        diff += take
+    return counts
+
+
+def keep_ratio(batch: int, mode: str = "arccos", device=None) -> torch.Tensor:
+    """Per-sample share of ground-truth tokens kept visible in head training: ``f(U)``, U ~ U(0, 1)
+    (official ``add_mask_for_training``; arccos: mean 2/pi)."""
+    return mask_fraction(torch.rand(batch, device=device), mode)
+
+
+class StableSampler(ScaleSampler):
+    """STAR's stable sampler (causal reveal on the large scales with a sampler head).
+
+    Args:
+        cfg: classifier-free guidance strength (0 turns guidance off).
+        cfg_schedule: "linear" (t = cfg * k / (K - 1)) or "constant"; the same t is used
+            for the head's logits at scale k.
+        top_k: keep the k most likely tokens (None: all).
+        top_p: nucleus threshold in (0, 1] (None or 1: off).
+        temperature: logits are divided by it before sampling.
+        causal_scales: the last N scales are revealed causally; earlier ones in parallel.
+        steps: reveal steps on the causal scales but the last.
+        steps_last: reveal steps on the last scale.
+        random_steps: the first steps keep tokens at random positions; later ones by confidence.
+        schedule: reveal schedule (MaskGIT): "arccos" (STAR), "cosine", "linear", "root", "square".
+        head_depth: blocks of the sampler head (STAR: 3).
+        use_head: predict with the sampler head; False: causal reveal on the generator's logits.
+    """
+
+    has_weights = True
+
+    def __init__(self, cfg: float = 4.0, cfg_schedule: str = "linear", top_k: Optional[int] = 600,
+                 top_p: Optional[float] = 0.8, temperature: float = 1.0, causal_scales: int = 5, steps: int = 8,
+                 steps_last: int = 15, random_steps: int = 5, schedule: str = "arccos", head_depth: int = 3,
+                 use_head: bool = True) -> None:
+        super().__init__()
+        self.cfg, self.cfg_schedule = cfg, cfg_schedule
+        self.top_k, self.top_p, self.temperature = top_k, top_p, temperature
+        self.causal_scales, self.steps, self.steps_last = causal_scales, steps, steps_last
+        self.random_steps, self.schedule = random_steps, schedule
+        self.head_depth, self.use_head = head_depth, use_head
+        self.validate()
+        self.save_hyperparameters("cfg", "cfg_schedule", "top_k", "top_p", "temperature", "causal_scales", "steps",
+                                  "steps_last", "random_steps", "schedule", "head_depth", "use_head")
+        self.head = None
+        # 1 once the head has been trained or loaded (saved with the weights)
+        self.register_buffer("head_trained", torch.zeros((), dtype=torch.long))
+        self._warn_state = {"warned": False}  # shared by with_settings copies: warn once
+
+    def validate(self) -> None:
+        validate_settings(self.cfg, self.top_k, self.top_p, self.temperature, self.cfg_schedule)
+        for name in ("causal_scales", "steps", "steps_last", "head_depth"):
+            if int(getattr(self, name)) < (0 if name == "causal_scales" else 1):
+                raise ValueError(f"{name} must be >= {0 if name == 'causal_scales' else 1}, got {getattr(self, name)}.")
+        if self.random_steps < 0:
+            raise ValueError(f"random_steps must be >= 0, got {self.random_steps}.")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
+
+    # ------------------------------------------------------------------ weights
+    def build(self, width: int, text_dim: int, latent_dim: int, vocab_size: int, num_heads: int,
+              patch_nums: tuple) -> None:
+        from starkit.samplers.head import SamplerHead
+        self.head = SamplerHead(width, text_dim, latent_dim, vocab_size, num_heads, len(patch_nums),
+                                depth=self.head_depth)
+
+    def no_weight_decay(self) -> set:
+        return {"head.pos_start", "head.lvl_embed.weight"}
+
+    @property
+    def head_ready(self) -> bool:
+        return self.head is not None and bool(self.head_trained.item())
+
+    def causal_scale_ids(self, num_scales: int) -> range:
+        return range(max(num_scales - self.causal_scales, 0), num_scales)
+
+    # ------------------------------------------------------------------ sampling
+    def _draw(self, logits: torch.Tensor, generator) -> torch.Tensor:
+        return sample_categorical(filter_logits(logits, self.top_k, self.top_p, self.temperature), generator)
+
+    def _parallel(self, step: ScaleStep, t: float):
+        idx = self._draw(apply_guidance(step.logits, t, step.guided), step.generator)  # (B, l)
+        return step.embed(idx), idx
+
+    def sample_scale(self, step: ScaleStep):
+        t = guidance_weight(self.cfg, step.scale, step.num_scales, self.cfg_schedule)
+        if step.scale not in self.causal_scale_ids(step.num_scales):
+            return self._parallel(step, t)
+        if self.use_head and not self.head_ready:
+            if not self._warn_state["warned"]:
+                self._warn_state["warned"] = True
+                warnings.warn("StableSampler: the sampler head has no trained weights (train it with "
+                              "stage='sampler_head', or load a checkpoint that has them); sampling every scale "
+                              "in parallel instead (ParallelSampler behaviour).", UserWarning, stacklevel=2)
+            return self._parallel(step, t)
+        return self._causal(step, t)
+
+    def _causal(self, step: ScaleStep, t: float):
+        R, l = step.logits.shape[:2]
+        B = R // 2 if step.guided else R
+        device, gen = step.logits.device, step.generator
+        n_steps = self.steps_last if step.scale == step.num_scales - 1 else self.steps
+        counts = reveal_schedule(l, n_steps, self.schedule)
+        idx = torch.zeros(B, l, dtype=torch.long, device=device)
+        revealed = torch.zeros(B, l, dtype=torch.bool, device=device)
+        shown = torch.zeros(B, l, step.codebook.shape[-1], device=device)  # (B, l, Cvae), zeros where hidden
+        n_revealed, filtered = 0, None
+        for s, count in enumerate(counts):
+            if self.use_head:
+                rows = torch.cat([shown, shown], dim=0) if step.guided else shown  # both halves share the tokens
+                logits = self.head(step.hidden, rows, step.pooled_text, step.scale, step.rotary_first, step.rotary)
+                filtered = filter_logits(apply_guidance(logits, t, step.guided), self.top_k, self.top_p,
+                                         self.temperature)  # (B, l, V)
+            elif filtered is None:  # the generator's logits do not change within the scale
+                filtered = filter_logits(apply_guidance(step.logits, t, step.guided), self.top_k, self.top_p,
+                                         self.temperature)
+            drawn = sample_categorical(filtered, gen)  # (B, l)
+            if n_revealed + count >= l:  # reveal everything left: no choice to make, no random draw
+                new = ~revealed
+            else:
+                if s < self.random_steps:
+                    score = torch.rand(B, l, device=device, generator=gen)
+                else:  # confidence: probability of the drawn token
+                    score = filtered.softmax(dim=-1).gather(-1, drawn[..., None])[..., 0]  # (B, l)
+                score = score.masked_fill(revealed, -float("inf"))
+                pick = score.topk(count, dim=-1).indices  # (B, count)
+                new = torch.zeros_like(revealed).scatter_(1, pick, True)
+            n_revealed += count
+            idx = torch.where(new, drawn, idx)
+            revealed |= new
+            if self.use_head:
+                shown = torch.where(new[..., None], step.embed(drawn).float(), shown)
+        return step.embed(idx), idx  # (B, l, Cvae), (B, l)
+
+    # ------------------------------------------------------------------ training (stage 'sampler_head')
+    def training_loss(self, batch: HeadTrainingBatch):
+        """Cross-entropy of the head on the hidden tokens of the causal scales.
+
+        For each causal scale, each sample keeps a share ``arccos(U) / (pi/2)`` of its
+        ground-truth tokens visible (the rest are zeros); the head predicts all tokens and
+        the loss is the mean cross-entropy over the hidden ones. Each scale runs on its own
+        ``[prefix; scale]`` sequence, exactly as at sampling time.
+        """
+        if self.head is None:
+            raise RuntimeError("StableSampler.training_loss needs the head: the generator calls build() first.")
+        patch_nums = tuple(batch.patch_nums)
+        K = len(patch_nums)
+        starts = [0]
+        for pn in patch_nums:
+            starts.append(starts[-1] + pn * pn)
+        rot_fn = batch.rotary
+        rotary_first = rot_fn(slice(0, 1)) if rot_fn is not None else None
+        total_loss, total_hidden, total_correct = 0.0, 0, 0
+        for k in self.causal_scale_ids(K):
+            gt = batch.indices[k]  # (B, l)
+            B, l = gt.shape
+            keep = torch.rand(B, l, device=gt.device) < keep_ratio(B, self.schedule, gt.device)[:, None]  # (B, l)
+            shown = batch.embed(gt).float() * keep[..., None]  # (B, l, Cvae)
+            hidden = batch.hidden[:, starts[k]:starts[k + 1]]  # (B, l, C)
+            rotary = rot_fn(slice(starts[k], starts[k + 1])) if rot_fn is not None else None
+            logits = self.head(hidden, shown, batch.pooled_text, k, rotary_first, rotary)  # (B, l, V)
+            loss = F.cross_entropy(logits.transpose(1, 2), gt, reduction="none")  # (B, l)
+            target = ~keep
+            total_loss = total_loss + (loss * target).sum()
+            total_hidden += int(target.sum().item())
+            total_correct += int(((logits.argmax(-1) == gt) & target).sum().item())
+        if self.training:
+            self.head_trained.fill_(1)
+        n = max(total_hidden, 1)
+        loss = total_loss / n if torch.is_tensor(total_loss) else torch.zeros((), requires_grad=True)
+        return loss, {"head_acc": torch.tensor(total_correct / n), "head_hidden": torch.tensor(float(total_hidden))}

@@ -1,0 +1,181 @@
+"""STAR's stable sampler: reveal schedule, equivalence with parallel sampling, head training and fallback."""
+import math
+import warnings
+
+import pytest
+import torch
+
+from conftest import make_tiny_generator, random_batch
+from starkit.samplers import ParallelSampler, ScaleStep, StableSampler
+from starkit.samplers.stable import keep_ratio, reveal_schedule
+
+SETTINGS = dict(cfg=2.0, top_k=None, top_p=None)
+PROMPTS = ["a red circle", "two blue squares", ""]
+
+
+def trained_generator(steps=30, **sampler_kwargs):
+    """A tiny generator whose StableSampler head was trained for a few steps (flag set)."""
+    kwargs = dict(SETTINGS, causal_scales=2, steps=3, steps_last=4, random_steps=1)
+    kwargs.update(sampler_kwargs)
+    gen = make_tiny_generator(sampler=StableSampler(**kwargs), stage="sampler_head", caption_dropout=0.0)
+    gen.train()
+    gen.log = lambda *a, **k: None
+    opt = torch.optim.AdamW(gen.sampler.parameters(), lr=3e-3)
+    batch = random_batch(4)
+    with torch.no_grad():
+        batch["indices"] = gen.tokenizer.encode(batch["image"])  # encode once: the tokenizer is frozen
+    losses = []
+    for i in range(steps):
+        torch.manual_seed(i)
+        loss = gen._loss(batch, "train")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return gen.eval(), losses
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return trained_generator()
+
+
+def test_reveal_schedule_follows_the_arccos_formula():
+    n, steps = 16, 8  # pn = 4
+    w = [math.acos(1 - s / (steps - 1)) / (math.pi / 2) for s in range(steps)]
+    raw = [max(1, round(x / sum(w) * n)) for x in w]
+    assert raw == [1, 1, 2, 2, 2, 3, 3, 3]  # the formula, zeros raised to 1 (sum 17)
+    assert reveal_schedule(n, steps) == [1, 1, 2, 2, 2, 3, 3, 2]  # remainder taken from the last step
+    assert reveal_schedule(64, 8) == [1, 5, 6, 8, 9, 11, 12, 12]
+    for pn in (1, 2, 3, 4, 8, 13, 21, 36, 64):
+        for steps in (1, 2, 5, 8, 15):
+            counts = reveal_schedule(pn * pn, steps)
+            assert sum(counts) == pn * pn and min(counts) >= 1 and len(counts) == min(steps, pn * pn)
+    assert reveal_schedule(16, 1) == [16]
+
+
+def test_training_keep_ratio_is_arccos_distributed():
+    torch.manual_seed(0)
+    r = keep_ratio(100000)
+    assert 0 <= r.min() and r.max() <= 1
+    assert r.mean().item() == pytest.approx(2 / math.pi, abs=0.01)  # E[arccos(U) / (pi/2)] = 2/pi
+    assert (r < 0.5).float().mean().item() == pytest.approx(1 - math.cos(math.pi / 4), abs=0.01)
+
+
+def test_one_step_without_head_equals_parallel_sampling():
+    gen = make_tiny_generator(sampler=ParallelSampler(**SETTINGS)).eval()
+    stable = StableSampler(**SETTINGS, causal_scales=4, steps=1, steps_last=1, use_head=False)
+    for cfg in (2.0, 0.0):
+        _, par = gen.generate(PROMPTS, seed=7, cfg=cfg, return_indices=True)
+        _, sta = gen.generate(PROMPTS, seed=7, cfg=cfg, sampler=stable, return_indices=True)
+        assert all(torch.equal(a, b) for a, b in zip(par, sta))
+
+
+def test_random_reveal_on_fixed_logits_keeps_each_tokens_distribution():
+    torch.manual_seed(0)
+    N, l, V = 20000, 4, 5
+    logits = torch.randn(1, l, V).expand(N, l, V) * 1.5
+    step = ScaleStep(scale=3, num_scales=4, patch_num=2, hidden=torch.zeros(N, l, 8), logits=logits, guided=False,
+                     embed=lambda i: torch.nn.functional.one_hot(i, V).float(), codebook=torch.eye(V),
+                     generator=torch.Generator().manual_seed(0))
+    sampler = StableSampler(cfg=0.0, top_k=None, top_p=None, causal_scales=1, steps=3, steps_last=3,
+                            random_steps=3, use_head=False)
+    _, idx = sampler.sample_scale(step)
+    freq = torch.stack([torch.bincount(idx[:, i], minlength=V) for i in range(l)]).float() / N
+    assert torch.allclose(freq, logits[0].softmax(-1), atol=0.015)
+
+
+def test_head_training_loss_decreases_and_sets_the_flag(trained):
+    gen, losses = trained
+    assert all(math.isfinite(x) for x in losses)
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    assert gen.sampler.head_ready and int(gen.sampler.head_trained) == 1
+    # only the head is trained in this stage
+    assert not any(p.requires_grad for p in gen.transformer.parameters())
+    opt = gen.configure_optimizers()["optimizer"]
+    trained_ids = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert trained_ids == {id(p) for p in gen.sampler.parameters()}
+
+
+def test_generation_with_the_head_with_and_without_cfg_is_reproducible(trained, monkeypatch):
+    gen, _ = trained
+    calls = []
+    real = gen.sampler.head.forward
+
+    def spy(hidden, revealed, pooled, scale, rotary_first=None, rotary=None):
+        calls.append((hidden.shape[0], revealed.clone(), pooled.clone(), scale))
+        return real(hidden, revealed, pooled, scale, rotary_first, rotary)
+
+    monkeypatch.setattr(gen.sampler.head, "forward", spy)
+    a, ia = gen.generate(PROMPTS, seed=3, return_indices=True)
+    b, ib = gen.generate(PROMPTS, seed=3, return_indices=True)
+    assert a.shape == (3, 3, 32, 32) and torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ia, ib))
+    # CFG: the head runs on cond + uncond rows; the uncond rows get the empty prompt's pooled text and the same
+    # revealed tokens as the cond rows. Scales 2 and 3 are causal with 3 and 4 steps.
+    assert [c[3] for c in calls[:7]] == [2, 2, 2, 3, 3, 3, 3]
+    rows, revealed, pooled, _ = calls[1]
+    assert rows == 6 and torch.equal(revealed[:3], revealed[3:]) and revealed.abs().sum() > 0
+    empty = gen.text_encoder.empty().pooled
+    assert torch.allclose(pooled[3:], empty.expand(3, -1))
+    calls.clear()
+    c = gen.generate(PROMPTS, seed=3, cfg=0.0)
+    d = gen.generate(PROMPTS, seed=3, cfg=0.0)
+    assert torch.equal(c, d) and calls[0][0] == 3
+    _, ie = gen.generate(PROMPTS, seed=4, return_indices=True)
+    assert any(not torch.equal(x, y) for x, y in zip(ia, ie))
+
+
+def test_head_output_depends_on_the_revealed_tokens(trained):
+    gen, _ = trained
+    head = gen.sampler.head
+    hidden, pooled = torch.randn(1, 16, 32), torch.randn(1, 32)
+    shown = torch.zeros(1, 16, 8)
+    base = head(hidden, shown, pooled, 3)
+    shown[0, 5] = gen.tokenizer.embed(torch.tensor([[3]]))[0, 0]
+    moved = head(hidden, shown, pooled, 3)
+    assert (moved - base)[0, 0].abs().max() > 0  # full attention: token 0 sees the revealed token 5
+
+
+def test_without_trained_head_warns_once_and_samples_in_parallel():
+    gen = make_tiny_generator(sampler=ParallelSampler(**SETTINGS)).eval()
+    _, par = gen.generate(PROMPTS, seed=5, return_indices=True)
+    fresh = StableSampler(**SETTINGS, causal_scales=2)  # never built: no head at all
+    built = make_tiny_generator(sampler=StableSampler(**SETTINGS, causal_scales=2)).eval()  # head untrained
+    for source in (lambda s: gen.generate(PROMPTS, seed=5, sampler=fresh, return_indices=True),
+                   lambda s: built.generate(PROMPTS, seed=5, return_indices=True)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            outs = [source(i)[1] for i in range(2)]
+        msgs = [w for w in caught if "sampler head has no trained weights" in str(w.message)]
+        assert len(msgs) == 1
+        for out in outs:
+            assert all(torch.equal(a, b) for a, b in zip(par, out))
+
+
+def test_head_weights_round_trip_through_the_generator_state_dict(trained, tmp_path):
+    gen, _ = trained
+    sd = gen.state_dict()
+    assert int(sd["sampler.head_trained"]) == 1
+    assert "sampler.head.head_logits.weight" in sd and "sampler.head.blocks.2.attn.mat_qkv.weight" in sd
+    torch.save(sd, tmp_path / "sd.pt")
+    other = make_tiny_generator(sampler=StableSampler(**SETTINGS, causal_scales=2, steps=3, steps_last=4,
+                                                      random_steps=1)).eval()
+    assert not other.sampler.head_ready
+    checkpoint = {"state_dict": torch.load(tmp_path / "sd.pt", weights_only=True)}
+    other.on_load_checkpoint(checkpoint)
+    other.load_state_dict(checkpoint["state_dict"])
+    assert other.sampler.head_ready
+    for k, v in gen.sampler.state_dict().items():
+        assert torch.equal(other.sampler.state_dict()[k], v), k
+    assert torch.equal(gen.generate(PROMPTS, seed=1), other.generate(PROMPTS, seed=1))
+
+
+def test_settings_are_validated_and_with_settings_shares_the_head(trained):
+    gen, _ = trained
+    with pytest.raises(ValueError, match="schedule"):
+        StableSampler(schedule="exp")
+    with pytest.raises(ValueError, match="steps"):
+        StableSampler(steps=0)
+    copy = gen.sampler.with_settings(steps=2, cfg=1.0)
+    assert copy.head is gen.sampler.head and copy.steps == 2 and gen.sampler.steps == 3
+    assert dict(gen.sampler.hparams)["causal_scales"] == 2
