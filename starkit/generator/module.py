@@ -176,11 +176,18 @@ class ScaleWiseGenerator(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         from starkit.generator.hparams import check_state_dict_keys
-        check_state_dict_keys(self, checkpoint["state_dict"])
+        sd, own = checkpoint["state_dict"], super().state_dict()
+        missing_sampler = [k for k in own if k.startswith("sampler.") and k not in sd]
+        if missing_sampler:  # e.g. a stable sampler on a checkpoint trained without its head
+            warnings.warn(f"The checkpoint has no weights for {len(missing_sampler)} sampler tensors "
+                          f"(e.g. {missing_sampler[0]}); they keep their initial values (a StableSampler "
+                          f"without a trained head samples in parallel). Train the head with stage: sampler_head.")
+            for k in missing_sampler:
+                sd[k] = own[k]
+        check_state_dict_keys(self, sd)
         # the frozen parts were loaded from their own files: complete the state dict with them
-        own = super().state_dict()
         for key, value in own.items():
-            checkpoint["state_dict"].setdefault(key, value)
+            sd.setdefault(key, value)
 
     # ------------------------------------------------------------------ training
     def _encode_batch(self, batch: dict) -> Tuple[List[torch.Tensor], TextEmbedding]:
