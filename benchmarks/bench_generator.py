@@ -76,6 +76,7 @@ REAL_TOKENIZER = dict(ch=160, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_chann
 TINY_TOKENIZER = dict(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=8, codebook_size=16, using_sa=False)
 TINY_SIZES = {"d16": dict(depth=2, width=32, num_heads=2), "d30": dict(depth=3, width=48, num_heads=3)}
 TINY_P256, TINY_P512 = (1, 2, 3, 4), (1, 2, 3, 4, 6, 8)
+P1024 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
 SD21_CLIP = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
                  max_position_embeddings=77, vocab_size=49408, hidden_act="gelu")
 TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -398,7 +399,7 @@ def bench_train_lightning(gen, name: str, batch: int, side: int, args, dev: torc
 
 
 # ---------------------------------------------------------------------------------------- generation
-def bench_generate(gen, name: str, batch: int, args, dev: torch.device) -> dict:
+def bench_generate(gen, name: str, batch: int, args, dev: torch.device, sampler=None) -> dict:
     arch = GeneratorArch.from_transformer(gen.transformer, text_len=gen.text_encoder.max_length)
     gen.eval()
     prompts = [CAPTIONS[i % len(CAPTIONS)] for i in range(batch)]
@@ -408,7 +409,7 @@ def bench_generate(gen, name: str, batch: int, args, dev: torch.device) -> dict:
     out = {}
 
     def call():
-        out["images"] = gen.generate(prompts, seed=0, **SAMPLING)
+        out["images"] = gen.generate(prompts, seed=0, sampler=sampler, **SAMPLING)
 
     free_memory(dev)
     times = time_calls(call, args.gen_warmup, args.gen_repeats, dev)
@@ -421,6 +422,43 @@ def bench_generate(gen, name: str, batch: int, args, dev: torch.device) -> dict:
                image_shape=list(images.shape), image_finite=bool(torch.isfinite(images).all()))
     row["mfu_pct"] = 100 * flops / t / H200_BF16_PEAK if dev.type == "cuda" else None
     return row
+
+
+def stable_sampler_for(gen, dev):
+    """A StableSampler with a (random, marked trained) head sized for ``gen``: timing only."""
+    from starkit.samplers import StableSampler
+    tr = gen.transformer
+    sampler = StableSampler(**SAMPLING)
+    sampler.build(tr.width, gen.text_encoder.dim, gen.tokenizer.embed_dim, gen.tokenizer.codebook_size,
+                  tr.num_heads, gen.patch_nums)
+    sampler.head_trained.fill_(1)
+    return sampler.to(dev).eval()
+
+
+def run_1024(gen, name: str, side: int, args, dev: torch.device, rows: list) -> None:
+    """d30 @1024: training step with token dropping + activation checkpointing at the largest
+    batch that fits (halving from --batch-1024), then generation with both samplers."""
+    if args.only in (None, "train"):
+        gen.hparams.token_drop = 651 if not args.tiny else 4
+        gen.transformer.activation_checkpointing = True
+        B = 2 if args.tiny else args.batch_1024
+        while B >= 1:
+            run_guarded(lambda: bench_train(gen, name + " drop+ckpt", B, side, args, dev), rows,
+                        name + " drop+ckpt", "train", B, dev, gen)
+            if "error" not in rows[-1]:
+                break
+            B //= 2
+        gen.hparams.token_drop = 0
+        gen.transformer.activation_checkpointing = False
+    if args.only in (None, "generate"):
+        gen_batches = [int(b) for b in args.gen_batches.split(",") if b]
+        if args.tiny:
+            gen_batches = [min(b, 2) for b in gen_batches]
+        stable = stable_sampler_for(gen, dev)
+        for B in gen_batches:
+            run_guarded(lambda: bench_generate(gen, name + " parallel", B, args, dev), rows, name, "generate", B, dev)
+            run_guarded(lambda: bench_generate(gen, name + " stable", B, args, dev, sampler=stable), rows, name,
+                        "generate", B, dev)
 
 
 # ---------------------------------------------------------------------------------------- driver
@@ -484,6 +522,10 @@ def main(argv=None) -> None:
     ap.add_argument("--gen-warmup", type=int, default=2)
     ap.add_argument("--gen-repeats", type=int, default=5)
     ap.add_argument("--include-512", action="store_true", help="also generate with d30 @512 (patch_nums 1..32)")
+    ap.add_argument("--include-1024", action="store_true",
+                    help="also d30 @1024: training with token dropping (651) + activation checkpointing, and "
+                         "generation with the parallel and the stable sampler")
+    ap.add_argument("--batch-1024", type=int, default=8, help="training batch of d30 @1024 (halved on OOM)")
     ap.add_argument("--lightning", action="store_true", help="also time the training step through Trainer.fit")
     ap.add_argument("--text", choices=("clip", "random"), default="clip", help="text tower (random: fallback)")
     ap.add_argument("--compile", action="store_true",
@@ -549,6 +591,8 @@ def main(argv=None) -> None:
         configs = [(s.strip(), p256, "256") for s in args.sizes.split(",") if s.strip()]
         if args.include_512:
             configs.append(("d30", p512, "512"))
+        if args.include_1024:
+            configs.append(("d30", TINY_P512 if args.tiny else P1024, "1024"))
         for size, pn, res_name in configs:
             name = f"{size}@{res_name}"
             gen, error = None, None
@@ -567,6 +611,11 @@ def main(argv=None) -> None:
                 free_memory(dev)
                 continue
             side = pn[-1] * tok.downsample
+            if res_name == "1024":
+                run_1024(gen, name, side, args, dev, rows)
+                del gen
+                free_memory(dev)
+                continue
             do_train = args.only in (None, "train") and res_name == "256"
             if do_train:
                 B = train_batch[size]

@@ -63,12 +63,14 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--variants", default="cl", help="comma list of our variants: cl (bf16 channels_last), "
+                    "nchw (bf16 contiguous), compile (bf16 channels_last + torch.compile of encoder/decoder)")
+    ap.add_argument("--skip-train", action="store_true")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
     if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = False  # VAR's fp32 reference stays true fp32
-        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.benchmark = True
     if args.tiny:
         arch = dict(ch=32, z_channels=8, codebook_size=64)
         cases = [("256 (as 64 px)", (1, 2, 3, 4), 2), ("1024 scales (as 128 px)", (1, 2, 3, 4, 5, 6, 8), 1)]
@@ -84,6 +86,7 @@ def main(argv=None) -> None:
 
     torch.manual_seed(0)
     ours = MultiScaleVQ(**arch, patch_nums=cases[0][1]).to(dev).eval()
+    ours.downsample = ours.downsample
     if args.weights:
         ours.load_tokenizer_weights(__import__("starkit.tokenizers.weights", fromlist=["x"]).load_weights_file(args.weights))
     state = {k: v.detach().clone() for k, v in ours.state_dict().items()}
@@ -91,29 +94,53 @@ def main(argv=None) -> None:
         ours = ours.to(memory_format=torch.channels_last)
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
 
+    def variant_model(kind: str):
+        model = MultiScaleVQ(**arch, patch_nums=cases[0][1]).to(dev).eval()
+        model.load_state_dict(state, strict=False)
+        if cuda and kind in ("cl", "compile"):
+            model = model.to(memory_format=torch.channels_last)
+        if kind == "compile":
+            model.encoder = torch.compile(model.encoder)
+            model.decoder = torch.compile(model.decoder)
+        return model
+
     rows = []
+    variants = [v for v in args.variants.split(",") if v] if cuda else ["cl"]
     for name, pn, B in cases:
-        ours.set_patch_nums(pn)
         side = pn[-1] * ours.downsample
         x = torch.rand(B, 3, side, side, device=dev) * 2 - 1
-        with torch.inference_mode():
-            with amp():
-                idx = ours.encode(x)
-                t_enc = timed(lambda: ours.encode(x), args.warmup, args.repeats, dev)
-                t_dec = timed(lambda: ours.decode(idx), args.warmup, args.repeats, dev)
-                img = ours.decode(idx).float()
-        row = {"case": name, "B": B, "enc": B / t_enc, "dec": B / t_dec}
+        row = {"case": name, "B": B}
+        for kind in variants:
+            model = ours if kind == "cl" else variant_model(kind)
+            model.set_patch_nums(pn)
+            with torch.inference_mode():
+                with amp():
+                    idx_k = model.encode(x)
+                    t_enc = timed(lambda: model.encode(x), args.warmup, args.repeats, dev)
+                    t_dec = timed(lambda: model.decode(idx_k), args.warmup, args.repeats, dev)
+            row[f"enc_{kind}"], row[f"dec_{kind}"] = B / t_enc, B / t_dec
+            if kind == "cl":
+                idx = idx_k
+        row["enc"], row["dec"] = row[f"enc_{variants[0]}"], row[f"dec_{variants[0]}"]
         if VQVAE is not None:
             var = VQVAE(vocab_size=arch["codebook_size"], z_channels=arch["z_channels"], ch=arch["ch"],
                         v_patch_nums=pn, test_mode=True).to(dev)
             sd = dict(state)
             sd["quantize.ema_vocab_hit_SV"] = var.quantize.ema_vocab_hit_SV
             var.load_state_dict(sd, strict=True)
+            for tf32 in ((True, False) if cuda else (False,)):
+                torch.backends.cuda.matmul.allow_tf32 = tf32  # VAR's own code runs with TF32 on
+                torch.backends.cudnn.allow_tf32 = tf32
+                with torch.inference_mode():
+                    idx_v = var.img_to_idxBl(x)
+                    tag = "var" if tf32 or not cuda else "var_fp32"
+                    row[f"{tag}_enc"] = B / timed(lambda: var.img_to_idxBl(x), args.warmup, args.repeats, dev)
+                    row[f"{tag}_dec"] = B / timed(lambda: var.idxBl_to_img(idx_v, same_shape=True, last_one=True),
+                                                  args.warmup, args.repeats, dev)
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
             with torch.inference_mode():
-                idx_v = var.img_to_idxBl(x)
-                row["var_enc"] = B / timed(lambda: var.img_to_idxBl(x), args.warmup, args.repeats, dev)
-                row["var_dec"] = B / timed(lambda: var.idxBl_to_img(idx_v, same_shape=True, last_one=True),
-                                           args.warmup, args.repeats, dev)
+                idx_v = var.img_to_idxBl(x)  # strict fp32 reference tokens and image
                 img_v = var.idxBl_to_img(idx_v, same_shape=True, last_one=True)
                 with amp():
                     img_same = ours.decode(idx_v).float()  # ours (bf16) decoding VAR's tokens
@@ -123,6 +150,10 @@ def main(argv=None) -> None:
             del var
         rows.append(row)
         print(f"[bench] {row}")
+    if args.skip_train:
+        for r in rows:
+            print(r)
+        return
 
     # training step (with the discriminator) at 256
     torch.manual_seed(0)
@@ -155,7 +186,9 @@ def main(argv=None) -> None:
     dev_name = torch.cuda.get_device_name(dev) if cuda else "CPU"
     prec = "bf16 autocast + channels_last" if cuda else "fp32"
     print(f"\n### Tokenizer benchmark ({dev_name}; ours {prec}; VAR fp32; {'tiny' if args.tiny else 'ch160 v4096 z32'})\n")
-    print("| res | batch | ours enc img/s | VAR enc img/s | ours dec img/s | VAR dec img/s | idx agree % | dec max abs diff (mean) |")
+    for r in rows:
+        print(f"variants {r['case']}: " + ", ".join(f"{k}={v:.1f}" for k, v in r.items() if k.startswith(("enc_", "dec_", "var"))))
+    print("| res | batch | ours enc img/s | VAR enc img/s (TF32, as it runs) | ours dec img/s | VAR dec img/s | idx agree % | dec max abs diff (mean) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         fmt = lambda k: f"{r[k]:.1f}" if k in r else "n/a"  # noqa: E731

@@ -171,3 +171,13 @@ def test_wrong_architecture_checkpoint_names_the_keys():
     small, other = make_tiny_generator(), make_tiny_generator(depth=3)
     with pytest.raises(RuntimeError, match="missing keys.*transformer.blocks.2"):
         other.on_load_checkpoint({"state_dict": small.state_dict()})
+
+
+def test_gradient_clipping_by_global_norm_works_with_any_adamw():
+    gen = make_tiny_generator()
+    opt = gen.configure_optimizers()["optimizer"]
+    for p in gen.transformer.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    gen.configure_gradient_clipping(opt, 2.0, "norm")
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in gen.transformer.parameters()]))
+    assert norm.item() == pytest.approx(2.0, rel=1e-4)

@@ -271,6 +271,22 @@ class ScaleWiseGenerator(L.LightningModule):
             cur_p = [p.detach() for p in self.transformer.parameters()]
             torch._foreach_lerp_(ema_p, cur_p, 1.0 - decay)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip by global norm ourselves: Lightning refuses ``gradient_clip_val`` with a fused
+        AdamW (used on CUDA). Gradients are already unscaled here under fp16-mixed."""
+        if not gradient_clip_val:
+            return
+        if gradient_clip_algorithm not in (None, "norm"):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, float(gradient_clip_val))
+
+    def _fused_adamw(self) -> bool:
+        """Fused AdamW on CUDA, except under fp16 with a gradient scaler (it would unscale inside
+        the step, after our clipping)."""
+        precision = str(getattr(self._trainer, "precision", "")) if self._trainer else ""
+        return torch.cuda.is_available() and precision not in ("16-mixed", "16")
+
     def configure_optimizers(self):
         trained = self.sampler if self.hparams.stage == "sampler_head" else self.transformer
         no_decay_names = self.transformer.no_weight_decay() if trained is self.transformer else set()
@@ -283,7 +299,7 @@ class ScaleWiseGenerator(L.LightningModule):
         groups = [{"params": decay, "weight_decay": self.hparams.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas),
-                                      fused=torch.cuda.is_available())
+                                      fused=self._fused_adamw())
         total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer else 1
         schedule = warmup_linear_decay(self.hparams.warmup_steps, total, self.hparams.final_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
