@@ -10,6 +10,7 @@ before LightningCLI parses the arguments.
 from __future__ import annotations
 
 import importlib
+import pickle
 import sys
 from typing import List, Optional
 
@@ -80,6 +81,35 @@ class StarkitCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
+
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        """Add :class:`~starkit.utils.AtomicCheckpointIO` (atomic writes, safe loads) unless the
+        config already gives a checkpoint IO plugin."""
+        from lightning.fabric.plugins import CheckpointIO
+
+        from starkit.utils.checkpoint_io import AtomicCheckpointIO
+        plugins = config.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config["plugins"] = plugins + [AtomicCheckpointIO()]
+        return super()._instantiate_trainer(config, callbacks)
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads ``--ckpt_path``'s hyperparameters with ``weights_only=True``: a file that
+        needs unsafe unpickling is refused with a message that says how to convert it."""
+        try:
+            super()._parse_ckpt_path()
+        except pickle.UnpicklingError as err:
+            from starkit.utils.checkpoint_io import CONVERT_HINT, UnsafeCheckpointError
+            path = self.config[self.config.subcommand].get("ckpt_path")
+            raise UnsafeCheckpointError(f"refusing to load {str(path)!r}: it needs unsafe unpickling (torch.load "
+                                        f"with weights_only=True failed).\n{CONVERT_HINT}") from err
+
+    def _check_data(self) -> None:
+        from starkit.callbacks.guards import check_data_fits_model
+        check_data_fits_model(self.model, self.datamodule)
+
+    before_fit = before_validate = before_test = _check_data
 
     def _add_instantiators(self) -> None:
         self.parser.add_instantiator(_TopLevelInstantiator(cli=self, key="model"), L.LightningModule,

@@ -1,3 +1,5 @@
-"""Callbacks: writing predicted images and logging sample grids during validation."""
+"""Callbacks: writing predicted images, logging sample grids, data health, and non-finite guards."""
 from .image_logger import ImageGridLogger
 from .prediction_writer import ImageWriter
+from .data_health import DataHealthLogger
+from .guards import NonFiniteGuard, NonFiniteLossError

@@ -1,0 +1,284 @@
+"""Reliability and security: every failure a user can cause is caught early with one clear
+message, and no fault loses work (docs/reliability.md lists each case and its test)."""
+import csv
+import glob
+import json
+import os
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import REPO, make_tiny_generator, make_tiny_tokenizer
+from starkit.callbacks import DataHealthLogger, NonFiniteGuard, NonFiniteLossError
+from starkit.cli import StarkitCLI, main
+from starkit.utils import AtomicCheckpointIO, UnsafeCheckpointError
+from starkit.utils.checkpoint_io import component_mismatches
+
+TINY = os.path.join(REPO, "recipes/generator/tiny.yaml")
+QUICK = ["--trainer.fast_dev_run=1", "--trainer.accelerator=cpu", "--trainer.logger=false",
+         "--trainer.callbacks=[]", "--data.init_args.num_train=4", "--data.init_args.num_val=2",
+         "--data.init_args.batch_size=2"]
+
+
+# ---------------------------------------------------------------------------- crafted pickles
+class _Payload:
+    """Unpickling this creates ``path``: the proof that a file's code ran."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.makedirs, (self.path,))
+
+
+def _evil_checkpoint(tmp_path, name="evil.ckpt"):
+    sentinel = tmp_path / f"{name}.RAN"
+    gen = make_tiny_generator()
+    path = tmp_path / name
+    torch.save({"state_dict": gen.state_dict(), "hyper_parameters": {"x": _Payload(sentinel)},
+                "pytorch-lightning_version": L.__version__}, path)
+    return str(path), sentinel
+
+
+def test_crafted_pickle_is_refused_by_every_loader(tmp_path):
+    from starkit.export import export_checkpoint
+    from starkit.generator import ScaleWiseGenerator
+    from starkit.tokenizers.weights import load_weights_file
+    path, sentinel = _evil_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="unsafe unpickling"):  # tokenizer weights
+        load_weights_file(path)
+    with pytest.raises(Exception, match="Weights only load failed"):  # generator checkpoint
+        ScaleWiseGenerator.load_from_checkpoint(path, weights_only=True)
+    with pytest.raises(Exception, match="Weights only load failed"):  # starkit export
+        export_checkpoint(path, str(tmp_path / "out"))
+    with pytest.raises(Exception, match="Weights only load failed"):  # init_from (progressive resolution)
+        make_tiny_generator(init_from=path)
+    with pytest.raises(UnsafeCheckpointError, match="convert it once"):  # trainer resume (--ckpt_path)
+        AtomicCheckpointIO().load_checkpoint(path)
+    assert not sentinel.exists() and not (tmp_path / "out").exists()
+
+
+def test_resume_from_a_crafted_checkpoint_is_refused_through_the_cli(tmp_path):
+    path, sentinel = _evil_checkpoint(tmp_path)
+    with pytest.raises(UnsafeCheckpointError, match="(?s)refusing to load .*evil.ckpt.*weights_only=False"):
+        main(["fit", "--config", TINY, *QUICK, "--trainer.fast_dev_run=false", "--trainer.max_steps=1",
+              f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={path}"])
+    assert not sentinel.exists()
+
+
+# ---------------------------------------------------------------------------- atomic checkpoints
+def test_atomic_checkpoint_io_keeps_the_old_file_when_a_write_dies(tmp_path, monkeypatch):
+    io, path = AtomicCheckpointIO(), str(tmp_path / "ck" / "last.ckpt")
+    io.save_checkpoint({"step": torch.tensor(1)}, path)
+
+    def dying_save(obj, fh, *args, **kwargs):
+        fh.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # as if killed mid-write
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": torch.tensor(2)}, path)
+    monkeypatch.undo()
+    assert io.load_checkpoint(path)["step"] == 1
+    assert os.listdir(tmp_path / "ck") == ["last.ckpt"]  # no temp file left behind
+
+
+def test_cli_uses_atomic_checkpoint_io_by_default(tmp_path):
+    cli = StarkitCLI(args=["--config", TINY, *QUICK, f"--trainer.default_root_dir={tmp_path}"], run=False)
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+# ---------------------------------------------------------------------------- config / load time
+def test_patch_nums_that_do_not_fit_the_data_fail_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"(?s)gives 32 px, not the data's 64 px.*last patch_num to 8"):
+        main(["fit", "--config", TINY, *QUICK, "--data.init_args.resolution=64", f"--trainer.default_root_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="not the data's 64 px"):
+        main(["fit", "--config", os.path.join(REPO, "recipes/tokenizer/tiny.yaml"), *QUICK,
+              "--data.init_args.resolution=64", f"--trainer.default_root_dir={tmp_path}"])
+
+
+def test_check_data_fits_model_reads_attribute_or_hparams():
+    from starkit.callbacks.guards import check_data_fits_model
+    gen = make_tiny_generator()
+
+    class FolderData(L.LightningDataModule):
+        resolution = 48
+    check_data_fits_model(gen, None)  # nothing to check (e.g. prediction)
+    with pytest.raises(ValueError, match="not the data's 48 px"):
+        check_data_fits_model(gen, FolderData())
+    FolderData.resolution = 32
+    check_data_fits_model(gen, FolderData())
+    check_data_fits_model(make_tiny_tokenizer(), FolderData())
+
+
+def _save_ckpt(gen, path):
+    torch.save({"state_dict": gen.state_dict(), "hyper_parameters": dict(gen.hparams),
+                "pytorch-lightning_version": L.__version__}, path)
+    return str(path)
+
+
+def test_checkpoint_of_another_architecture_names_the_keys(tmp_path):
+    from starkit.generator import ScaleWiseGenerator
+    path = _save_ckpt(make_tiny_generator(), tmp_path / "tiny.ckpt")
+    with pytest.raises(RuntimeError, match=r"(?s)does not match this generator's architecture.*missing keys: transformer.blocks.2"):
+        ScaleWiseGenerator.load_from_checkpoint(path, depth=3, weights_only=True)
+    with pytest.raises(RuntimeError, match="init_from: the source transformer does not fit.*blocks.2"):
+        make_tiny_generator(depth=3, init_from=path)
+
+
+def test_text_encoder_or_tokenizer_of_another_width_is_refused_at_load(tmp_path):
+    from starkit.generator import ScaleWiseGenerator
+    from starkit.text import RandomTextEncoder
+    gen = make_tiny_generator()
+    path = _save_ckpt(gen, tmp_path / "tiny.ckpt")
+    with pytest.raises(RuntimeError, match=r"shape mismatches: .*encoder_proj.weight"):
+        ScaleWiseGenerator.load_from_checkpoint(path, text_encoder=RandomTextEncoder(dim=48), weights_only=True)
+    with pytest.raises(RuntimeError, match=r"shape mismatches: .*head_logits.weight"):
+        ScaleWiseGenerator.load_from_checkpoint(path, tokenizer=make_tiny_tokenizer(codebook_size=32), weights_only=True)
+    with pytest.raises(RuntimeError, match=r"does not fit.*encoder_proj.weight \(32, 32\) vs \(32, 48\)"):
+        make_tiny_generator(text_encoder=RandomTextEncoder(dim=48), init_from=path)
+    # the words for those shapes (for the messages of the three loaders)
+    other = make_tiny_generator(text_encoder=RandomTextEncoder(dim=48), tokenizer=make_tiny_tokenizer(codebook_size=32))
+    words = " | ".join(component_mismatches(other.state_dict(), gen.state_dict()))
+    assert "text encoder of width 32; this text encoder has width 48" in words
+    assert "codebook size 16; this tokenizer has 32" in words
+
+
+def test_model_directory_is_verified_against_its_config(tmp_path):
+    from starkit.pipeline import StarPipeline, save_model_dir
+    save_model_dir(make_tiny_generator(), str(tmp_path / "m"))
+    config = json.loads((tmp_path / "m" / "starkit.json").read_text())
+    config["text_encoder"]["init_args"]["dim"] = 48  # starkit.json and the weights disagree
+    (tmp_path / "m" / "starkit.json").write_text(json.dumps(config))
+    with pytest.raises(RuntimeError, match=r"(?s)does not match the architecture in starkit.json.*encoder_proj"):
+        StarPipeline.from_pretrained(str(tmp_path / "m"))
+    save_model_dir(make_tiny_generator(), str(tmp_path / "n"))
+    make_tiny_tokenizer(codebook_size=32).save_pretrained(str(tmp_path / "n" / "tokenizer"))  # another tokenizer
+    with pytest.raises(RuntimeError, match=r"shape mismatches \[.*head_logits"):
+        StarPipeline.from_pretrained(str(tmp_path / "n"))
+
+
+def test_invalid_sampling_settings_fail_at_config_time(tmp_path):
+    from starkit.samplers import ParallelSampler
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        ParallelSampler(top_k=0)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        main(["fit", "--config", TINY, *QUICK, "--model.init_args.sampler.init_args.top_p=1.5",
+              f"--trainer.default_root_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        main(["fit", "--config", TINY, *QUICK, "--model.init_args.sampler.init_args.top_k=0",
+              f"--trainer.default_root_dir={tmp_path}"])
+
+
+def test_empty_prompt_list_is_one_clear_error(tmp_path):
+    from starkit.data import PromptDataModule
+    from starkit.pipeline import StarPipeline
+    with pytest.raises(ValueError, match="prompt list is empty"):
+        StarPipeline(make_tiny_generator())([])
+    with pytest.raises(ValueError, match="no prompts found in the `prompts` list"):
+        PromptDataModule(prompts=[]).setup("predict")
+
+
+# ---------------------------------------------------------------------------- non-finite losses
+class _Net(L.LightningModule):
+    """y = w.x with a loss that turns NaN (or its gradient inf) at one step."""
+
+    def __init__(self, bad_step=3, kind="nan"):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+        self.bad_step, self.kind = bad_step, kind
+
+    def training_step(self, batch, batch_idx):
+        loss = self.layer(batch[0]).pow(2).mean()
+        if self.global_step == self.bad_step:
+            loss = loss * float("nan") if self.kind == "nan" else loss + 0 * self.layer.weight.sum() * float("inf")
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=0.1, weight_decay=0.1)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 4, generator=g)), batch_size=4)
+
+
+def _trainer(tmp_path, guard, steps=6):
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=1, save_last=True,
+                                               save_top_k=-1)
+    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, callbacks=[guard, ckpt], default_root_dir=str(tmp_path),
+                     plugins=[AtomicCheckpointIO()])
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_last_checkpoint_stays_good(tmp_path):
+    net = _Net(bad_step=3)
+    trainer = _trainer(tmp_path, NonFiniteGuard("stop"))
+    with pytest.raises(NonFiniteLossError, match=r"(?s)stopped at global step 3 .*the loss is nan"):
+        trainer.fit(net)
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 3  # the last good step; nothing was written after the fault
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    for key, value in last["state_dict"].items():  # the bad update never reached the weights
+        assert torch.equal(value, net.state_dict()[key])
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf_grad"])
+def test_nonfinite_step_is_skipped_without_touching_weights_or_adam_state(tmp_path, kind):
+    net, guard = _Net(bad_step=3, kind=kind), NonFiniteGuard("skip")
+    with pytest.warns(UserWarning, match="at global step 3"):
+        _trainer(tmp_path, guard).fit(net)
+    assert guard.skipped == 1
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    before = torch.load(tmp_path / "ckpt" / "epoch=0-step=3.ckpt", weights_only=True)
+    after = torch.load(tmp_path / "ckpt" / "epoch=0-step=4.ckpt", weights_only=True)
+    for key, value in before["state_dict"].items():  # no update, no weight decay in the skipped step
+        assert torch.equal(after["state_dict"][key], value)
+    assert after["optimizer_states"][0]["state"][0]["step"] == 3  # Adam's moments/step untouched
+    assert torch.equal(after["optimizer_states"][0]["state"][0]["exp_avg"], before["optimizer_states"][0]["state"][0]["exp_avg"])
+
+
+def test_skip_gives_up_after_too_many_faults_in_a_row(tmp_path):
+    class AlwaysNaN(_Net):
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).mean() * float("nan")
+    with pytest.raises(NonFiniteLossError, match="3 faulty steps in a row"), pytest.warns(UserWarning):
+        _trainer(tmp_path, NonFiniteGuard("skip", max_consecutive_skips=3)).fit(AlwaysNaN())
+
+
+def test_guard_settings_are_checked():
+    with pytest.raises(ValueError, match="'stop' or 'skip'"):
+        NonFiniteGuard("ignore")
+
+
+# ---------------------------------------------------------------------------- bad data is logged
+def _bad_image_folder(root, n_good=6):
+    from PIL import Image
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n_good):
+        Image.new("RGB", (40, 36), (30 * i, 100, 200)).save(root / f"good{i}.png")
+        (root / f"good{i}.txt").write_text("a red circle")
+    for i in range(2):
+        (root / f"bad{i}.jpg").write_bytes(os.urandom(1500))
+        (root / f"bad{i}.txt").write_text("noise")
+
+
+@pytest.mark.parametrize("what", ["generator", "tokenizer"])
+def test_skipped_samples_are_logged_during_training(tmp_path, what):
+    from starkit.data import CaptionedImageDataModule
+    _bad_image_folder(tmp_path / "images")
+    model = make_tiny_generator() if what == "generator" else make_tiny_tokenizer()
+    dm = CaptionedImageDataModule(root=str(tmp_path / "images"), resolution=32, batch_size=4, num_workers=0,
+                                  val_size=0, pin_memory=False)
+    logger = L.pytorch.loggers.CSVLogger(str(tmp_path / "logs"))
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=logger, log_every_n_steps=1,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        callbacks=[DataHealthLogger(every_n_steps=1)], default_root_dir=str(tmp_path))
+    trainer.fit(model, datamodule=dm)  # two bad images in the only epoch: it still completes
+    assert trainer.current_epoch == 1
+    with open(glob.glob(str(tmp_path / "logs" / "**" / "metrics.csv"), recursive=True)[0]) as fh:
+        rows = list(csv.DictReader(fh))
+    logged = [float(r["data/train/skipped/undecodable"]) for r in rows if r.get("data/train/skipped/undecodable")]
+    assert logged and logged[-1] == 2.0
+    assert any(float(r["data/skipped_total"]) == 2.0 for r in rows if r.get("data/skipped_total"))
