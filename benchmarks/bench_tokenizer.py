@@ -64,7 +64,8 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--variants", default="cl", help="comma list of our variants: cl (bf16 channels_last), "
-                    "nchw (bf16 contiguous), compile (bf16 channels_last + torch.compile of encoder/decoder)")
+                    "nchw (bf16 contiguous), compile (bf16 channels_last + torch.compile of encoder/decoder), "
+                    "compile_nchw (bf16 contiguous + torch.compile)")
     ap.add_argument("--skip-train", action="store_true")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
@@ -99,7 +100,7 @@ def main(argv=None) -> None:
         model.load_state_dict(state, strict=False)
         if cuda and kind in ("cl", "compile"):
             model = model.to(memory_format=torch.channels_last)
-        if kind == "compile":
+        if kind in ("compile", "compile_nchw"):
             model.encoder = torch.compile(model.encoder)
             model.decoder = torch.compile(model.decoder)
         return model
