@@ -120,8 +120,9 @@ def main(argv=None) -> None:
                     t_enc = timed(lambda: model.encode(x), args.warmup, args.repeats, dev)
                     t_dec = timed(lambda: model.decode(idx_k), args.warmup, args.repeats, dev)
             row[f"enc_{kind}"], row[f"dec_{kind}"] = B / t_enc, B / t_dec
-            if kind == "cl":
-                idx = idx_k
+        with torch.inference_mode(), amp():
+            ours.set_patch_nums(pn)
+            idx = ours.encode(x)  # reference tokens of ours (bf16) for the agreement column
         row["enc"], row["dec"] = row[f"enc_{variants[0]}"], row[f"dec_{variants[0]}"]
         if VQVAE is not None:
             var = VQVAE(vocab_size=arch["codebook_size"], z_channels=arch["z_channels"], ch=arch["ch"],
