@@ -146,23 +146,57 @@ class Block(nn.Module):
 
     Non-affine LayerNorm (eps 1e-6) before each branch; drop-path on self-attention and FFN
     (the cross-attention branch has none, as in STAR).
+
+    With ``adaln_cond_dim`` set (VAR's class-conditional blocks, ``shared_aln=False``) the block
+    also owns ``ada_lin = Sequential(SiLU, Linear(D, 6C))``; the condition vector ``cond``
+    ``(B, D)`` gives ``gamma1, gamma2, scale1, scale2, shift1, shift2`` and each branch becomes
+    ``x + branch(norm(x) * (1 + scale) + shift) * gamma``. Without it nothing changes.
     """
 
     def __init__(self, width: int, num_heads: int, text_dim: Optional[int], mlp_ratio: float = 4.0,
-                 drop_path: float = 0.0, norm_eps: float = 1e-6) -> None:
+                 drop_path: float = 0.0, norm_eps: float = 1e-6, adaln_cond_dim: Optional[int] = None) -> None:
         super().__init__()
         self.attn = SelfAttention(width, num_heads)
         self.cross_attn = CrossAttention(width, text_dim, num_heads) if text_dim else None
         self.ffn = FFN(width, round(width * mlp_ratio))
         self.norm = nn.LayerNorm(width, eps=norm_eps, elementwise_affine=False)
         self.drop_path = DropPath(drop_path)
+        if adaln_cond_dim:
+            self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(adaln_cond_dim, 6 * width))
 
     def forward(self, x: torch.Tensor, rotary=None, mask=None, text_kv=None, text_bias=None,
-                cache: Optional[KVCache] = None) -> torch.Tensor:
+                cache: Optional[KVCache] = None, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if hasattr(self, "ada_lin"):
+            return self._forward_adaln(x, rotary, mask, text_kv, text_bias, cache, cond)
         x = x + self.drop_path(self.attn(self.norm(x), rotary=rotary, mask=mask, cache=cache))
         if self.cross_attn is not None and text_kv is not None:
             x = x + self.cross_attn(self.norm(x), text_kv, text_bias)
         return x + self.drop_path(self.ffn(self.norm(x)))
+
+    def _forward_adaln(self, x, rotary, mask, text_kv, text_bias, cache, cond) -> torch.Tensor:
+        if cond is None:
+            raise ValueError("This block has AdaLN (ada_lin): pass the condition vector `cond` (B, D).")
+        ada = self.ada_lin(cond).view(-1, 1, 6, x.shape[-1]).to(x.dtype)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = ada.unbind(2)  # each (B, 1, C)
+        h = self.norm(x) * (scale1 + 1) + shift1
+        x = x + self.drop_path(self.attn(h, rotary=rotary, mask=mask, cache=cache) * gamma1)
+        if self.cross_attn is not None and text_kv is not None:
+            x = x + self.cross_attn(self.norm(x), text_kv, text_bias)
+        return x + self.drop_path(self.ffn(self.norm(x) * (scale2 + 1) + shift2) * gamma2)
+
+
+class AdaLNBeforeHead(nn.Module):
+    """VAR's ``head_nm``: non-affine LayerNorm, then scale and shift from the condition
+    (``ada_lin = Sequential(SiLU, Linear(D, 2C))``)."""
+
+    def __init__(self, width: int, cond_dim: int, norm_eps: float = 1e-6) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width, eps=norm_eps, elementwise_affine=False)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * width))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.ada_lin(cond).view(-1, 1, 2, x.shape[-1]).to(x.dtype).unbind(2)  # (B, 1, C) each
+        return self.norm(x) * (scale + 1) + shift
 
 
 def key_padding_bias(mask: torch.Tensor) -> torch.Tensor:

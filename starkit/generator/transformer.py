@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from starkit.generator.blocks import Block, KVCache, key_padding_bias
+from starkit.generator.blocks import AdaLNBeforeHead, Block, KVCache, key_padding_bias
 from starkit.positional import PositionalEncoding
 
 # Named sizes: width 64*depth and heads = depth (head dim 64), as VAR and STAR.
@@ -62,12 +62,18 @@ class ScaleTransformer(nn.Module):
         drop_path_rate: stochastic depth of the last block (linear from 0).
         head_norm: non-affine LayerNorm before the logits head (STAR's ``logit_norm``).
         cond_dim: width of the conditioning vector that becomes the start token (default text_dim).
+        adaln: VAR's AdaLN: every block gets ``ada_lin`` (scale/shift/gamma from the condition
+            vector) and the head norm becomes ``head_nm`` (AdaLN before the head) instead of
+            ``logit_norm``. The condition is the pooled vector (VAR: the class embedding).
+        start_from_condition: "proj": start token = ``encoder_proj(pooled) + pos_start`` (STAR);
+            "identity": ``pooled + pos_start`` (VAR: the class embedding is the start token;
+            needs cond_dim == width).
     """
 
     def __init__(self, patch_nums: Sequence[int], vocab_size: int, latent_dim: int, text_dim: Optional[int],
                  depth: int, width: int, num_heads: int, positional: PositionalEncoding, mlp_ratio: float = 4.0,
                  drop_path_rate: float = 0.0, head_norm: bool = True, norm_eps: float = 1e-6,
-                 cond_dim: Optional[int] = None) -> None:
+                 cond_dim: Optional[int] = None, adaln: bool = False, start_from_condition: str = "proj") -> None:
         super().__init__()
         self.patch_nums = tuple(patch_nums)
         self.first_l = self.patch_nums[0] ** 2
@@ -75,16 +81,30 @@ class ScaleTransformer(nn.Module):
         self.width, self.depth, self.num_heads, self.vocab_size = width, depth, num_heads, vocab_size
         self.activation_checkpointing = False
 
+        cond_dim = cond_dim or text_dim
+        if start_from_condition not in ("proj", "identity"):
+            raise ValueError(f"start_from_condition must be 'proj' or 'identity', got {start_from_condition!r}.")
+        if start_from_condition == "identity" and cond_dim != width:
+            raise ValueError(f"start_from_condition='identity' needs cond_dim == width, got {cond_dim} and {width}.")
+        self.adaln = adaln
+        self._cond = None  # AdaLN: the last condition given to forward/start_tokens (see _adaln_cond)
         self.word_embed = nn.Linear(latent_dim, width)
-        self.encoder_proj = nn.Linear(cond_dim or text_dim, width)  # pooled condition -> start token
+        if start_from_condition == "proj":
+            self.encoder_proj = nn.Linear(cond_dim, width)  # pooled condition -> start token
+        else:
+            self.encoder_proj = nn.Identity()
         self.pos_start = nn.Parameter(torch.empty(1, self.first_l, width))
         self.lvl_embed = nn.Embedding(len(self.patch_nums), width)
         self.positional = positional
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList(
-            Block(width, num_heads, text_dim, mlp_ratio, drop_path=rates[i], norm_eps=norm_eps) for i in range(depth)
+            Block(width, num_heads, text_dim, mlp_ratio, drop_path=rates[i], norm_eps=norm_eps,
+                  **({"adaln_cond_dim": cond_dim} if adaln else {})) for i in range(depth)
         )
         self.logit_norm = nn.LayerNorm(width, eps=norm_eps, elementwise_affine=False) if head_norm else nn.Identity()
+        if adaln:
+            self.logit_norm = nn.Identity()
+            self.head_nm = AdaLNBeforeHead(width, cond_dim, norm_eps)
         self.head_logits = nn.Linear(width, vocab_size)
 
         levels = scale_levels(self.patch_nums)
@@ -93,9 +113,10 @@ class ScaleTransformer(nn.Module):
         self.init_weights()
 
     # ------------------------------------------------------------------ init
-    def init_weights(self, init_head: float = 0.02) -> None:
+    def init_weights(self, init_head: float = 0.02, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5) -> None:
         """VAR's initialisation: trunc-normal std sqrt(1/(3C)); head x0.02; output projections
-        of attention and FFN divided by sqrt(2*depth)."""
+        of attention and FFN divided by sqrt(2*depth); with AdaLN, VAR's scaling of ``ada_lin``
+        (scale/shift rows x init_adaln, gamma rows x init_adaln_gamma, head_nm x init_adaln)."""
         std = math.sqrt(1 / self.width / 3)
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -109,6 +130,24 @@ class ScaleTransformer(nn.Module):
         for block in self.blocks:
             block.attn.proj.weight.data.div_(math.sqrt(2 * self.depth))
             block.ffn.fc2.weight.data.div_(math.sqrt(2 * self.depth))
+        if self.adaln:
+            for block in self.blocks:
+                block.ada_lin[-1].weight.data[2 * self.width:].mul_(init_adaln)
+                block.ada_lin[-1].weight.data[:2 * self.width].mul_(init_adaln_gamma)
+            self.head_nm.ada_lin[-1].weight.data.mul_(init_adaln)
+
+    def _adaln_cond(self, cond: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The AdaLN condition: ``cond`` when given, else the pooled vector of the last
+        ``forward`` / ``start_tokens`` call (so callers written for STAR need no change)."""
+        if not self.adaln:
+            return None
+        cond = self._cond if cond is None else cond
+        if cond is None:
+            raise ValueError("This transformer uses AdaLN: call forward/start_tokens first or pass `cond`.")
+        return cond
+
+    def _block_kwargs(self, cond: Optional[torch.Tensor]) -> dict:
+        return {"cond": cond} if self.adaln else {}
 
     # ------------------------------------------------------------------ embeddings
     def _add_position(self, x: torch.Tensor, positions) -> torch.Tensor:
@@ -118,6 +157,8 @@ class ScaleTransformer(nn.Module):
 
     def start_tokens(self, pooled: torch.Tensor) -> torch.Tensor:
         """Pooled condition ``(B, D)`` -> the first scale's input ``(B, first_l, C)``."""
+        if self.adaln:
+            self._cond = pooled
         sos = self.encoder_proj(pooled)[:, None, :] + self.pos_start  # (B, first_l, C)
         return self._add_position(sos, slice(0, self.first_l))
 
@@ -127,8 +168,10 @@ class ScaleTransformer(nn.Module):
         end = start + self.patch_nums[scale] ** 2
         return self._add_position(self.word_embed(latent_BlC), slice(start, end))
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden states ``(B, l, C)`` -> logits ``(B, l, V)`` in float32."""
+    def logits(self, hidden: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Hidden states ``(B, l, C)`` -> logits ``(B, l, V)`` in float32 (``cond``: AdaLN only)."""
+        if self.adaln:
+            return self.head_logits(self.head_nm(hidden, self._adaln_cond(cond))).float()
         return self.head_logits(self.logit_norm(hidden)).float()
 
     # ------------------------------------------------------------------ teacher forcing
@@ -145,6 +188,8 @@ class ScaleTransformer(nn.Module):
         Returns:
             hidden states ``(B, L', C)`` (L' = len(keep) when dropping).
         """
+        if self.adaln:
+            self._cond = pooled
         x = torch.cat([self.encoder_proj(pooled)[:, None, :] + self.pos_start,
                        self.word_embed(inputs_BLC)], dim=1)  # (B, L, C)
         positions = slice(0, self.seq_len) if keep is None else keep
@@ -154,12 +199,13 @@ class ScaleTransformer(nn.Module):
         mask = self.block_causal[positions][:, positions] if keep is not None else self.block_causal
         rotary = self.positional.rotary(positions)
         text_kvs, text_bias = self._text_inputs(text_tokens, text_mask)
+        extra = self._block_kwargs(pooled)
         for i, block in enumerate(self.blocks):
             kv = text_kvs[i] if text_kvs else None
             if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, rotary, mask, kv, text_bias, use_reentrant=False)
+                x = checkpoint(block, x, rotary, mask, kv, text_bias, use_reentrant=False, **extra)
             else:
-                x = block(x, rotary=rotary, mask=mask, text_kv=kv, text_bias=text_bias)
+                x = block(x, rotary=rotary, mask=mask, text_kv=kv, text_bias=text_bias, **extra)
         return x
 
     def _text_inputs(self, text_tokens, text_mask):
@@ -178,13 +224,15 @@ class ScaleTransformer(nn.Module):
         return [KVCache(batch, self.num_heads, self.seq_len, head_dim, device, dtype) for _ in self.blocks]
 
     def forward_scale(self, x: torch.Tensor, scale: int, caches: List[KVCache], text_kvs=None,
-                      text_bias=None) -> torch.Tensor:
-        """One scale of cached sampling: ``x`` ``(B, pn**2, C)`` -> hidden ``(B, pn**2, C)``."""
+                      text_bias=None, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One scale of cached sampling: ``x`` ``(B, pn**2, C)`` -> hidden ``(B, pn**2, C)``
+        (``cond``: AdaLN only; default the pooled vector given to :meth:`start_tokens`)."""
         start = sum(p * p for p in self.patch_nums[:scale])
         rotary = self.positional.rotary(slice(start, start + x.shape[1]))
+        extra = self._block_kwargs(self._adaln_cond(cond))
         for i, block in enumerate(self.blocks):
             kv = text_kvs[i] if text_kvs else None
-            x = block(x, rotary=rotary, mask=None, text_kv=kv, text_bias=text_bias, cache=caches[i])
+            x = block(x, rotary=rotary, mask=None, text_kv=kv, text_bias=text_bias, cache=caches[i], **extra)
         return x
 
     def no_weight_decay(self) -> set:
