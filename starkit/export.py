@@ -15,7 +15,14 @@ def export_checkpoint(ckpt_path: str, out_dir: str, dtype: Optional[str] = None,
     """Load a ``ScaleWiseGenerator`` checkpoint (safely, weights only) and write a model directory."""
     from starkit.generator import ScaleWiseGenerator
     from starkit.pipeline import save_model_dir
-    generator = ScaleWiseGenerator.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    import pickle
+
+    from starkit.utils.checkpoint_io import CONVERT_HINT, UnsafeCheckpointError
+    try:
+        generator = ScaleWiseGenerator.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(f"refusing to load {ckpt_path!r}: it needs unsafe unpickling "
+                                    f"(torch.load with weights_only=True failed).\n{CONVERT_HINT}") from err
     save_model_dir(generator, out_dir, dtype=DTYPES[dtype] if dtype else None, use_ema=use_ema,
                    copy_text_encoder=copy_text_encoder)
     return out_dir

@@ -90,10 +90,12 @@ def load_generator(path: str, device: Union[str, torch.device] = "cpu", sampler:
     unexpected = sorted(k for k in weights if k not in own)
     mismatched = sorted(k for k in own if k in weights and weights[k].shape != own[k].shape)
     if missing or unexpected or mismatched:
+        from starkit.utils.checkpoint_io import component_mismatches
+        why = "".join(f" {w}." for w in component_mismatches(own, weights, what=f"{path}/generator.safetensors"))
         raise RuntimeError(
             f"{path}/generator.safetensors does not match the architecture in starkit.json: missing "
             f"{missing[:8]}, unexpected {unexpected[:8]}, shape mismatches {mismatched[:8]}. The directory "
-            f"is inconsistent: export it again with `starkit export`.")
+            f"is inconsistent: export it again with `starkit export`.{why}")
     generator.load_state_dict({k: v.to(own[k].dtype) for k, v in weights.items()}, strict=False)
     return generator.to(device).eval()
 

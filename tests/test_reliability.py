@@ -50,9 +50,9 @@ def test_crafted_pickle_is_refused_by_every_loader(tmp_path):
         load_weights_file(path)
     with pytest.raises(Exception, match="Weights only load failed"):  # generator checkpoint
         ScaleWiseGenerator.load_from_checkpoint(path, weights_only=True)
-    with pytest.raises(Exception, match="Weights only load failed"):  # starkit export
+    with pytest.raises(UnsafeCheckpointError, match="convert it once"):  # starkit export
         export_checkpoint(path, str(tmp_path / "out"))
-    with pytest.raises(Exception, match="Weights only load failed"):  # init_from (progressive resolution)
+    with pytest.raises(UnsafeCheckpointError, match="convert it once"):  # init_from (progressive resolution)
         make_tiny_generator(init_from=path)
     with pytest.raises(UnsafeCheckpointError, match="convert it once"):  # trainer resume (--ckpt_path)
         AtomicCheckpointIO().load_checkpoint(path)

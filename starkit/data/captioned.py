@@ -338,6 +338,12 @@ class CaptionedImageDataModule(L.LightningDataModule):
         )
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        if shuffle:  # training: resumes mid-epoch at the same sample (starkit.utils.resumable)
+            from starkit.utils.resumable import ResumableDataLoader
+            return ResumableDataLoader(
+                dataset, shuffle=True, seed=self.seed, batch_size=self.batch_size, num_workers=self.num_workers,
+                pin_memory=self.pin_memory and torch.cuda.is_available(),
+                persistent_workers=self.persistent_workers and self.num_workers > 0)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

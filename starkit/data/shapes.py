@@ -343,7 +343,10 @@ class ShapesDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.num_train is None:
             return self._loader(ShapesIterableDataset(self.world, "train"))
-        return self._loader(ShapesDataset(self.world, "train", self.num_train), shuffle=True)
+        from starkit.utils.resumable import ResumableDataLoader  # exact mid-epoch resume
+        return ResumableDataLoader(ShapesDataset(self.world, "train", self.num_train), shuffle=True,
+                                   seed=self.hparams.seed, batch_size=self.batch_size, num_workers=self.num_workers,
+                                   persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(ShapesDataset(self.world, self.val_split, self.num_val))

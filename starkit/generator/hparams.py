@@ -62,12 +62,15 @@ def check_state_dict_keys(model, state_dict: dict) -> None:
     unexpected = sorted(k for k in given - own if not k.startswith(("tokenizer.", "text_encoder.")))
     shape_mismatch = sorted(k for k in own & given if tuple(state_dict[k].shape) != tuple(model.state_dict()[k].shape))
     if missing or unexpected or shape_mismatch:
+        from starkit.utils.checkpoint_io import component_mismatches
+        why = "".join(f"\n  {w}" for w in component_mismatches(model.state_dict(), state_dict))
+
         def show(keys):
             return ", ".join(keys[:8]) + (f" ... (+{len(keys) - 8} more)" if len(keys) > 8 else "") if keys else "none"
         raise RuntimeError(
             "The checkpoint does not match this generator's architecture.\n"
             f"  missing keys: {show(missing)}\n  unexpected keys: {show(unexpected)}\n"
-            f"  shape mismatches: {show(shape_mismatch)}\n"
+            f"  shape mismatches: {show(shape_mismatch)}{why}\n"
             "Build the generator with the config the checkpoint was trained with (size, patch_nums, "
             "positional encoding, ema_decay), or start from it with `init_from` for a new resolution."
         )

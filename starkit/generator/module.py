@@ -64,6 +64,11 @@ class ScaleWiseGenerator(L.LightningModule):
             this one (progressive resolution: scales may differ).
         stage: "generator" trains the transformer; "sampler_head" freezes it and trains only
             the sampler's own weights (STAR's stage 4, e.g. ``StableSampler``'s head).
+        adaln: VAR's AdaLN blocks and head, conditioned on the pooled vector (class-conditional
+            VAR with ``starkit.text.ClassConditioner``).
+        cross_attention: cross-attention to the text tokens in every block (False: VAR).
+        start_from_condition: "proj" (STAR: start token = Linear(pooled)) or "identity" (VAR: the
+            class embedding itself).
     """
 
     def __init__(
@@ -91,6 +96,9 @@ class ScaleWiseGenerator(L.LightningModule):
         activation_checkpointing: bool = False,
         init_from: Optional[str] = None,
         stage: str = "generator",
+        adaln: bool = False,
+        cross_attention: bool = True,
+        start_from_condition: str = "proj",
     ) -> None:
         super().__init__()
         hparams = library_hparams(type(self), locals())
@@ -114,10 +122,12 @@ class ScaleWiseGenerator(L.LightningModule):
             drop_path_rate = 0.1 * arch["depth"] / 24
         positional = positional or NormalizedRoPE2D
         self.transformer = ScaleTransformer(
-            self.patch_nums, tokenizer.codebook_size, tokenizer.embed_dim, text_encoder.dim,
+            self.patch_nums, tokenizer.codebook_size, tokenizer.embed_dim,
+            text_encoder.dim if cross_attention else None,
             arch["depth"], arch["width"], arch["num_heads"],
             positional(arch["width"], arch["num_heads"], self.patch_nums),
             mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate, head_norm=head_norm,
+            cond_dim=text_encoder.dim, adaln=adaln, start_from_condition=start_from_condition,
         )
         self.transformer.activation_checkpointing = activation_checkpointing
         self.sampler.build(arch["width"], text_encoder.dim, tokenizer.embed_dim, tokenizer.codebook_size,
@@ -173,6 +183,11 @@ class ScaleWiseGenerator(L.LightningModule):
         for key in [k for k in full if prefixes and k.startswith(prefixes)]:
             del full[key]
         return full
+
+    def setup(self, stage: str) -> None:
+        """Fail before the first step when the data's resolution does not fit the scales."""
+        from starkit.callbacks.guards import check_data_fits_model
+        check_data_fits_model(self, getattr(self.trainer, "datamodule", None))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         from starkit.generator.hparams import check_state_dict_keys

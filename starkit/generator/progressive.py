@@ -59,7 +59,8 @@ def load_source(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Ten
                 patch_nums = _old_patch_nums_from_hparams(json.load(f).get("generator", {}))
         source = "transformer."
     elif os.path.isfile(path):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        from starkit.utils.checkpoint_io import safe_torch_load
+        ckpt = safe_torch_load(path)
         tensors = ckpt.get("state_dict", ckpt)
         patch_nums = _old_patch_nums_from_hparams(ckpt.get("hyper_parameters", {}))
         source = "ema." if any(k.startswith("ema.") for k in tensors) else "transformer."
@@ -133,7 +134,12 @@ def init_transformer_from(generator, path: str) -> dict:
         net_src = dict(net_src)
         positional.resize_state_dict(net_src, "positional.", old_patch_nums)
     target = net.state_dict()
-    adapted, copied, resized = adapt_state_dict(target, net_src, "transformer")
+    try:
+        adapted, copied, resized = adapt_state_dict(target, net_src, "transformer")
+    except RuntimeError as err:
+        from starkit.utils.checkpoint_io import component_mismatches
+        raise RuntimeError(" ".join([str(err)] + component_mismatches(target, net_src, prefix="",
+                                                                      what=str(path)))) from None
     if pos_keys and old_patch_nums != new_patch_nums:
         resized += [f"{k} (scales {old_patch_nums} -> {new_patch_nums})" for k in pos_keys]
         copied = [k for k in copied if k not in pos_keys]

@@ -250,6 +250,11 @@ class MultiScaleVQ(ScaleTokenizer):
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         checkpoint["starkit_tokenizer_step"] = self.train_step_count
 
+    def setup(self, stage: str) -> None:
+        """Fail before the first step when the data's resolution does not fit the scales."""
+        from starkit.callbacks.guards import check_data_fits_model
+        check_data_fits_model(self, getattr(self.trainer, "datamodule", None))
+
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         self.train_step_count = checkpoint.get("starkit_tokenizer_step", 0)
 

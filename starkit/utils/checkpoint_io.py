@@ -102,7 +102,7 @@ def component_mismatches(own: Mapping[str, torch.Tensor], given: Mapping[str, to
 
     ``own`` is this generator's state dict, ``given`` the loaded one (both with ``prefix``).
     Reads: ``word_embed.weight (C, Cvae)``, ``head_logits.weight (V, C)``,
-    ``encoder_proj.weight (C, D_text)`` and ``blocks.*.ca.mat_kv.weight (2C, D_text)``.
+    ``encoder_proj.weight (C, D_text)`` and ``blocks.*.cross_attn.mat_kv.weight (2C, D_text)``.
     """
     def shape(sd, key):
         value = sd.get(prefix + key)
@@ -122,7 +122,7 @@ def component_mismatches(own: Mapping[str, torch.Tensor], given: Mapping[str, to
         a, b = shape(own, key), shape(given, key)
         if a is not None and b is not None and len(a) == len(b) and a[dim] != b[dim]:
             out.append(f"{what} was built for " + sentence.format(theirs=b[dim], ours=a[dim]))
-    kv = sorted(k for k in own if k.startswith(prefix) and k.endswith("ca.mat_kv.weight"))
+    kv = sorted(k for k in own if k.startswith(prefix) and k.endswith("cross_attn.mat_kv.weight"))
     if kv and not any("text encoder" in s for s in out):
         a, b = shape(own, kv[0][len(prefix):]), shape(given, kv[0][len(prefix):])
         if a is not None and b is not None and a[1] != b[1]:
