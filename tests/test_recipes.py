@@ -9,7 +9,9 @@ from starkit.cli import main
 
 RECIPES = sorted(glob.glob(os.path.join(REPO, "recipes", "**", "*.yaml"), recursive=True))
 OVERRIDES = {"tokenizer": "tests/conf/tiny_tokenizer_overrides.yaml",
-             "generator": "tests/conf/tiny_generator_overrides.yaml"}
+             "generator": "tests/conf/tiny_generator_overrides.yaml",
+             "demo": "tests/conf/tiny_demo_overrides.yaml",
+             "demo/tokenizer.yaml": "tests/conf/tiny_demo_tokenizer_overrides.yaml"}  # a recipe's own entry wins
 
 
 def family(path):
@@ -35,7 +37,7 @@ def test_training_recipe_runs_a_step_on_cpu(recipe, tmp_path):
     kind = family(recipe)[0]
     with open(recipe) as fh:
         subcommand = fh.readline().split()[2]  # "# starkit fit --config ..."
-    main([subcommand, "--config", recipe, "--config", os.path.join(REPO, OVERRIDES[kind]),
+    main([subcommand, "--config", recipe, "--config", os.path.join(REPO, OVERRIDES.get(family(recipe)[1], OVERRIDES[kind])),
           "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}"])
 
 
