@@ -258,6 +258,24 @@ class MultiScaleVQ(ScaleTokenizer):
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         self.train_step_count = checkpoint.get("starkit_tokenizer_step", 0)
 
+    def optimize_for_inference(self, compile: bool = True, channels_last: bool = False) -> "MultiScaleVQ":
+        """Speed up encode/decode on a GPU (use under bf16 autocast).
+
+        ``torch.compile`` of the CNN encoder and decoder (state-dict keys unchanged) roughly
+        doubles throughput on an H200 at 256 px; channels_last helps only compiled and at
+        1024 px (figures in docs/tokenizer.md). Returns ``self``.
+
+        Args:
+            compile: compile the encoder and decoder in place (``nn.Module.compile``).
+            channels_last: convert the weights to channels_last memory format.
+        """
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+        if compile:
+            self.encoder.compile()
+            self.decoder.compile()
+        return self
+
     # ------------------------------------------------------------------ training
     def configure_optimizers(self):
         hp = self.hparams
