@@ -15,3 +15,4 @@ __all__ = [
     "var_transform",
 ]
 from .shapes import ShapesDataModule, ShapesWorld  # noqa: E402
+from .webdataset import WebDatasetDataModule, WebDatasetStream  # noqa: E402
