@@ -279,12 +279,17 @@ class ScaleWiseGenerator(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self._loss(batch, "test")
 
+    def configure_model(self) -> None:
+        """Idempotent; runs before a strategy wraps the model: the parameters' original shapes are
+        recorded for ``configure_optimizers`` (FSDP shows 1-D shards). The layers themselves are
+        built in ``__init__`` (``load_from_checkpoint``, ``init_from`` and the sampler need them)."""
+        from starkit.generator.distributed import record_param_shapes
+        record_param_shapes(self)
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.ema is not None:
-            decay = self.hparams.ema_decay
-            ema_p = [p for p in self.ema.parameters()]
-            cur_p = [p.detach() for p in self.transformer.parameters()]
-            torch._foreach_lerp_(ema_p, cur_p, 1.0 - decay)
+        if self.ema is not None:  # sharded alike under FSDP: see starkit/generator/distributed.py
+            from starkit.generator.distributed import ema_update
+            ema_update(self, self.hparams.ema_decay)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip by global norm ourselves: Lightning refuses ``gradient_clip_val`` with a fused
@@ -293,8 +298,9 @@ class ScaleWiseGenerator(L.LightningModule):
             return
         if gradient_clip_algorithm not in (None, "norm"):
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        from starkit.generator.distributed import clip_grad_norm
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(params, float(gradient_clip_val))
+        clip_grad_norm(self, params, float(gradient_clip_val))  # FSDP: the norm over all shards
 
     def _fused_adamw(self) -> bool:
         """Fused AdamW on CUDA, except under fp16 with a gradient scaler (it would unscale inside
@@ -306,11 +312,14 @@ class ScaleWiseGenerator(L.LightningModule):
         trained = self.sampler if self.hparams.stage == "sampler_head" else self.transformer
         no_decay_names = self.transformer.no_weight_decay() if trained is self.transformer else set()
         no_decay_names |= set(getattr(trained, "no_weight_decay", lambda: set())()) if trained is self.sampler else set()
+        from starkit.generator.distributed import clean_name, param_ndim
+        prefix = "sampler." if trained is self.sampler else "transformer."
         decay, no_decay = [], []
         for name, p in trained.named_parameters():
             if not p.requires_grad:
                 continue
-            (no_decay if p.ndim < 2 or name in no_decay_names else decay).append(p)
+            small = param_ndim(self, prefix, name, p) < 2 or clean_name(name) in no_decay_names
+            (no_decay if small else decay).append(p)
         groups = [{"params": decay, "weight_decay": self.hparams.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas),
