@@ -303,3 +303,16 @@ def test_var_recipe_builds():
     assert first.startswith("# starkit fit --config recipes/tokenizer/var_f16_256.yaml")
     m = MultiScaleVQ(**cfg["model"]["init_args"])
     assert m.resolution == 256 and m.discriminator is not None
+
+
+def test_stage1_checkpoint_with_discriminator_loads_into_a_plain_tokenizer(tmp_path):
+    """The generator plugs in the stage-1 tokenizer checkpoint: its discriminator is dropped."""
+    from starkit.tokenizers import MultiScaleVQ
+    cfg = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, codebook_size=16, patch_nums=(1, 2))
+    trained = MultiScaleVQ(**cfg, use_discriminator=True, disc_channels=16, disc_layers=2)
+    path = tmp_path / "stage1.ckpt"
+    torch.save({"state_dict": trained.state_dict()}, path)
+    plain = MultiScaleVQ(**cfg, pretrained=str(path))
+    assert not any(k.startswith("discriminator.") for k in plain.state_dict())
+    x = torch.rand(1, 3, 4, 4) * 2 - 1
+    assert all(torch.equal(a, b) for a, b in zip(plain.encode(x), trained.encode(x)))

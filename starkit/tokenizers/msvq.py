@@ -202,8 +202,12 @@ class MultiScaleVQ(ScaleTokenizer):
         return {k: v for k, v in self.state_dict().items() if not k.startswith(TRAIN_ONLY_PREFIXES)}
 
     def load_tokenizer_weights(self, state_dict: Dict[str, torch.Tensor]) -> None:
-        """Strictly load VAR-layout weights; raises a ValueError naming any key mismatch."""
+        """Strictly load VAR-layout weights; raises a ValueError naming any key mismatch.
+
+        Training-only weights (discriminator, perceptual net) of a stage-1 checkpoint are
+        dropped when this tokenizer has no such parts (e.g. frozen inside the generator)."""
         own = self.state_dict()
+        state_dict = {k: v for k, v in state_dict.items() if k in own or not k.startswith(TRAIN_ONLY_PREFIXES)}
         bad = [k for k, v in state_dict.items() if k in own and k != "quantize.ema_vocab_hit_SV" and own[k].shape != v.shape]
         if bad:
             raise ValueError("shape mismatch for " + ", ".join(f"{k}: file {tuple(state_dict[k].shape)} vs model "
