@@ -135,3 +135,9 @@ def main(args: Optional[List[str]] = None) -> Optional[StarkitCLI]:
 
 if __name__ == "__main__":
     main()
+
+
+def run() -> None:
+    """Console-script entry point: runs :func:`main` and exits 0 on success (``main`` returns
+    the CLI object, which ``sys.exit`` would print and turn into exit status 1)."""
+    main()
