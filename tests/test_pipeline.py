@@ -70,3 +70,16 @@ def test_interrupted_prediction_resumes_without_overwriting(tmp_path, tiny_model
     main(common + ['--data.init_args.prompts=["a red circle", "two blue squares"]'])
     assert os.path.exists(out / "000001_00.png")
     assert os.path.getmtime(out / "000000_00.png") == mtime
+
+
+def test_console_script_exits_zero_after_a_successful_run(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    exe = shutil.which("starkit")
+    cmd = [exe] if exe else [sys.executable, "-c", "from starkit.cli import run; run()"]
+    result = subprocess.run(cmd + ["fit", "--config", os.path.join(REPO, "recipes/generator/tiny.yaml"),
+                                   "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}",
+                                   "--data.init_args.num_train=8", "--data.init_args.num_val=2"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
