@@ -3,7 +3,9 @@ recipes chained (tokenizer -> generator -> sampler head -> export -> eval), all 
 import glob
 import json
 import os
+import pathlib
 import sys
+import tempfile
 
 import lightning as L
 import pytest
@@ -62,13 +64,16 @@ def test_evaluator_rejects_bad_arguments():
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_fit")
+def tiny_ckpt():
+    # outside pytest's basetemp: tests/test_pipeline.py globs every last.ckpt under it for its own run
+    tmp = tempfile.TemporaryDirectory(prefix="starkit_demo_")
+    root = pathlib.Path(tmp.name)
     main(["fit", "--config", os.path.join(REPO, "recipes/generator/tiny.yaml"), "--trainer.max_steps=2",
           "--trainer.limit_val_batches=1", "--trainer.val_check_interval=1", f"--trainer.default_root_dir={root}",
           "--data.init_args.num_train=8", "--data.init_args.num_val=4", "--data.init_args.batch_size=4",
           "--trainer.logger=false"])
-    return sorted(glob.glob(str(root / "**" / "last.ckpt"), recursive=True))[0]
+    yield sorted(glob.glob(str(root / "**" / "last.ckpt"), recursive=True))[0]
+    tmp.cleanup()
 
 
 def test_starkit_test_reports_shapes_score(tiny_ckpt, tmp_path):
@@ -125,9 +130,14 @@ def test_grid_writer_grid_layout():
 
 
 @pytest.mark.slow
-def test_demo_recipes_chain_on_cpu(tmp_path, monkeypatch):
+def test_demo_recipes_chain_on_cpu(monkeypatch):
     """The three demo stages find each other's checkpoints at their fixed paths; export and eval follow."""
-    monkeypatch.chdir(tmp_path)
+    with tempfile.TemporaryDirectory(prefix="starkit_demo_chain_") as tmp:  # outside basetemp (see tiny_ckpt)
+        monkeypatch.chdir(tmp)
+        _chain(pathlib.Path(tmp))
+
+
+def _chain(tmp_path):
     small = ["--trainer.accelerator=cpu", "--trainer.precision=32-true", "--trainer.max_steps=2",
              "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1", "--data.init_args.batch_size=2",
              "--data.init_args.num_workers=0", "--data.init_args.num_train=8", "--data.init_args.num_val=2"]
