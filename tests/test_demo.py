@@ -76,7 +76,12 @@ def tiny_ckpt():
     tmp.cleanup()
 
 
-def test_starkit_test_reports_shapes_score(tiny_ckpt, tmp_path):
+def test_starkit_test_reports_shapes_score(tiny_ckpt):
+    with tempfile.TemporaryDirectory(prefix="starkit_demo_test_") as tmp:  # its config.yaml stays out of basetemp
+        _starkit_test(tiny_ckpt, pathlib.Path(tmp))
+
+
+def _starkit_test(tiny_ckpt, tmp_path):
     conf = tmp_path / "eval.yaml"
     conf.write_text("trainer:\n  callbacks:\n    - class_path: starkit.callbacks.ShapesEvaluator\n"
                     "      init_args: {seed: 0}\n")
