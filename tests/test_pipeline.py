@@ -36,7 +36,7 @@ def test_not_a_model_directory_is_a_clear_error(tmp_path):
 
 
 def test_checkpoint_reloads_and_predicts_through_the_cli(tmp_path, tiny_model_dir):
-    run = os.path.dirname(os.path.dirname(tiny_model_dir))  # the fixture's fit run
+    run = os.path.dirname(tiny_model_dir)  # the fixture's own fit run
     ckpt = sorted(glob.glob(os.path.join(run, "**", "last.ckpt"), recursive=True))[0]
     from starkit.generator import ScaleWiseGenerator
     model = ScaleWiseGenerator.load_from_checkpoint(ckpt, weights_only=True)

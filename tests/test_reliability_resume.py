@@ -87,7 +87,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     killed_at, _ = _killed_then_resumed(str(tmp_path / "run"), data_class)
     ref, run = _losses(str(tmp_path / "ref")), _losses(str(tmp_path / "run"))
     assert sorted(ref) == list(range(MAX_STEPS))
-    assert set(range(MAX_STEPS)) <= set(run)  # every step was logged by one of the two runs
+    # the killed run may lose CSV rows it had not flushed; the resumed run logs every step it trains
+    assert set(range(killed_at, MAX_STEPS)) <= set(run)
     ref_ckpt = torch.load(tmp_path / "ref" / "ckpt" / "last.ckpt", weights_only=True)
     run_ckpt = torch.load(tmp_path / "run" / "ckpt" / "last.ckpt", weights_only=True)
     assert ref_ckpt["global_step"] == run_ckpt["global_step"] == MAX_STEPS
