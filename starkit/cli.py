@@ -125,6 +125,10 @@ def main(args: Optional[List[str]] = None) -> Optional[StarkitCLI]:
         module, func = EXTRA_COMMANDS[argv[0]].split(":")
         getattr(importlib.import_module(module), func)(argv[1:])
         return None
+    if args is None:
+        # From the command line: LightningCLI reads sys.argv itself, and sys.argv stays whole, as
+        # Lightning's multi-process launcher (DDP/FSDP, devices > 1) re-runs `sys.argv` for ranks >= 1.
+        return StarkitCLI()
     saved_argv = sys.argv
     sys.argv = sys.argv[:1]  # arguments come from `argv`; keeps LightningCLI from warning about both
     try:

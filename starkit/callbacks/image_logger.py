@@ -60,6 +60,8 @@ class ImageGridLogger(L.Callback):
         if isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image("samples", grid, global_step=step)
             return
-        folder = os.path.join(trainer.log_dir or trainer.default_root_dir, "samples")
+        # not trainer.log_dir: it broadcasts, and this hook runs on rank 0 alone (DDP would hang)
+        log_dir = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None) or trainer.default_root_dir
+        folder = os.path.join(log_dir, "samples")
         os.makedirs(folder, exist_ok=True)
         images_to_pil(grid[None])[0].save(os.path.join(folder, f"step_{step:07d}.png"))
