@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import List, Optional
 
 import torch
@@ -18,11 +19,18 @@ def export_checkpoint(ckpt_path: str, out_dir: str, dtype: Optional[str] = None,
     import pickle
 
     from starkit.utils.checkpoint_io import CONVERT_HINT, UnsafeCheckpointError
+    consolidated = None
+    if os.path.isdir(ckpt_path):  # an FSDP sharded checkpoint (a directory): consolidate it on the CPU first
+        from starkit.generator.distributed import consolidate_checkpoint
+        ckpt_path = consolidated = consolidate_checkpoint(ckpt_path)
     try:
         generator = ScaleWiseGenerator.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise UnsafeCheckpointError(f"refusing to load {ckpt_path!r}: it needs unsafe unpickling "
                                     f"(torch.load with weights_only=True failed).\n{CONVERT_HINT}") from err
+    finally:
+        if consolidated is not None:
+            os.remove(consolidated)
     save_model_dir(generator, out_dir, dtype=DTYPES[dtype] if dtype else None, use_ema=use_ema,
                    copy_text_encoder=copy_text_encoder)
     return out_dir
@@ -30,7 +38,8 @@ def export_checkpoint(ckpt_path: str, out_dir: str, dtype: Optional[str] = None,
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="starkit export", description=__doc__)
-    parser.add_argument("ckpt", help="a checkpoint written by `starkit fit` with a ScaleWiseGenerator")
+    parser.add_argument("ckpt", help="a checkpoint written by `starkit fit` with a ScaleWiseGenerator: a file, or "
+                        "the directory of an FSDP sharded checkpoint (consolidated on the CPU)")
     parser.add_argument("out_dir", help="the model directory to write")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: as trained)")
     parser.add_argument("--no-ema", action="store_true", help="export the raw weights even when an EMA exists")
