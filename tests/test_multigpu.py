@@ -30,7 +30,7 @@ def ddp_run(tmp_path_factory):
     """Two gloo processes train the tiny generator (with EMA) for 2 steps through `starkit fit`."""
     root = tmp_path_factory.mktemp("ddp")
     _starkit(["fit", "--config", os.path.join(REPO, "recipes/generator/tiny.yaml"), "--trainer.strategy=ddp",
-              "--trainer.devices=2", "--trainer.accelerator=cpu", "--trainer.use_distributed_sampler=false",
+              "--trainer.devices=2", "--trainer.accelerator=cpu",
               "--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.val_check_interval=2",
               f"--trainer.default_root_dir={root}", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
               "--data.init_args.num_train=16", "--data.init_args.num_val=4", "--data.init_args.batch_size=4",

@@ -282,3 +282,15 @@ def test_skipped_samples_are_logged_during_training(tmp_path, what):
     logged = [float(r["data/train/skipped/undecodable"]) for r in rows if r.get("data/train/skipped/undecodable")]
     assert logged and logged[-1] == 2.0
     assert any(float(r["data/skipped_total"]) == 2.0 for r in rows if r.get("data/skipped_total"))
+
+
+def test_resumable_loader_is_left_in_place_by_lightning_under_ddp():
+    from torch.utils.data import DistributedSampler
+
+    from starkit.utils.resumable import ResumableDataLoader
+    loader = ResumableDataLoader(list(range(10)), shuffle=True, seed=3, batch_size=2)
+    # Lightning replaces a loader's sampler under DDP unless it already is a DistributedSampler
+    assert isinstance(loader.sampler, DistributedSampler)
+    loader.sampler.set_epoch(5)  # Lightning's per-epoch call is harmless
+    first = [b.tolist() for b in loader]
+    assert sorted(x for b in first for x in b) == list(range(10)) and first != [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]

@@ -20,15 +20,16 @@ others not at all in that epoch.
 For a sized loader Lightning does not read ahead (its fetcher prefetches only when the
 length is unknown), so "batches handed out" is exactly "batches trained on".
 
-Under DDP, pass ``use_distributed_sampler: false`` to the Trainer: every rank takes its
-own shard (``perm[rank::world_size]``, padded by wrapping to equal length).
+Under DDP every rank takes its own shard (``perm[rank::world_size]``, padded by wrapping to
+equal length); the sampler is a DistributedSampler by type, so Lightning does not replace it
+(no ``use_distributed_sampler: false`` needed).
 """
 from __future__ import annotations
 
 from typing import Any, Dict, Iterator, Optional
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 
 def _dist_info():
@@ -37,12 +38,19 @@ def _dist_info():
     return 0, 1
 
 
-class _EpochSampler(Sampler[int]):
-    """Indices of one epoch (seeded permutation), starting after ``skip`` indices."""
+class _EpochSampler(DistributedSampler):
+    """Indices of one epoch (seeded permutation), starting after ``skip`` indices.
 
-    def __init__(self, length: int, shuffle: bool, seed: int) -> None:
+    A DistributedSampler by type only, so that Lightning leaves it in place under DDP (it
+    shards by rank itself); the epoch is set by :class:`ResumableDataLoader`.
+    """
+
+    def __init__(self, length: int, shuffle: bool, seed: int) -> None:  # no super().__init__: no process group needed
         self.length, self.shuffle, self.seed = length, shuffle, seed
         self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Ignored: the loader sets the epoch (Lightning calls this on DistributedSamplers)."""
 
     def _indices(self):
         if self.shuffle:
