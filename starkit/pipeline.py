@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import List, Optional, Sequence, Union
 
 import torch

@@ -16,6 +16,7 @@ Nothing here depends on torchvision; the tensor conversion uses torch alone.
 """
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from dataclasses import dataclass
@@ -103,14 +104,38 @@ def load_rgb(
             raise SampleError("empty_file", f"{path} has zero bytes")
     except OSError as err:
         raise SampleError("missing_file", f"{path}: {err}") from None
+    return decode_rgb(path, path, max_pixels, repairs)
+
+
+def decode_rgb(source, name: str, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+               repairs: Optional[List[str]] = None) -> Image.Image:
+    """Decode an image from a path, a file object or ``bytes`` (e.g. a tar member) into RGB.
+
+    Same checks and repairs as :func:`load_rgb` (size limit from the header, full decode,
+    EXIF orientation, :func:`to_rgb`).
+
+    Args:
+        source: a path, a binary file object, or the file's bytes.
+        name: how the sample is named in error messages.
+        max_pixels: largest accepted ``width * height``; ``None`` disables the check.
+        repairs: if given, the names of the repairs made are appended to it.
+
+    Raises:
+        SampleError: with cause ``empty_file``, ``too_large`` or ``undecodable``.
+    """
+    repairs = [] if repairs is None else repairs
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise SampleError("empty_file", f"{name} has zero bytes")
+        source = io.BytesIO(source)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 width, height = img.size
                 if max_pixels is not None and width * height > max_pixels:
                     raise SampleError(
-                        "too_large", f"{path} is {width}x{height}, over {max_pixels} pixels"
+                        "too_large", f"{name} is {width}x{height}, over {max_pixels} pixels"
                     )
                 img.load()  # decode now, so truncation fails here, not in the transform
                 oriented = img
@@ -124,11 +149,11 @@ def load_rgb(
     except SampleError:
         raise
     except Image.DecompressionBombError as err:
-        raise SampleError("too_large", f"{path}: {err}") from None
+        raise SampleError("too_large", f"{name}: {err}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
-        raise SampleError("undecodable", f"{path}: {type(err).__name__}: {err}") from None
+        raise SampleError("undecodable", f"{name}: {type(err).__name__}: {err}") from None
     except Exception as err:  # decoder bugs: any other failure still only skips the file
-        raise SampleError("undecodable", f"{path}: {type(err).__name__}: {err}") from None
+        raise SampleError("undecodable", f"{name}: {type(err).__name__}: {err}") from None
 
 
 def _rotated(img: Image.Image) -> bool:

@@ -38,18 +38,15 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import os
 import random
 import re
 import tarfile
-import warnings
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .images import (
@@ -59,7 +56,7 @@ from .images import (
     REPAIR_CAUSES,
     SKIP_CAUSES,
     SampleError,
-    to_rgb,
+    decode_rgb,
     var_transform,
 )
 
@@ -144,38 +141,6 @@ def dist_info() -> Tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-def decode_rgb(data: bytes, name: str, max_pixels: Optional[int], repairs: List[str]) -> Image.Image:
-    """:func:`~starkit.data.images.load_rgb` for bytes read from a tar member: same causes
-    (``empty_file``, ``too_large``, ``undecodable``) and the same RGB repairs (``to_rgb``)."""
-    from PIL import ImageOps
-    if not data:
-        raise SampleError("empty_file", f"{name} has zero bytes")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-                if max_pixels is not None and width * height > max_pixels:
-                    raise SampleError("too_large", f"{name} is {width}x{height}, over {max_pixels} pixels")
-                img.load()
-                oriented = img
-                try:
-                    if img.getexif().get(0x0112, 1) not in (1, None):
-                        oriented = ImageOps.exif_transpose(img)
-                        repairs.append("exif_rotated")
-                except Exception:
-                    oriented = img
-                return to_rgb(oriented, repairs)
-    except SampleError:
-        raise
-    except Image.DecompressionBombError as err:
-        raise SampleError("too_large", f"{name}: {err}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
-        raise SampleError("undecodable", f"{name}: {type(err).__name__}: {err}") from None
-    except Exception as err:  # decoder bugs only skip the sample
-        raise SampleError("undecodable", f"{name}: {type(err).__name__}: {err}") from None
 
 
 # ------------------------------------------------------------------------------------ dataset

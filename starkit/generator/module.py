@@ -13,7 +13,6 @@ Frozen components stay out of its checkpoint and are rebuilt from their own conf
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from starkit.generator.hparams import library_hparams
 from starkit.generator.transformer import ScaleTransformer, resolve_size
 from starkit.positional import NormalizedRoPE2D, PositionalEncoding
-from starkit.samplers import ParallelSampler, ScaleSampler, ScaleStep
+from starkit.samplers import ParallelSampler, ScaleSampler
 from starkit.text import TextEmbedding, TextEncoder
 from starkit.tokenizers import ScaleTokenizer
 
