@@ -250,3 +250,32 @@ def test_nested_in_lightning_module(clip):
     assert not host.text_encoder.training and host.head.training
     out = host.text_encoder.encode(["cat"])
     assert host.head(out.pooled).shape == (1, 2)
+
+
+@pytest.fixture
+def t5_dir(tmp_path):
+    """A tiny T5 encoder with a word-level fast tokenizer, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+    words = ["<pad>", "</s>", "<unk>", "a", "cat", "on", "the", "mat", "dog", "red", "circle"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=32)
+    torch.manual_seed(0)
+    model = T5EncoderModel(T5Config(vocab_size=len(words), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    model.save_pretrained(tmp_path)
+    fast.save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+def test_t5_encoder_masked_mean_pooling(t5_dir):
+    enc = HFTextEncoder(t5_dir)
+    assert enc.kind == "t5" and enc.dim == 32
+    out = enc.encode(["a red circle on the mat", "dog", ""])
+    assert out.mask.sum(1).tolist() == [7, 2, 1]  # words + </s>; "" is just </s>
+    m = out.mask[0]
+    torch.testing.assert_close(out.pooled[0], out.tokens[0][m].mean(0))
+    assert torch.isfinite(out.tokens).all() and not any(p.requires_grad for p in enc.parameters())
