@@ -58,7 +58,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 from flops import (H200_BF16_PEAK, P256, P512, GeneratorArch, check_against_flop_counter,  # noqa: E402
-                   describe, forward_flops, generate_flops, train_step_flops)
+                   describe, generate_flops, train_step_flops)
 
 CAPTIONS = [
     "a photograph of an astronaut riding a horse on the moon, high detail",
@@ -314,16 +314,35 @@ def bench_train(gen, name: str, batch: int, side: int, args, dev: torch.device) 
     return row
 
 
-FUSED_CLIP_ERROR = "does not allow for gradient clipping"
+def step_timer(cuda: bool):
+    """A Lightning callback that stamps the end of every training batch (CUDA events, else the
+    host clock); ``.step_times(skip)`` gives the per-step seconds after ``skip`` warm-up steps."""
+    import lightning as L
+
+    class StepTimer(L.Callback):
+        def __init__(self):
+            self.events, self.host = [], []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, b, batch_idx):
+            self.host.append(time.perf_counter())
+            if cuda:
+                e = torch.cuda.Event(enable_timing=True)
+                e.record()
+                self.events.append(e)
+
+        def step_times(self, skip: int) -> list:
+            if cuda:
+                torch.cuda.synchronize()
+                return [self.events[i].elapsed_time(self.events[i + 1]) / 1000
+                        for i in range(skip, len(self.events) - 1)]
+            return [self.host[i + 1] - self.host[i] for i in range(skip, len(self.host) - 1)]
+
+    return StepTimer()
 
 
-def bench_train_lightning(gen, name: str, batch: int, side: int, args, dev: torch.device,
-                          clip_workaround: bool = False) -> dict:
+def bench_train_lightning(gen, name: str, batch: int, side: int, args, dev: torch.device) -> dict:
     """The same step through a real ``Trainer.fit`` (bf16-mixed, clip 2.0, DataLoader), as the
-    recipes configure it. Lightning's mixed-precision plugin refuses gradient clipping with a
-    fused optimizer (which ``configure_optimizers`` picks on CUDA); ``clip_workaround`` clips in
-    ``configure_gradient_clipping`` with ``torch.nn.utils.clip_grad_norm_`` instead (bf16 has no
-    gradient scaler, so this is the same clipping)."""
+    recipes configure it."""
     import lightning as L
 
     arch = GeneratorArch.from_transformer(gen.transformer, text_len=gen.text_encoder.max_length)
@@ -342,56 +361,25 @@ def bench_train_lightning(gen, name: str, batch: int, side: int, args, dev: torc
     loader = torch.utils.data.DataLoader(Synthetic(), batch_size=batch, num_workers=workers, pin_memory=cuda,
                                          persistent_workers=workers > 0, drop_last=True)
 
-    class Timer(L.Callback):
-        def __init__(self):
-            self.events, self.host = [], []
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, b, batch_idx):
-            self.host.append(time.perf_counter())
-            if cuda:
-                e = torch.cuda.Event(enable_timing=True)
-                e.record()
-                self.events.append(e)
-
-    timer = Timer()
-    kind = "train_lightning_clipfix" if clip_workaround else "train_lightning"
-    if clip_workaround:
-        def configure_gradient_clipping(optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
-        gen.configure_gradient_clipping = configure_gradient_clipping  # instance attribute: Lightning calls it
+    timer = step_timer(cuda)
     trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-mixed" if cuda else "32-true",
                         gradient_clip_val=2.0, max_steps=args.warmup + args.steps + 1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, callbacks=[timer])
     free_memory(dev)
-    failure = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trainer.fit(gen, train_dataloaders=loader)
-    except RuntimeError as err:
-        if FUSED_CLIP_ERROR not in str(err):
-            raise
-        failure = str(err).splitlines()[0]
     finally:
-        gen.__dict__.pop("configure_gradient_clipping", None)
         gen._trainer = None
         for p in gen.parameters():
             p.grad = None
         gen.to(dev)  # Lightning's teardown moved the module (and the shared tokenizer / text tower) to the CPU
-    if failure is not None:
-        log(f"{name} Lightning fit as the recipes configure it FAILED at the first step: {failure}")
-        return {"config": name, "kind": kind, "batch": batch, "error": f"FAILS: {failure}"}
-    sync(dev)
-    start = args.warmup  # boundaries warmup .. warmup+steps: `steps` intervals after the warm-up
-    if cuda:
-        times = [timer.events[i].elapsed_time(timer.events[i + 1]) / 1000 for i in range(start, len(timer.events) - 1)]
-    else:
-        times = [timer.host[i + 1] - timer.host[i] for i in range(start, len(timer.host) - 1)]
+    times = timer.step_times(args.warmup)  # `steps` intervals after the warm-up
     t = statistics.median(times)
     flops = train_step_flops(arch, batch)
-    row = {"config": name, "kind": kind, "batch": batch, "flops_per_step": flops, "step_s_median": t,
+    row = {"config": name, "kind": "train_lightning", "batch": batch, "flops_per_step": flops, "step_s_median": t,
            "step_s_all": times, "images_per_s": batch / t, "tflops": flops / t / 1e12, "peak_gib": peak_gib(dev),
            "mfu_pct": 100 * flops / t / H200_BF16_PEAK if cuda else None, "dataloader_workers": workers}
     del trainer, loader
@@ -490,12 +478,10 @@ def fmt_table(rows: list, device_name: str) -> str:
              "| config | batch | ms/step or s/image | images/s | TFLOP/s | MFU % | peak GiB |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        label = {"train": "train", "train_lightning": "train (Lightning, recipe)",
-                 "train_lightning_clipfix": "train (Lightning, clip via configure_gradient_clipping)",
-                 "generate": "generate"}[r["kind"]]
+        label = {"train": "train", "train_lightning": "train (Lightning, recipe)", "generate": "generate"}[r["kind"]]
         cfg = f"{r['config']} {label}"
         if "error" in r:
-            what = "OOM" if r["error"].startswith("OOM") else "FAILS (fused AdamW + gradient_clip_val)"
+            what = "OOM" if r["error"].startswith("OOM") else r["error"]
             lines.append(f"| {cfg} | {r['batch']} | {what} | | | | |")
             continue
         if r["kind"].startswith("train"):
@@ -627,9 +613,6 @@ def main(argv=None) -> None:
                 if args.lightning:
                     run_guarded(lambda: bench_train_lightning(gen, name, B, side, args, dev), rows, name,
                                 "train_lightning", B, dev, gen)
-                    if "error" in rows[-1] and rows[-1]["error"].startswith("FAILS"):
-                        run_guarded(lambda: bench_train_lightning(gen, name, B, side, args, dev, True), rows,
-                                    name, "train_lightning_clipfix", B, dev, gen)
             if args.only in (None, "generate"):
                 for B in gen_batches:
                     run_guarded(lambda: bench_generate(gen, name, B, args, dev), rows, name, "generate", B, dev)

@@ -32,7 +32,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import traceback
 import warnings
 
@@ -81,24 +80,13 @@ def worker(args) -> None:
         def __getitem__(self, i):
             return {"image": pool[i % len(pool)], "caption": bg.CAPTIONS[i % len(bg.CAPTIONS)]}
 
-    class Timer(L.Callback):
-        def __init__(self):
-            self.host, self.events = [], []
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, b, batch_idx):
-            self.host.append(time.perf_counter())
-            if cuda:
-                e = torch.cuda.Event(enable_timing=True)
-                e.record()
-                self.events.append(e)
-
     if args.strategy == "single":
         strategy, devices = "auto", 1
     elif args.strategy == "ddp":
         strategy, devices = "ddp", args.devices
     else:
         strategy, devices = BlockFSDPStrategy(activation_checkpointing=cfg["checkpointing"]), args.devices
-    timer = Timer()
+    timer = bg.step_timer(cuda)
     loader = torch.utils.data.DataLoader(Synthetic(), batch_size=batch, num_workers=2 if cuda else 0,
                                          pin_memory=cuda, drop_last=True)
     trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=devices, strategy=strategy,
@@ -112,12 +100,7 @@ def worker(args) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trainer.fit(gen, train_dataloaders=loader)
-        if cuda:
-            torch.cuda.synchronize()
-            times = [timer.events[i].elapsed_time(timer.events[i + 1]) / 1000
-                     for i in range(args.warmup, len(timer.events) - 1)]
-        else:
-            times = [timer.host[i + 1] - timer.host[i] for i in range(args.warmup, len(timer.host) - 1)]
+        times = timer.step_times(args.warmup)
         t = statistics.median(times)
         row.update(step_s=t, step_s_all=times, images_per_s_per_gpu=batch / t, images_per_s=batch * devices / t)
     except Exception as err:  # noqa: BLE001  (OOM and the like: a row with the error)
