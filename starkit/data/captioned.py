@@ -29,6 +29,7 @@ from .images import (
     CaptionedItem,
     SampleError,
     load_sample,
+    split_counts,
     var_transform,
 )
 
@@ -370,10 +371,7 @@ class CaptionedImageDataModule(L.LightningDataModule):
         LightningModule can log them with ``self.log_dict(dm.skipped_counts())``.
         """
         out = {f"index/{cause}": int(n) for cause, n in sorted(self.index_stats.items()) if n}
-        for split, dataset in (("train", self.train_dataset), ("val", self.val_dataset)):
-            if dataset is not None:
-                for kind, counts in dataset.stats.items():
-                    out.update({f"{split}/{kind}/{cause}": n for cause, n in counts.items()})
+        out.update(split_counts({"train": self.train_dataset, "val": self.val_dataset}))
         return out
 
     def teardown(self, stage: Optional[str] = None) -> None:

@@ -20,7 +20,7 @@ import io
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -278,6 +278,17 @@ class CaptionedItem:
     key: str
     caption: Optional[str] = None
     caption_file: Optional[str] = None
+
+
+def split_counts(datasets: Dict[str, Any]) -> Dict[str, int]:
+    """Flatten the ``stats`` of the datasets of each split into ``{"<split>/<kind>/<cause>": n}``
+    (``kind`` is ``skipped`` or ``repaired``); splits without a dataset are left out."""
+    out: Dict[str, int] = {}
+    for split, dataset in datasets.items():
+        if dataset is not None:
+            for kind, counts in dataset.stats.items():
+                out.update({f"{split}/{kind}/{cause}": n for cause, n in counts.items()})
+    return out
 
 
 def read_caption(item: CaptionedItem, missing_caption: str, repairs: List[str]) -> str:

@@ -57,6 +57,7 @@ from .images import (
     SKIP_CAUSES,
     SampleError,
     decode_rgb,
+    split_counts,
     var_transform,
 )
 
@@ -461,12 +462,7 @@ class WebDatasetDataModule(L.LightningDataModule):
 
     def skipped_counts(self) -> Dict[str, int]:
         """Non-zero counts on this rank, e.g. ``{"train/skipped/undecodable": 3}``."""
-        out = {}
-        for split, dataset in (("train", self.train_dataset), ("val", self.val_dataset)):
-            if dataset is not None:
-                for kind, counts in dataset.stats.items():
-                    out.update({f"{split}/{kind}/{cause}": n for cause, n in counts.items()})
-        return out
+        return split_counts({"train": self.train_dataset, "val": self.val_dataset})
 
     def teardown(self, stage: Optional[str] = None) -> None:
         """Warn (rank zero) with a summary of what was skipped or repaired."""
