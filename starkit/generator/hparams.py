@@ -55,15 +55,15 @@ def library_hparams(cls, local_vars: dict) -> Optional[dict]:
 
 def check_state_dict_keys(model, state_dict: dict) -> None:
     """Raise one clear error when a checkpoint's trainable keys do not match the model."""
-    own = set(model.state_dict().keys())
-    given = set(state_dict)
+    own_sd = model.state_dict()  # built once: it is needed for every key below
+    own, given = set(own_sd), set(state_dict)
     missing = sorted(own - given)
     # a checkpoint may carry frozen weights this model loads from their own files instead
     unexpected = sorted(k for k in given - own if not k.startswith(("tokenizer.", "text_encoder.")))
-    shape_mismatch = sorted(k for k in own & given if tuple(state_dict[k].shape) != tuple(model.state_dict()[k].shape))
+    shape_mismatch = sorted(k for k in own & given if tuple(state_dict[k].shape) != tuple(own_sd[k].shape))
     if missing or unexpected or shape_mismatch:
         from starkit.utils.checkpoint_io import component_mismatches
-        why = "".join(f"\n  {w}" for w in component_mismatches(model.state_dict(), state_dict))
+        why = "".join(f"\n  {w}" for w in component_mismatches(own_sd, state_dict))
 
         def show(keys):
             return ", ".join(keys[:8]) + (f" ... (+{len(keys) - 8} more)" if len(keys) > 8 else "") if keys else "none"
