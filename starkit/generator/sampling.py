@@ -51,6 +51,7 @@ def run_sampling(net: ScaleTransformer, tokenizer: ScaleTokenizer, text_encoder:
         x = net.start_tokens(text.pooled)  # (rows, first_l, C)
         f_hat = tokenizer.empty_latent(B, device=device)
         all_indices = []
+        rotary_first = net.positional.rotary(slice(0, 1))  # the start position's tables, the same at every scale
         start = 0
         for k, pn in enumerate(net.patch_nums):
             hidden = net.forward_scale(x, k, caches, text_kvs, text_bias)  # (rows, pn*pn, C)
@@ -58,7 +59,7 @@ def run_sampling(net: ScaleTransformer, tokenizer: ScaleTokenizer, text_encoder:
                 scale=k, num_scales=K, patch_num=pn, hidden=hidden, logits=net.logits(hidden), guided=guided,
                 embed=tokenizer.embed, codebook=tokenizer.codebook, pooled_text=text.pooled,
                 rotary=net.positional.rotary(slice(start, start + pn * pn)),
-                rotary_first=net.positional.rotary(slice(0, 1)), generator=generator,
+                rotary_first=rotary_first, generator=generator,
             )
             emb_BlC, idx_Bl = sampler.sample_scale(step)
             all_indices.append(idx_Bl)
