@@ -133,3 +133,23 @@ def test_bad_arguments():
         ShapesWorld(64, heldout_combos=["pink circle"])
     with pytest.raises(ValueError):
         ShapesDataModule(val_split="test")
+
+
+def test_cache_reads_back_the_rendered_samples(tmp_path):
+    from starkit.data.shapes import ShapesCache, ShapesDataModule
+    dm = ShapesDataModule(resolution=32, batch_size=4, num_train=10, cache_dir=str(tmp_path))
+    dm.prepare_data()
+    assert dm.cache.ready and dm.cache.pixels.shape == (10, 32, 32, 3)
+    cached = dm.train_dataloader().dataset[7]
+    fresh = ShapesDataModule(resolution=32, batch_size=4, num_train=10).train_dataloader().dataset[7]
+    assert cached["caption"] == fresh["caption"] and cached["objects"] == fresh["objects"]
+    assert torch.equal(cached["image"], fresh["image"])
+    # another world (seed) gets another folder; a second build reuses the first
+    assert ShapesCache(str(tmp_path), ShapesDataModule(32, seed=1).world, "train", 10).folder != dm.cache.folder
+    assert ShapesCache(str(tmp_path), dm.world, "train", 10).build().ready
+
+
+def test_cache_needs_a_fixed_length(tmp_path):
+    from starkit.data.shapes import ShapesDataModule
+    with pytest.raises(ValueError, match="num_train"):
+        ShapesDataModule(num_train=None, cache_dir=str(tmp_path))

@@ -267,10 +267,12 @@ class ShapesDataset(Dataset):
         world: the world that renders the samples.
         split: ``train``, ``val`` or ``heldout``.
         length: number of samples.
+        cache: a :class:`ShapesCache` of this world and split holding at least ``length``
+            samples: pixels and captions are read from it instead of rendered.
     """
 
-    def __init__(self, world: ShapesWorld, split: str, length: int):
-        self.world, self.split, self.length = world, split, length
+    def __init__(self, world: ShapesWorld, split: str, length: int, cache: Optional["ShapesCache"] = None):
+        self.world, self.split, self.length, self.cache = world, split, length, cache
 
     def __len__(self) -> int:
         return self.length
@@ -278,7 +280,96 @@ class ShapesDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.length:
             raise IndexError(index)
-        return _sample(self.world, index, self.split)
+        if self.cache is None:
+            return _sample(self.world, index, self.split)
+        pixels = torch.from_numpy(np.array(self.cache.pixels[index])).permute(2, 0, 1).float() / 127.5 - 1.0
+        truth = self.cache.truths[index]
+        return {"image": pixels, "caption": truth["caption"], "path": f"shapes://{self.split}/{index}",
+                "objects": json.dumps(truth), "skill": truth["skill"]}
+
+
+def _render_chunk(args) -> Tuple[int, List[dict]]:
+    """Render samples ``start .. stop-1`` into the memory-mapped array at ``path``; their truths."""
+    world, split, start, stop, path = args
+    pixels = np.lib.format.open_memmap(path, mode="r+")
+    truths = []
+    for i in range(start, stop):
+        image, _, truth = world.render(i, split)
+        pixels[i] = np.asarray(image)
+        truths.append(truth)
+    pixels.flush()
+    return start, truths
+
+
+class ShapesCache:
+    """Samples ``0 .. n-1`` of one split rendered once to disk and memory-mapped: ``pixels.npy``
+    (uint8 ``(n, R, R, 3)``) and ``truths.json`` in a folder named after everything that
+    determines them (resolution, seed, held-out combinations, background probability, split, n).
+    Training runs that share a fixed-length shapes set (ablations, sweeps) then spend no CPU on
+    rendering. Built in parallel by :meth:`build` (atomically: a half-written cache is never read).
+
+    Args:
+        root: folder that holds the caches.
+        world: the world whose samples are cached.
+        split: ``train``, ``val`` or ``heldout``.
+        n: number of samples.
+    """
+
+    def __init__(self, root: str, world: ShapesWorld, split: str, n: int):
+        import hashlib
+        key = json.dumps([world.resolution, world.seed, sorted(world.heldout), world.textured_background_prob,
+                          split, n])
+        digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+        self.world, self.split, self.n = world, split, n
+        self.folder = os.path.join(root, f"shapes_{world.resolution}px_{split}_{n}_{digest}")
+        self._pixels = self._truths = None
+
+    @property
+    def ready(self) -> bool:
+        return os.path.exists(os.path.join(self.folder, "truths.json"))
+
+    def build(self, processes: Optional[int] = None) -> "ShapesCache":
+        """Render the samples (in ``processes`` worker processes, default: all CPUs) unless present."""
+        if self.ready:
+            return self
+        import multiprocessing
+        import shutil
+        tmp = f"{self.folder}.tmp{os.getpid()}"
+        os.makedirs(tmp, exist_ok=True)
+        R = self.world.resolution
+        path = os.path.join(tmp, "pixels.npy")
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(self.n, R, R, 3)).flush()
+        processes = processes or os.cpu_count() or 1
+        step = max(1, min(2048, -(-self.n // processes)))
+        jobs = [(self.world, self.split, s, min(s + step, self.n), path) for s in range(0, self.n, step)]
+        truths: List[Optional[dict]] = [None] * self.n
+        if processes > 1 and len(jobs) > 1:
+            with multiprocessing.get_context("spawn").Pool(processes) as pool:
+                results = pool.map(_render_chunk, jobs)
+        else:
+            results = [_render_chunk(job) for job in jobs]
+        for start, chunk in results:
+            truths[start:start + len(chunk)] = chunk
+        with open(os.path.join(tmp, "truths.json"), "w") as fh:
+            json.dump(truths, fh)
+        try:
+            os.rename(tmp, self.folder)
+        except OSError:  # another process finished first: keep its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+        return self
+
+    @property
+    def pixels(self) -> np.ndarray:
+        if self._pixels is None:
+            self._pixels = np.load(os.path.join(self.folder, "pixels.npy"), mmap_mode="r")  # (n, R, R, 3)
+        return self._pixels
+
+    @property
+    def truths(self) -> List[dict]:
+        if self._truths is None:
+            with open(os.path.join(self.folder, "truths.json")) as fh:
+                self._truths = json.load(fh)
+        return self._truths
 
 
 class ShapesIterableDataset(IterableDataset):
@@ -323,18 +414,30 @@ class ShapesDataModule(L.LightningDataModule):
             distribution, drawn from a separate random stream).
         heldout_combos: "colour shape" strings kept out of training (default: 6 fixed ones).
         textured_background_prob: probability of a low-contrast textured background.
+        cache_dir: with a fixed ``num_train``, render the training set once into this folder
+            (``ShapesCache``: uint8 pixels memory-mapped, in ``prepare_data``) and read it from
+            there: no rendering during training. None renders every sample on the fly.
     """
 
     def __init__(self, resolution: int = 64, batch_size: int = 32, num_workers: int = 0, seed: int = 0,
                  num_train: Optional[int] = 20000, num_val: int = 256, val_split: str = "heldout",
-                 heldout_combos: Optional[List[str]] = None, textured_background_prob: float = 0.3):
+                 heldout_combos: Optional[List[str]] = None, textured_background_prob: float = 0.3,
+                 cache_dir: Optional[str] = None):
         super().__init__()
         if val_split not in ("heldout", "train"):
             raise ValueError(f"val_split must be 'heldout' or 'train', got {val_split!r}")
+        if cache_dir is not None and num_train is None:
+            raise ValueError("cache_dir needs a fixed num_train (an endless stream cannot be cached): "
+                             "set data.init_args.num_train, e.g. 100000, or drop cache_dir.")
         self.save_hyperparameters()
         self.batch_size, self.num_workers, self.num_train, self.num_val = batch_size, num_workers, num_train, num_val
         self.val_split = "heldout" if val_split == "heldout" else "val"
         self.world = ShapesWorld(resolution, seed, heldout_combos, textured_background_prob)
+        self.cache = ShapesCache(cache_dir, self.world, "train", num_train) if cache_dir is not None else None
+
+    def prepare_data(self) -> None:
+        if self.cache is not None:
+            self.cache.build()
 
     def _loader(self, dataset, shuffle: bool = False) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
@@ -344,7 +447,9 @@ class ShapesDataModule(L.LightningDataModule):
         if self.num_train is None:
             return self._loader(ShapesIterableDataset(self.world, "train"))
         from starkit.utils.resumable import ResumableDataLoader  # exact mid-epoch resume
-        return ResumableDataLoader(ShapesDataset(self.world, "train", self.num_train), shuffle=True,
+        if self.cache is not None and not self.cache.ready:
+            self.cache.build()  # prepare_data was not called (plain use outside a Trainer)
+        return ResumableDataLoader(ShapesDataset(self.world, "train", self.num_train, self.cache), shuffle=True,
                                    seed=self.hparams.seed, batch_size=self.batch_size, num_workers=self.num_workers,
                                    persistent_workers=self.num_workers > 0)
 
