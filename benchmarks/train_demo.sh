@@ -89,10 +89,12 @@ if [ $WANT_ABLATION = 1 ]; then  # on the GPU beside the demo generator; the tok
     && $ABL eval --json "$LOG/ablation.json" ) > "$LOG/ablation.log" 2>&1 &
   ABLATION=$!
 fi
-stage generator    $STARKIT fit --config recipes/demo/generator.yaml --data.init_args.num_workers=9 \
-                     --trainer.max_time=00:00:08:00
-stage sampler_head $STARKIT fit --config recipes/demo/sampler_head.yaml --data.init_args.num_workers=6 \
-                     --trainer.max_time=00:00:03:00
+# TOKENIZER=dir: a tokenizer trained earlier (save_pretrained / exported models/demo/tokenizer) instead of the stage's
+TOK=(); [ -z "${TOKENIZER:-}" ] || TOK=(--model.init_args.tokenizer.init_args.pretrained="$TOKENIZER")
+stage generator    $STARKIT fit --config recipes/demo/generator.yaml --data.init_args.num_workers=${GEN_WORKERS:-9} \
+                     --trainer.max_time=${GEN_TIME:-00:00:08:00} --trainer.max_steps=${GEN_STEPS:-8000} "${TOK[@]}"
+stage sampler_head $STARKIT fit --config recipes/demo/sampler_head.yaml --data.init_args.num_workers=${HEAD_WORKERS:-6} \
+                     --trainer.max_time=${HEAD_TIME:-00:00:03:00} --trainer.max_steps=${HEAD_STEPS:-3000} "${TOK[@]}"
 [[ "$WANT" != *" export "* ]] || rm -rf models/demo
 stage export       $STARKIT export runs/demo/sampler_head/last.ckpt models/demo --dtype fp16
 du -ab models/demo 2>/dev/null | tee "$LOG/model_size.txt" || true
@@ -100,7 +102,7 @@ stage test         $STARKIT test --config recipes/demo/generator.yaml --ckpt_pat
                      --data.init_args.num_val=512 --data.init_args.num_workers=4
 stage eval_stable  python3 benchmarks/eval_shapes.py models/demo --num 512 --seeds 0,1 --sampler stable \
                      --json "$LOG/eval_stable.json" --save-grid "$LOG/grid_stable.png"
-stage demo_eval    $ABL demo-eval models/demo --num 512 --seeds 0,1 --cfgs 0,1,2.5,4,6 --json "$LOG/demo_eval.json"
+stage demo_eval    $ABL demo-eval models/demo --num ${EVAL_NUM:-512} --seeds 0,1 --cfgs ${CFGS:-0,1,2.5,4,6} --json "$LOG/demo_eval.json"
 stage eval_cpu     python3 benchmarks/eval_shapes.py models/demo --num 64 --seeds 0 --device cpu
 if [ $WANT_ABLATION = 1 ]; then
   echo "== ablation: waiting" | tee -a "$LOG/train_demo.log"
@@ -108,5 +110,6 @@ if [ $WANT_ABLATION = 1 ]; then
   tail -n 8 "$LOG/ablation.log" | tee -a "$LOG/train_demo.log"
 fi
 collect
-tail -n 20 "$LOG"/eval_*.log 2>/dev/null || true
+tail -n 20 "$LOG"/eval_*.log "$LOG"/demo_eval.log 2>/dev/null || true
+grep -h -E "val/shapes_overall|Time limit|max_steps" "$LOG"/generator.log "$LOG"/sampler_head.log 2>/dev/null | cut -c1-200 || true
 cat "$LOG/train_demo.log" 2>/dev/null || true

@@ -78,14 +78,17 @@ def load_generator(path: str, device: Union[str, torch.device] = "cpu", sampler:
     tokenizer.hparams["pretrained"] = tokenizer_dir  # its weights have a home: keep them out of checkpoints
     text_cfg = json.loads(json.dumps(config["text_encoder"]).replace("${MODEL_DIR}", os.path.abspath(path)))
     text_encoder = _instantiate(text_cfg)
+    gen_args = dict(config["generator"], stage="generator")  # a training stage means nothing at inference
     generator = ScaleWiseGenerator(
         tokenizer=tokenizer, text_encoder=text_encoder, positional=_positional_factory(config.get("positional")),
         sampler=_instantiate(sampler or config["sampler"]) if (sampler or config.get("sampler")) else None,
-        **config["generator"],
+        **gen_args,
     )
     weights = load_file(os.path.join(path, "generator.safetensors"), device="cpu")
     own = {k: v for k, v in generator.state_dict().items() if k.startswith(("transformer.", "sampler."))}
     missing = sorted(k for k in own if k not in weights and not k.startswith("sampler."))
+    if sampler is not None:  # a sampler chosen at load time may have no head: the saved head is then unused
+        weights = {k: v for k, v in weights.items() if not k.startswith("sampler.") or k in own}
     unexpected = sorted(k for k in weights if k not in own)
     mismatched = sorted(k for k in own if k in weights and weights[k].shape != own[k].shape)
     if missing or unexpected or mismatched:
@@ -107,6 +110,7 @@ def save_model_dir(generator: ScaleWiseGenerator, path: str, dtype: Optional[tor
     hp = dict(generator.hparams)
     gen_args = {k: v for k, v in hp.items() if k not in COMPONENT_ARGS + NOT_EXPORTED}
     gen_args["ema_decay"] = None  # the exported transformer IS the EMA (when there is one)
+    gen_args["stage"] = "generator"  # the sampler-head stage is training-only: any sampler may load the model
     gen_args["patch_nums"] = list(generator.patch_nums)
     text_cfg = component_config(generator.text_encoder)
     if copy_text_encoder and hasattr(generator.text_encoder, "save_to"):
