@@ -33,7 +33,8 @@ def sampler_config(model_dir: str, choice: str) -> dict | None:
         return None
     name = {"parallel": "starkit.samplers.ParallelSampler", "stable": "starkit.samplers.StableSampler"}[choice]
     args = dict(saved.get("init_args") or {})
-    if name != saved.get("class_path"):
+    saved_class = (saved.get("class_path") or "").rsplit(".", 1)[-1]  # module paths differ: compare class names
+    if name.rsplit(".", 1)[-1] != saved_class:
         common = ("cfg", "cfg_schedule", "top_k", "top_p", "temperature")
         args = {k: v for k, v in args.items() if k in common}
     return {"class_path": name, "init_args": args}

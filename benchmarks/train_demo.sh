@@ -75,7 +75,6 @@ stage() {  # stage NAME COMMAND...: run, log to $LOG/NAME.log, time it (only the
 }
 
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$LOG/gpu.txt" 2>&1 || true
-git rev-parse HEAD > "$LOG/commit.txt" 2>/dev/null || true
 WANT_ABLATION=0; [[ "$WANT" != *" ablation "* ]] || WANT_ABLATION=1
 ABL="python3 benchmarks/demo_ablation.py"
 [ $WANT_ABLATION = 0 ] || $ABL prepare --processes 6 > "$LOG/ablation_prepare.log" 2>&1 &

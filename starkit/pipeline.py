@@ -87,6 +87,9 @@ def load_generator(path: str, device: Union[str, torch.device] = "cpu", sampler:
     weights = load_file(os.path.join(path, "generator.safetensors"), device="cpu")
     own = {k: v for k, v in generator.state_dict().items() if k.startswith(("transformer.", "sampler."))}
     missing = sorted(k for k in own if k not in weights and not k.startswith("sampler."))
+    saved_head = [k for k in weights if k.startswith("sampler.") and k in own]
+    if saved_head:  # a head is loaded whole or not at all (a partial one would pass as trained)
+        missing += sorted(k for k in own if k.startswith("sampler.") and k not in weights)
     if sampler is not None:  # a sampler chosen at load time may have no head: the saved head is then unused
         weights = {k: v for k, v in weights.items() if not k.startswith("sampler.") or k in own}
     unexpected = sorted(k for k in weights if k not in own)
@@ -122,7 +125,7 @@ def save_model_dir(generator: ScaleWiseGenerator, path: str, dtype: Optional[tor
         "positional": component_config(hp.get("positional")) if hp.get("positional") else None,
         "sampler": component_config(generator.sampler),
     }
-    generator.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+    generator.tokenizer.save_pretrained(os.path.join(path, "tokenizer"), dtype=dtype)
     source = generator.ema if (use_ema and generator.ema is not None) else generator.transformer
     tensors = {f"transformer.{k}": v for k, v in source.state_dict().items()}
     tensors.update({f"sampler.{k}": v for k, v in generator.sampler.state_dict().items()})

@@ -118,12 +118,12 @@ def test_grid_writer_in_predict(tiny_model_dir, tmp_path):
     out = tmp_path / "demo"
     main(["predict", "--config", os.path.join(REPO, "recipes/predict/demo.yaml"),
           f"--model.init_args.path={tiny_model_dir}", '--data.init_args.prompts=["a red circle", "two blue squares"]',
-          "--data.init_args.num_images_per_prompt=3", f"--data.init_args.output_dir={out}",
+          "--data.init_args.num_images_per_prompt=4", f"--data.init_args.output_dir={out}",
           f"--trainer.callbacks.init_args.output_dir={out}"])
-    assert len(glob.glob(str(out / "*.png"))) == 6
+    assert len(glob.glob(str(out / "*.png"))) == 8
     grid = Image.open(str(out) + "_grid.png")
-    # 32 px images, 3 per row (one row per prompt), 2 px padding
-    assert grid.size == (3 * 34 + 2, 2 * 34 + 2)
+    # 32 px images, 4 per row (one row per prompt, not a square-ish 3 x 3), 2 px padding
+    assert grid.size == (4 * 34 + 2, 2 * 34 + 2)
 
 
 def test_grid_writer_grid_layout():
@@ -174,3 +174,16 @@ def _chain(tmp_path):
     import eval_shapes
     result = eval_shapes.main(["models/demo", "--num", "4", "--seeds", "0", "--batch-size", "4"])
     assert result["rows"][0][1]["num_samples"] == 4
+
+
+def test_model_dir_loads_with_another_sampler_and_refuses_a_partial_head():
+    import eval_shapes
+    from starkit.pipeline import load_generator
+    demo = os.path.join(REPO, "models", "demo")  # saved with a StableSampler and its 1-block head
+    parallel = load_generator(demo, sampler=eval_shapes.sampler_config(demo, "parallel"))
+    assert type(parallel.sampler).__name__ == "ParallelSampler"
+    stable = eval_shapes.sampler_config(demo, "stable")  # the saved settings, head depth included
+    assert stable["init_args"]["head_depth"] == 1 and load_generator(demo, sampler=stable).sampler.head_ready
+    deeper = {"class_path": "starkit.samplers.StableSampler", "init_args": {**stable["init_args"], "head_depth": 3}}
+    with pytest.raises(RuntimeError, match="missing"):
+        load_generator(demo, sampler=deeper)

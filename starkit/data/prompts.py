@@ -237,6 +237,11 @@ class PromptDataModule(L.LightningDataModule):
                     f"{self.dataset.output_dir!r}; generating the other {total - done}"
                 )
 
+    @property
+    def num_images_per_prompt(self) -> int:
+        """Images per prompt (``GridWriter`` puts one prompt per row)."""
+        return self.dataset.num_images_per_prompt
+
     def predict_dataloader(self) -> DataLoader:
         """Batches of items as lists; see the class docstring for the format."""
         return DataLoader(

@@ -244,11 +244,15 @@ class MultiScaleVQ(ScaleTokenizer):
             model.freeze()
         return model
 
-    def save_pretrained(self, directory: str) -> None:
-        """Write ``config.json`` (init arguments) and ``model.safetensors``, atomically."""
+    def save_pretrained(self, directory: str, dtype: Optional[torch.dtype] = None) -> None:
+        """Write ``config.json`` (init arguments) and ``model.safetensors``, atomically; ``dtype``
+        (e.g. ``torch.float16``) casts the floating-point tensors (loading casts them back)."""
         config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.hparams.items()}
         config.update(pretrained=None, perceptual_net=None, patch_nums=list(self.patch_nums))
-        save_pretrained_dir(directory, config, self.tokenizer_state_dict())
+        state = self.tokenizer_state_dict()
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        save_pretrained_dir(directory, config, state)
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         checkpoint["starkit_tokenizer_step"] = self.train_step_count
