@@ -187,3 +187,24 @@ def test_model_dir_loads_with_another_sampler_and_refuses_a_partial_head():
     deeper = {"class_path": "starkit.samplers.StableSampler", "init_args": {**stable["init_args"], "head_depth": 3}}
     with pytest.raises(RuntimeError, match="missing"):
         load_generator(demo, sampler=deeper)
+
+
+def test_ablation_configs_are_valid_recipes(tmp_path, capsys):
+    import demo_ablation
+    with open(os.path.join(REPO, "recipes/demo/generator.yaml")) as fh:
+        base = yaml.safe_load(fh)
+    cfg = demo_ablation.make_config(base, str(tmp_path), "learned", 1, 128, steps=100, max_minutes=2.5, lr=None,
+                                    cache_dir=str(tmp_path / "cache"), workers=1, num_train=64)
+    model = cfg["model"]["init_args"]
+    assert model["positional"]["class_path"].endswith("LearnedAbsolutePE") and cfg["seed_everything"] == 1
+    assert model["tokenizer"]["init_args"]["patch_nums"][-1] == 16 and cfg["data"]["init_args"]["resolution"] == 128
+    assert model["init_from"].endswith(os.path.join("learned_s1_64", "last.ckpt"))
+    assert cfg["trainer"]["max_time"] == "00:00:02:30" and cfg["trainer"]["max_steps"] == 100
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as exit_info:  # jsonargparse validates every class_path and argument
+        main(["fit", "--config", str(path), "--print_config"])
+    assert exit_info.value.code == 0
+    assert "LearnedAbsolutePE" in capsys.readouterr().out
+    rows = [{"variant": "rope", "seed": s, "res": r, "overall": 0.1 * (s + 1)} for s in (0, 1) for r in (64, 128)]
+    assert "| rope | 10.0, 20.0 | 15.0 | 10.0, 20.0 | 15.0 |" in demo_ablation.ablation_table(rows)
