@@ -179,3 +179,16 @@ def test_settings_are_validated_and_with_settings_shares_the_head(trained):
     copy = gen.sampler.with_settings(steps=2, cfg=1.0)
     assert copy.head is gen.sampler.head and copy.steps == 2 and gen.sampler.steps == 3
     assert dict(gen.sampler.hparams)["causal_scales"] == 2
+
+
+def test_head_ready_follows_loaded_state_without_reading_the_buffer_each_time():
+    sampler = StableSampler(head_depth=1)
+    sampler.build(width=32, text_dim=16, latent_dim=8, vocab_size=16, num_heads=2, patch_nums=(1, 2))
+    assert not sampler.head_ready
+    state = sampler.state_dict()
+    state["head_trained"] = torch.ones((), dtype=torch.long)
+    sampler.load_state_dict(state)
+    assert sampler.head_ready  # the host copy was reset by the load
+    state["head_trained"] = torch.zeros((), dtype=torch.long)
+    sampler.load_state_dict(state)
+    assert not sampler.head_ready

@@ -112,6 +112,7 @@ class StableSampler(ScaleSampler):
         # 1 once the head has been trained or loaded (saved with the weights)
         self.register_buffer("head_trained", torch.zeros((), dtype=torch.long))
         self._warn_state = {"warned": False}  # shared by with_settings copies: warn once
+        self._trained_host = None  # host copy of head_trained (None: not read yet)
 
     def validate(self) -> None:
         validate_settings(self.cfg, self.top_k, self.top_p, self.temperature, self.cfg_schedule)
@@ -135,7 +136,17 @@ class StableSampler(ScaleSampler):
 
     @property
     def head_ready(self) -> bool:
-        return self.head is not None and bool(self.head_trained.item())
+        """Whether the head has trained weights. Read from the buffer once and then kept on the host
+        (reset when a state dict is loaded), so sampling does not wait on the GPU at every scale."""
+        if self.head is None:
+            return False
+        if self._trained_host is None:
+            self._trained_host = bool(self.head_trained.item())
+        return self._trained_host
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._trained_host = None  # the buffer may change: read it again when next asked
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def causal_scale_ids(self, num_scales: int) -> range:
         return range(max(num_scales - self.causal_scales, 0), num_scales)
@@ -228,10 +239,12 @@ class StableSampler(ScaleSampler):
             loss = F.cross_entropy(logits.transpose(1, 2), gt, reduction="none")  # (B, l)
             target = ~keep
             total_loss = total_loss + (loss * target).sum()
-            total_hidden += int(target.sum().item())
-            total_correct += int(((logits.argmax(-1) == gt) & target).sum().item())
+            total_hidden = total_hidden + target.sum()  # tensors: no host sync per scale
+            total_correct = total_correct + ((logits.argmax(-1) == gt) & target).sum()
         if self.training:
             self.head_trained.fill_(1)
-        n = max(total_hidden, 1)
-        loss = total_loss / n if torch.is_tensor(total_loss) else torch.zeros((), requires_grad=True)
-        return loss, {"head_acc": torch.tensor(total_correct / n), "head_hidden": torch.tensor(float(total_hidden))}
+            self._trained_host = True
+        if not torch.is_tensor(total_loss):
+            return torch.zeros((), requires_grad=True), {"head_acc": torch.tensor(0.0), "head_hidden": torch.tensor(0.0)}
+        n = torch.as_tensor(total_hidden).clamp(min=1).float()
+        return total_loss / n, {"head_acc": total_correct / n, "head_hidden": torch.as_tensor(total_hidden).float()}

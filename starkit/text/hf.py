@@ -171,11 +171,12 @@ class HFTextEncoder(TextEncoder):
                           PromptTruncationWarning, stacklevel=4)
 
     def _encode(self, prompts: List[str]) -> TextEmbedding:
-        self._warn_truncation(prompts)
         device = next(self.model.parameters()).device
         padding = "max_length" if self.kind == "clip" else "longest"
         batch = self.tokenizer(prompts, padding=padding, max_length=self.max_length, truncation=True,
                                return_tensors="pt", return_attention_mask=True)
+        if padding == "max_length" or batch["input_ids"].shape[1] >= self.max_length:
+            self._warn_truncation(prompts)  # a second tokenisation, only when a prompt may have been cut
         inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
         if "token_type_ids" in batch and self.kind == "bert":
             inputs["token_type_ids"] = batch["token_type_ids"].to(device)
