@@ -429,8 +429,15 @@ def run_1024(gen, name: str, side: int, args, dev: torch.device, rows: list) -> 
     if args.only in (None, "train"):
         gen.hparams.token_drop = 651 if not args.tiny else 4
         gen.transformer.activation_checkpointing = True
+        if args.search_batch_1024:  # increasing batches until one does not fit: the largest that does is kept
+            for B in [int(b) for b in args.search_batch_1024.split(",") if b]:
+                B = min(B, 2) if args.tiny else B
+                run_guarded(lambda: bench_train(gen, name + " drop+ckpt", B, side, args, dev), rows,
+                            name + " drop+ckpt", "train", B, dev, gen)
+                if "error" in rows[-1]:
+                    break
         B = 2 if args.tiny else args.batch_1024
-        while B >= 1:
+        while B >= 1 and not args.search_batch_1024:
             run_guarded(lambda: bench_train(gen, name + " drop+ckpt", B, side, args, dev), rows,
                         name + " drop+ckpt", "train", B, dev, gen)
             if "error" not in rows[-1]:
@@ -512,6 +519,9 @@ def main(argv=None) -> None:
                     help="also d30 @1024: training with token dropping (651) + activation checkpointing, and "
                          "generation with the parallel and the stable sampler")
     ap.add_argument("--batch-1024", type=int, default=8, help="training batch of d30 @1024 (halved on OOM)")
+    ap.add_argument("--search-batch-1024", default=None,
+                    help="comma-separated increasing batches for d30 @1024 training (e.g. 8,12,16,24,32): each is "
+                         "timed until one runs out of memory; replaces --batch-1024")
     ap.add_argument("--lightning", action="store_true", help="also time the training step through Trainer.fit")
     ap.add_argument("--text", choices=("clip", "random"), default="clip", help="text tower (random: fallback)")
     ap.add_argument("--compile", action="store_true",
