@@ -291,6 +291,7 @@ def main(argv=None) -> None:
     if args.tiny:
         batches = sorted({min(b, 2) for b in batches})
         args.warmup, args.repeats = min(args.warmup, 1), min(args.repeats, 2)
+        torch.set_num_threads(1)  # tiny ops gain nothing from threads, and lose a lot on a shared CPU
     if args.tf32:  # else PyTorch's defaults, as sample.py: matmul TF32 off, cuDNN conv TF32 on
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     sampling = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
