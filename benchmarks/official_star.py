@@ -1,42 +1,42 @@
 """Latency of the OFFICIAL STAR-T2I code (random weights, real architecture), for ratios
-against starkit measured in the same run. The official code is imported at run time from a
-checkout given on the command line; none of it lives in this repository.
+against starkit measured in the same run. The official code is imported at run time from the
+checkout given by ``--official-root``; none of it lives in this repository.
 
     python benchmarks/official_star.py --official-root .official/STAR \\
         --configs d16@256,d30@512,d30@1024 --batches 1,16 --repeats 5 --json $OUT/official_star.json
-    python benchmarks/official_star.py --official-root /path/to/STAR --tiny      # CPU smoke run (< 2 min)
+    python benchmarks/official_star.py --official-root /path/to/STAR --tiny      # CPU smoke run (~1 min)
 
 What runs is sample.py's path: ``build_vae_var(...)`` with sample.py's arguments (attn_l2_norm,
-RoPE theta 10000 / norm 64, level embedding, logit norm, ``flash_if_available=False`` so attention
+RoPE theta 10000 / norm 64, level embedding, logit norm, ``flash_if_available=False``: attention
 is F.scaled_dot_product_attention), ``Text_Model.extract_text_features(prompts + [""] * B)``
-(fp32 CLIP, outside autocast), then ``var.autoregressive_infer_cfg(..., more_smooth=False,
-w_mask=True, sample_version='1024')`` under ``torch.autocast('cuda', float16)`` inside
-``no_grad`` + ``inference_mode``: every scale with the official KV cache and CFG on 2B rows,
-then the fp32 VQVAE decode. Sampling defaults of sample.py: cfg 4.5, top_k 600, top_p 0.8,
-seed 1 (README's MJHQ eval: cfg 4.0, top_k 4096; demo_gradio: cfg 4.0, top_k 600).
-Stable sampler ("stable"): built with ``enable_adaptive_norm=True`` (its head: 3 blocks without
-cross-attention, head_logits2, ...) and ``sample_from_idx=9``, as demo_gradio.py /
-train_sampler.py; with ``w_mask=True`` it redraws scales >= 9 in 8 steps (15 on scale 13, i.e.
-64x64 at 1024). sample.py itself builds ``enable_adaptive_norm=False``: "parallel" here.
+(fp32 CLIP, outside autocast), ``var.autoregressive_infer_cfg(..., more_smooth=False, w_mask=True,
+sample_version='1024')`` under ``torch.autocast('cuda', float16)`` in ``no_grad`` +
+``inference_mode``: all scales with the official KV cache and CFG on 2B rows, then the fp32
+VQVAE decode. sample.py's sampling defaults: cfg 4.5, top_k 600, top_p 0.8, seed 1 (README's
+MJHQ eval: cfg 4.0, top_k 4096; demo_gradio.py: cfg 4.0, top_k 600). sampler "parallel" is
+sample.py (``enable_adaptive_norm=False``, so w_mask is a no-op); "stable" builds the official
+sampler head (``enable_adaptive_norm=True``, ``sample_from_idx=9``, as demo_gradio.py and
+train_sampler.py): scales 9-12 are drawn in 8 steps (5 from the main logits, 3 through the head:
+3 cross-attention-free blocks over 1 + pn^2 tokens, no cache), scale 13 (1024 only) in 15 head steps.
 
-Identical to the official run: model code, construction arguments, dtype handling (fp32 weights,
-fp16 autocast with weight-cast cache, fp32 logits/sampling/RoPE/CLIP/VQVAE decode), KV cache,
-CFG, sampler, the host-side Python. Not identical (each marked "PATCH" below):
-  * weights are random (VAR ``init_weights`` as build_vae_var does; the VQVAE, which
-    build_vae_var leaves uninitialised, gets PyTorch's default init instead of VAE.pth);
-  * CLIP: a random CLIPTextModel of SD-2.1's size instead of ``from_pretrained``, and a stub
-    tokenizer giving fixed ids (BOS, one id per word, EOS, pad 0; shape (2B, 77) with the
-    attention mask) since the BPE files cannot be had offline: host tokenisation is not timed;
-  * import-only modules, if not installed (none is here: torch CPU 2.13 without torchvision),
-    are replaced by empty stubs while the official code is imported: ``timm`` (models/
-    embed_rope.py imports Mlp, PatchEmbed, DropPath, ... and uses none), ``torchvision``
-    (models/text_encoder.py, unused), ``ftfy`` / ``bs4`` (models/t5_embedder.py, T5 only).
-    Nothing used at inference comes from them, so the GPU machine needs no extra wheel;
-  * prompts are sample.py's eight default prompts repeated; batches are timed one call each.
-TF32 is off as in sample.py (``--tf32`` turns it on as demo_gradio.py / the eval scripts do).
-Timing: host clock around a CUDA-synchronised ``generate`` call, ``--warmup`` (2) calls first,
-median of ``--repeats``; peak memory = max_memory_allocated since the model was built.
-The markdown table is printed last; ``--json`` writes every number.
+Identical to the official run: model code and arguments, dtypes (fp32 weights re-cast to fp16 by
+autocast on every call; fp32 CLIP, logits, sampling, RoPE and VQVAE decode), KV cache, CFG,
+samplers, host-side Python. Not identical (each marked PATCH in the code):
+  * random weights: VAR's ``init_weights`` as build_vae_var runs it; the VQVAE, which
+    build_vae_var leaves uninitialised (it no-ops reset_parameters process-wide; restored here),
+    gets PyTorch's default init instead of VAE.pth;
+  * CLIP: a random CLIPTextModel of SD-2.1's size instead of ``from_pretrained``, fed by a stub
+    tokenizer inside the official Text_Model (BOS, one id per word, EOS, pad 0: (2B, 77) ids and
+    mask) since the BPE files cannot be had offline, so host tokenisation is not timed;
+  * import-only modules that are not installed are empty stubs while the official code is
+    imported (none is installed here): ``timm`` (models/embed_rope.py, names never used),
+    ``torchvision`` (models/text_encoder.py, unused), ``ftfy``/``bs4`` (models/t5_embedder.py,
+    T5 only). The GPU machine needs no extra wheel;
+  * prompts: sample.py's eight defaults, repeated to the batch. TF32 stays off for matmuls as in
+    sample.py (``--tf32`` turns it on, as demo_gradio.py and the eval scripts do).
+Timing: host clock around CUDA-synchronised ``generate`` calls, ``--warmup`` (2) untimed first,
+median of ``--repeats``; peak GiB = max_memory_allocated during a batch's calls, weights included.
+Markdown table printed last; ``--json`` writes every number (``--count-syncs``: host syncs/call).
 """
 from __future__ import annotations
 
@@ -71,42 +71,38 @@ TINY_CLIP = dict(SD21_CLIP, hidden_size=64, intermediate_size=128, num_hidden_la
 SAMPLE_PY = dict(cfg=4.5, top_k=600, top_p=0.8, seed=1)
 PROMPTS = ["A red car.", "A cute dog.", "A banana in a plate.", "A giraffe.", "A red car and a white sheep.",
            "A blue bird on a tree.", "A green apple on the table.", "A green cup and a blue cell phone."]
+STUBS = {"timm": ["timm", "timm.models", "timm.models.vision_transformer", "timm.models.layers",
+                  "timm.models.registry"], "torchvision": ["torchvision"], "ftfy": ["ftfy"], "bs4": ["bs4"]}
 # the classes whose reset_parameters build_vae_var replaces by a no-op, process-wide
 NO_INIT = (nn.Linear, nn.LayerNorm, nn.BatchNorm2d, nn.SyncBatchNorm, nn.Conv1d, nn.Conv2d,
            nn.ConvTranspose1d, nn.ConvTranspose2d)
 
 
-def _stub_modules(spec: dict) -> list:
-    """PATCH: empty placeholder modules for import-only dependencies that are not installed."""
-    added = []
-    for top, subs in spec.items():
-        if importlib.util.find_spec(top) is not None:
-            continue
-        for name, attrs in subs.items():
-            mod = types.ModuleType(name)
-            mod.__spec__ = importlib.machinery.ModuleSpec(name, None)  # find_spec() must not raise (transformers)
-            for a in attrs:
-                setattr(mod, a, None)  # never called on the inference path
-            sys.modules[name] = mod
-            added.append(name)
-    return added
+def _stub_attr(attr: str) -> None:
+    if attr.startswith("__"):
+        raise AttributeError(attr)
+    return None  # a name bound by e.g. `from timm.models.layers import DropPath`, never used
 
 
 def import_official(root: str):
-    """(dist, build_vae_var, Text_Model) from the checkout at ``root``."""
+    """(dist module, build_vae_var, Text_Model, names of stubbed modules) from the checkout at ``root``."""
     root = os.path.abspath(root)
     for name in ("models", "utils", "dist"):  # generic top-level names of the official code
         mod = sys.modules.get(name)
-        if mod is not None and not str(getattr(mod, "__file__", None) or getattr(mod, "__path__", [""])[0]).startswith(root):
+        where = getattr(mod, "__file__", None) or next(iter(getattr(mod, "__path__", [])), "")
+        if mod is not None and not str(where).startswith(root):
             raise RuntimeError(f"a module named {name!r} not from {root} is already imported")
-    import transformers.models.clip  # noqa: F401  (imported before the stubs exist)
-    import transformers.models.t5  # noqa: F401
-    stubs = _stub_modules({
-        "timm": {"timm": [], "timm.models": [], "timm.models.vision_transformer": ["Mlp", "PatchEmbed", "_cfg"],
-                 "timm.models.layers": ["DropPath", "to_2tuple", "trunc_normal_"],
-                 "timm.models.registry": ["register_model"]},
-        "ftfy": {"ftfy": ["fix_text"]}, "bs4": {"bs4": ["BeautifulSoup"]}, "torchvision": {"torchvision": []}})
-    sys.path.insert(0, root)
+    from transformers import CLIPTextModel, T5EncoderModel  # noqa: F401  (resolved before any stub exists)
+    stubs = []  # PATCH: empty modules for import-only dependencies that are not installed
+    for top, names in STUBS.items():
+        if importlib.util.find_spec(top) is None:
+            for name in names:
+                sys.modules[name] = mod = types.ModuleType(name)
+                mod.__spec__ = importlib.machinery.ModuleSpec(name, None)  # transformers calls find_spec()
+                mod.__getattr__ = _stub_attr
+                stubs.append(name)
+    if root not in sys.path:
+        sys.path.insert(0, root)
     try:
         import dist  # noqa: F401  (the official dist.py: holds the device VAR puts its buffers on)
         import models
@@ -192,7 +188,7 @@ def build_official(official_root: str, config: str, device="cuda", dtype: torch.
     var.eval()
     from transformers import CLIPTextConfig, CLIPTextModel
     text = Text_Model.__new__(Text_Model)  # PATCH: skip __init__ (from_pretrained of SD-2.1's folder)
-    nn.Module.__init__(text)
+    nn.Module.__init__(text)  # then set what __init__ would have set for text_encoder='clip'
     text.device, text.text_encoder_name, text.tokenizer = device, "clip", FixedIdsTokenizer()
     with torch.device(device):
         text.text_encoder = CLIPTextModel(CLIPTextConfig(**clip_cfg)).eval().requires_grad_(False)  # fp32
@@ -203,30 +199,22 @@ def build_official(official_root: str, config: str, device="cuda", dtype: torch.
     return OfficialSTAR(var, vae, text, device, dtype, sampling, info)
 
 
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def time_calls(fn, warmup: int, repeats: int, dev: torch.device) -> list:
-    """Host-clock seconds of synchronised calls."""
-    for _ in range(warmup):
-        fn()
-        sync(dev)
+    """Host-clock seconds of synchronised calls, after ``warmup`` untimed ones."""
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     times = []
-    for _ in range(repeats):
-        sync(dev)
+    for i in range(warmup + repeats):
+        sync()
         t = time.perf_counter()
         fn()
-        sync(dev)
-        times.append(time.perf_counter() - t)
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
     return times
 
 
-def count_syncs(fn, dev: torch.device) -> int | None:
+def count_syncs(fn) -> int:
     """Device->host synchronisations in one call (CUDA sync debug mode)."""
-    if dev.type != "cuda":
-        return None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -238,8 +226,10 @@ def count_syncs(fn, dev: torch.device) -> int | None:
 
 
 def bench(model: OfficialSTAR, batch: int, args) -> dict:
-    dev = model.device
-    out = {}
+    dev, out = model.device, {}
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)  # the peak then includes the weights, as in bench_generator.py
 
     def call():
         out["img"] = model.generate(batch, seed=args.seed)
@@ -250,7 +240,7 @@ def bench(model: OfficialSTAR, batch: int, args) -> dict:
     return dict(model.info, batch=batch, latency_s_median=t, latency_s_all=times, s_per_image=t / batch,
                 peak_gib=torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
                 image_shape=list(img.shape), image_finite=bool(torch.isfinite(img).all()),
-                host_syncs_per_call=count_syncs(call, dev) if args.count_syncs else None)
+                host_syncs_per_call=count_syncs(call) if args.count_syncs and dev.type == "cuda" else None)
 
 
 def fmt_table(rows: list, device_name: str) -> str:
@@ -275,13 +265,11 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="autocast dtype")
-    ap.add_argument("--cfg", type=float, default=SAMPLE_PY["cfg"])
-    ap.add_argument("--top-k", type=int, default=SAMPLE_PY["top_k"])
-    ap.add_argument("--top-p", type=float, default=SAMPLE_PY["top_p"])
-    ap.add_argument("--seed", type=int, default=SAMPLE_PY["seed"])
+    for flag, typ in (("--cfg", float), ("--top-k", int), ("--top-p", float), ("--seed", int)):
+        ap.add_argument(flag, type=typ, default=SAMPLE_PY[flag[2:].replace("-", "_")], help="default: sample.py's")
     ap.add_argument("--tf32", action="store_true", help="TF32 matmul/conv as demo_gradio.py (sample.py: off)")
     ap.add_argument("--count-syncs", action="store_true", help="one extra call in CUDA sync-debug mode")
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: depth 3, tiny CLIP, batches <= 2")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: depth 3, tiny CLIP, batches <= 2, 1 thread")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None)
     ap.add_argument("--verbose", action="store_true", help="show the official constructors' prints")
@@ -299,32 +287,30 @@ def main(argv=None) -> None:
     rows = []
     for config in [c for c in args.configs.split(",") if c]:
         for sampler in [s for s in args.samplers.split(",") if s]:
-            model = None
-            try:
-                t0 = time.perf_counter()
-                model = build_official(args.official_root, config, dev, dtype, sampler, args.tiny, sampling, args.verbose)
-                print(f"built official {config} {sampler} in {time.perf_counter() - t0:.1f} s: "
-                      f"{model.info['var_params_M']:.0f} M params, {model.info['tokens']} tokens", flush=True)
-                if dev.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(dev)
-                for b in batches:
-                    try:
-                        rows.append(bench(model, b, args))
-                        r = rows[-1]
-                        print(f"official {config} {sampler} b{b}: {r['latency_s_median']:.3f} s/call, "
-                              f"{r['s_per_image']:.4f} s/image, image {tuple(r['image_shape'])}", flush=True)
-                    except torch.OutOfMemoryError as err:
-                        rows.append(dict(config=config, sampler=sampler, batch=b, error=f"OOM: {str(err)[:120]}"))
-                        print(f"official {config} {sampler} b{b}: OOM", flush=True)
-                    if dev.type == "cuda":
-                        torch.cuda.empty_cache()
-            finally:
-                del model
-                gc.collect()
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
+            t0 = time.perf_counter()
+            model = build_official(args.official_root, config, dev, dtype, sampler, args.tiny, sampling, args.verbose)
+            print(f"built official {config} {sampler} in {time.perf_counter() - t0:.1f} s: "
+                  f"{model.info['var_params_M']:.0f} M params, {model.info['tokens']} tokens", flush=True)
+            for b in batches:
+                try:
+                    rows.append(bench(model, b, args))
+                    r = rows[-1]
+                    print(f"official {config} {sampler} b{b}: {r['latency_s_median']:.3f} s/call, "
+                          f"{r['s_per_image']:.4f} s/image, image {tuple(r['image_shape'])}", flush=True)
+                except torch.OutOfMemoryError as err:
+                    rows.append(dict(config=config, sampler=sampler, batch=b, error=f"OOM: {str(err)[:120]}"))
+                    print(f"official {config} {sampler} b{b}: OOM", flush=True)
+                    for blk in model.var.blocks:  # drop the KV cache the failed call left behind
+                        blk.attn.kv_caching(False)
+            del model
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
     root = os.path.abspath(args.official_root)
-    commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = None
+    if os.path.exists(os.path.join(root, ".git")):
+        with contextlib.suppress(OSError):
+            commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     meta = dict(device=name, torch=torch.__version__, official_root=root, official_commit=commit or None,
                 tf32=args.tf32, warmup=args.warmup, repeats=args.repeats, argv=sys.argv[1:])
