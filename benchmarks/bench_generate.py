@@ -1,0 +1,200 @@
+"""End-to-end text -> image latency of starkit and of the OFFICIAL STAR-T2I code, in one run on one
+GPU, with the ratio: the benchmark of issue 7 (random weights, real architectures, no downloads).
+
+    python benchmarks/bench_generate.py --official-root .official/STAR --json $OUT/bench_generate.json
+    python benchmarks/bench_generate.py --configs d30@1024 --batches 1,16 --official-root .official/STAR
+    python benchmarks/bench_generate.py --tiny --official-root /path/to/STAR        # CPU smoke run (~3 min)
+
+For each config (d16@256, d30@512, d30@1024), sampler (parallel, stable) and batch (1, 16):
+  * starkit: ``ScaleWiseGenerator.generate(prompts, cfg, top_k, top_p, seed)`` under bf16 autocast
+    (text encoding with a CLIP of SD-2.1's size, all scales with the KV cache and batched CFG, VQ
+    decode), built by benchmarks/bench_generator.py's helpers; the stable sampler has a random head
+    marked trained, revealing the same scales in the same number of steps as the official one;
+  * official: benchmarks/official_star.py (sample.py's path, fp16 autocast as it runs; the stable
+    sampler as demo_gradio.py builds it: ``sample_from_idx=9``, so scales 9.. are causal).
+Both use cfg 4.0, top_k 600, top_p 0.8. Timing: host clock around synchronised calls, ``--warmup``
+untimed first, median of ``--repeats``. Each model is built, timed and freed before the next, so
+peak memory is each one's own. TFLOP/s from benchmarks/flops.py (one forward over the 2B guided
+rows; the official and starkit transformers do the same work), against the bf16 matmul ceiling
+measured at the start of the run (8192^3, bf16). The markdown table is printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+import bench_generator as bg  # noqa: E402
+from flops import GeneratorArch, generate_flops  # noqa: E402
+
+PATCH_NUMS = {"d16@256": bg.P256, "d30@512": bg.P512, "d30@1024": bg.P1024}
+TINY_PATCH_NUMS = {"d16@256": tuple(range(1, 11)), "d30@512": tuple(range(1, 11)), "d30@1024": tuple(range(1, 15))}
+SAMPLE_FROM = 9  # the official stable sampler's first causal scale (demo_gradio.py / train_sampler.py)
+
+
+def matmul_ceiling(dev: torch.device, n: int = 8192, repeats: int = 20) -> float | None:
+    """Measured bf16 matmul TFLOP/s (the denominator of '% of ceiling')."""
+    if dev.type != "cuda":
+        return None
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        a @ b
+    end.record()
+    torch.cuda.synchronize(dev)
+    return 2 * n ** 3 * repeats / (start.elapsed_time(end) / 1000) / 1e12
+
+
+def stable_for(gen, patch_nums, dev):
+    """starkit's StableSampler revealing what the official one reveals: scales SAMPLE_FROM.. (8 steps,
+    15 on the last scale, 5 of them from the main logits); a random head marked trained."""
+    from starkit.samplers import StableSampler
+    tr = gen.transformer
+    sampler = StableSampler(**bg.SAMPLING, causal_scales=max(len(patch_nums) - SAMPLE_FROM, 0), steps=8,
+                            steps_last=15, random_steps=5)
+    sampler.build(tr.width, gen.text_encoder.dim, gen.tokenizer.embed_dim, gen.tokenizer.codebook_size,
+                  tr.num_heads, gen.patch_nums)
+    sampler.head_trained.fill_(1)
+    return sampler.to(dev).eval()
+
+
+def time_ours(config: str, args, dev, text, ceiling) -> list:
+    tiny = args.tiny
+    pn = (TINY_PATCH_NUMS if tiny else PATCH_NUMS)[config]
+    tok = bg.build_tokenizer(tiny, pn, dev)
+    gen = bg.build_generator(config.split("@")[0], tiny, pn, tok, text, dev).eval()
+    rows = []
+    samplers = {"parallel": None, "stable": stable_for(gen, pn, dev)}
+    arch = GeneratorArch.from_transformer(gen.transformer, text_len=gen.text_encoder.max_length)
+    for sampler_name in args.samplers.split(","):
+        for B in batches(args):
+            prompts = [bg.CAPTIONS[i % len(bg.CAPTIONS)] for i in range(B)]
+
+            def call():
+                with torch.no_grad(), bg.autocast(dev):
+                    gen.generate(prompts, seed=0, sampler=samplers[sampler_name], **bg.SAMPLING)
+
+            rows.append(timed("starkit", config, sampler_name, B, call, args, dev,
+                              generate_flops(arch, B, guided=True), ceiling))
+    del gen, tok, samplers
+    bg.free_memory(dev)
+    return rows
+
+
+def time_official(config: str, args, dev, ceiling) -> list:
+    from official_star import build_official
+    rows = []
+    for sampler_name in args.samplers.split(","):
+        model = build_official(args.official_root, config, device=dev, sampler=sampler_name, tiny=args.tiny,
+                               sampling=dict(bg.SAMPLING, seed=0))
+        for B in batches(args):
+            rows.append(timed("official", config, sampler_name, B, lambda: model.generate(B, seed=0), args, dev,
+                              None, ceiling))
+        del model
+        bg.free_memory(dev)
+    return rows
+
+
+def timed(impl: str, config: str, sampler: str, B: int, call, args, dev, flops, ceiling) -> dict:
+    row = {"impl": impl, "config": config, "sampler": sampler, "batch": B}
+    bg.free_memory(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    try:
+        times = bg.time_calls(call, args.warmup, args.repeats, dev)
+    except Exception as err:  # noqa: BLE001
+        if not bg.is_oom(err):
+            raise
+        row["error"] = "OOM"
+        bg.log(f"{impl} {config} {sampler} b{B}: OOM")
+        return row
+    t = statistics.median(times)
+    row.update(latency_s=t, latency_all=times, s_per_image=t / B, images_per_s=B / t, peak_gib=bg.peak_gib(dev),
+               flops=flops, tflops=flops / t / 1e12 if flops else None)
+    if flops and ceiling:
+        row["pct_of_ceiling"] = 100 * flops / t / 1e12 / ceiling
+    bg.log(f"{impl} {config} {sampler} b{B}: {t:.4f} s/call, {t / B:.4f} s/image")
+    return row
+
+
+def batches(args) -> list:
+    out = [int(b) for b in args.batches.split(",") if b]
+    return [min(b, 2) for b in out] if args.tiny else out
+
+
+def table(rows: list, device_name: str, ceiling) -> str:
+    official = {(r["config"], r["sampler"], r["batch"]): r for r in rows if r["impl"] == "official" and "error" not in r}
+    ceil = f"{ceiling:.0f} TFLOP/s measured bf16 matmul" if ceiling else "no ceiling (CPU)"
+    lines = [f"### End-to-end generation, starkit vs official STAR-T2I ({device_name}; {ceil})", "",
+             "| config | sampler | batch | starkit s/image | official s/image | speed-up | starkit TFLOP/s (% ceiling) "
+             "| starkit peak GiB | official peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["impl"] != "starkit":
+            continue
+        o = official.get((r["config"], r["sampler"], r["batch"]))
+        if "error" in r:
+            lines.append(f"| {r['config']} | {r['sampler']} | {r['batch']} | {r['error']} | | | | | |")
+            continue
+        fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
+        speed = f"{o['s_per_image'] / r['s_per_image']:.2f}x" if o else "n/a"
+        tf = fmt(r.get("tflops"), ".1f") + (f" ({r['pct_of_ceiling']:.0f}%)" if r.get("pct_of_ceiling") else "")
+        lines.append(f"| {r['config']} | {r['sampler']} | {r['batch']} | {r['s_per_image']:.4f} | "
+                     f"{fmt(o and o['s_per_image'], '.4f')} | {speed} | {tf} | {fmt(r['peak_gib'], '.1f')} | "
+                     f"{fmt(o and o.get('peak_gib'), '.1f')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default="d16@256,d30@512,d30@1024")
+    ap.add_argument("--samplers", default="parallel,stable")
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--official-root", default=None, help="a checkout of STAR-T2I (not committed); none: ours only")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny models")
+    ap.add_argument("--text", choices=("clip", "random"), default="clip")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    dev = torch.device(args.device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # as sample.py runs
+    ceiling = matmul_ceiling(dev)
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    bg.log(f"{device_name}, torch {torch.__version__}, bf16 matmul ceiling {ceiling}")
+    rows, workdir = [], tempfile.mkdtemp(prefix="bench_generate_")
+    try:
+        text, _ = bg.build_text_encoder(args.text, args.tiny, dev, workdir)
+        for config in args.configs.split(","):
+            rows += time_ours(config, args, dev, text, ceiling)
+            if args.official_root:
+                rows += time_official(config, args, dev, ceiling)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "device": device_name,
+                       "torch": torch.__version__, "ceiling_tflops": ceiling, "args": vars(args), "rows": rows},
+                      fh, indent=1, default=str)
+    print()
+    print(table(rows, device_name + (" (tiny smoke run)" if args.tiny else ""), ceiling), flush=True)
+
+
+if __name__ == "__main__":
+    main()
