@@ -1,0 +1,29 @@
+"""The GPU benchmark scripts run end to end in their tiny CPU mode (their GPU figures are in docs/)."""
+import json
+import os
+import sys
+
+from conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import bench_generate  # noqa: E402
+import bench_train  # noqa: E402
+
+
+def test_bench_generate_tiny(tmp_path, capsys):
+    out = tmp_path / "gen.json"
+    bench_generate.main(["--tiny", "--configs", "d16@256", "--batches", "1", "--repeats", "1", "--warmup", "0",
+                         "--text", "random", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["sampler"], r["batch"]) for r in rows} == {("parallel", 1), ("stable", 1)}
+    assert all(r["latency_s"] > 0 for r in rows)
+    assert "| d16@256 | stable | 1 |" in capsys.readouterr().out
+
+
+def test_bench_train_tiny(tmp_path, capsys):
+    out = tmp_path / "train.json"
+    bench_train.main(["--tiny", "--configs", "d16@256,d30@1024", "--steps", "1", "--warmup", "0", "--text", "random",
+                      "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["config"] for r in rows] == ["d16@256", "d30@1024"] and all(r["images_per_s"] > 0 for r in rows)
+    assert "largest batch that fits 2" in capsys.readouterr().out
