@@ -181,3 +181,36 @@ def test_gradient_clipping_by_global_norm_works_with_any_adamw():
     gen.configure_gradient_clipping(opt, 2.0, "norm")
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in gen.transformer.parameters()]))
     assert norm.item() == pytest.approx(2.0, rel=1e-4)
+
+
+@pytest.mark.parametrize("drop", [0, 5])
+def test_flex_attention_forward_equals_sdpa(drop):
+    """attention="flex" (a FlexAttention BlockMask) gives the dense block-causal mask's hidden states,
+    with and without token dropping (its backward runs on CUDA only: benchmarks/bench_train.py)."""
+    gen = make_tiny_generator()
+    tr = gen.transformer
+    B, L = 2, tr.seq_len
+    torch.manual_seed(0)
+    pooled, tokens = torch.randn(B, 32), torch.randn(B, 5, 32)
+    mask = torch.ones(B, 5, dtype=torch.bool)
+    inputs = torch.randn(B, L - tr.first_l, gen.tokenizer.embed_dim)
+    keep = None if drop == 0 else torch.cat([torch.arange(L - 16), torch.arange(L - 16, L)[drop:]])
+    outs = []
+    with torch.no_grad():
+        for attention in ("sdpa", "flex"):
+            tr.attention = attention
+            outs.append(tr(pooled, tokens, mask, inputs, keep))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+def test_flex_attention_trains_with_the_dense_mask_off_cuda():
+    gen = make_tiny_generator(attention="flex", caption_dropout=0.0)
+    gen.train()
+    gen.log = lambda *a, **k: None
+    with pytest.warns(UserWarning, match="CUDA only"):
+        gen._loss(random_batch(batch_size=2), "train").backward()
+
+
+def test_attention_choice_is_validated():
+    with pytest.raises(ValueError, match="attention"):
+        make_tiny_generator(attention="xformers")

@@ -32,6 +32,25 @@ class DropPath(nn.Module):
         return x * keep / (1 - self.p)
 
 
+_COMPILED_FLEX = {}
+
+
+def flex_attention_fn(device: torch.device):
+    """``flex_attention``: compiled once per process on CUDA (the fused kernel that skips the masked
+    blocks); eager elsewhere (a reference implementation, for tests on the CPU)."""
+    from torch.nn.attention.flex_attention import flex_attention
+    if device.type != "cuda":
+        def eager(*args, **kwargs):
+            import warnings
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "called without torch.compile": intended off the GPU
+                return flex_attention(*args, **kwargs)
+        return eager
+    if "cuda" not in _COMPILED_FLEX:
+        _COMPILED_FLEX["cuda"] = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX["cuda"]
+
+
 class KVCache:
     """Preallocated keys and values of one self-attention layer, ``(B, H, L, d)`` each."""
 
@@ -87,7 +106,10 @@ class SelfAttention(nn.Module):
         q, k = self.qk_norm(q, k)
         if cache is not None:  # sampling: attend to every cached position, no mask needed
             k, v = cache.append(k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # (B, H, l, d)
+        if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask (training)
+            out = flex_attention_fn(q.device)(q, k, v, block_mask=mask, scale=1.0)  # (B, H, l, d)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # (B, H, l, d)
         return self.proj(out.transpose(1, 2).reshape(B, l, C))
 
 

@@ -59,6 +59,9 @@ class ScaleWiseGenerator(L.LightningModule):
         token_drop: drop this many random tokens of the last scale in each training step
             (STAR at 1024: 651), with the loss on the kept ones.
         activation_checkpointing: recompute block activations in the backward pass.
+        attention: training self-attention: "sdpa" (scaled_dot_product_attention with the dense
+            block-causal mask) or "flex" (FlexAttention, compiled on CUDA: skips the fully masked
+            blocks). Sampling always uses the KV cache without a mask.
         init_from: a starkit checkpoint or model directory whose transformer initialises
             this one (progressive resolution: scales may differ).
         stage: "generator" trains the transformer; "sampler_head" freezes it and trains only
@@ -98,6 +101,7 @@ class ScaleWiseGenerator(L.LightningModule):
         adaln: bool = False,
         cross_attention: bool = True,
         start_from_condition: str = "proj",
+        attention: str = "sdpa",
     ) -> None:
         super().__init__()
         hparams = library_hparams(type(self), locals())
@@ -129,6 +133,9 @@ class ScaleWiseGenerator(L.LightningModule):
             cond_dim=text_encoder.dim, adaln=adaln, start_from_condition=start_from_condition,
         )
         self.transformer.activation_checkpointing = activation_checkpointing
+        if attention not in ("sdpa", "flex"):
+            raise ValueError(f"attention must be 'sdpa' or 'flex', got {attention!r}.")
+        self.transformer.attention = attention
         self.sampler.build(arch["width"], text_encoder.dim, tokenizer.embed_dim, tokenizer.codebook_size,
                            arch["num_heads"], self.patch_nums)
         if stage == "sampler_head":

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from typing import List, Optional, Sequence
 
+import warnings
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -80,6 +82,7 @@ class ScaleTransformer(nn.Module):
         self.seq_len = sum(p * p for p in self.patch_nums)
         self.width, self.depth, self.num_heads, self.vocab_size = width, depth, num_heads, vocab_size
         self.activation_checkpointing = False
+        self.attention = "sdpa"  # training attention: "sdpa" (dense boolean mask) or "flex" (FlexAttention)
 
         cond_dim = cond_dim or text_dim
         if start_from_condition not in ("proj", "identity"):
@@ -196,7 +199,7 @@ class ScaleTransformer(nn.Module):
         if keep is not None:
             x = x[:, keep]
         x = self._add_position(x, positions)
-        mask = self.block_causal[positions][:, positions] if keep is not None else self.block_causal
+        mask = self._training_mask(keep, x.device)
         rotary = self.positional.rotary(positions)
         text_kvs, text_bias = self._text_inputs(text_tokens, text_mask)
         extra = self._block_kwargs(pooled)
@@ -207,6 +210,34 @@ class ScaleTransformer(nn.Module):
             else:
                 x = block(x, rotary=rotary, mask=mask, text_kv=kv, text_bias=text_bias, **extra)
         return x
+
+    def _training_mask(self, keep: Optional[torch.Tensor], device: torch.device):
+        """The block-causal mask of the kept positions: a dense boolean ``(L', L')`` for SDPA, or a
+        FlexAttention ``BlockMask`` whose fully masked 128 x 128 blocks are skipped (about half of
+        all query-key pairs at 1024)."""
+        if self.attention == "sdpa":
+            return self.block_causal[keep][:, keep] if keep is not None else self.block_causal
+        if self.attention != "flex":
+            raise ValueError(f"attention must be 'sdpa' or 'flex', got {self.attention!r}.")
+        if device.type != "cuda" and torch.is_grad_enabled():  # FlexAttention has no CPU backward
+            if not getattr(self, "_warned_flex_cpu", False):
+                self._warned_flex_cpu = True
+                warnings.warn("attention='flex' trains on CUDA only (FlexAttention has no backward on "
+                              f"{device.type}); using the dense block-causal mask (attention='sdpa') here.")
+            return self.block_causal[keep][:, keep] if keep is not None else self.block_causal
+        from torch.nn.attention.flex_attention import create_block_mask
+        levels = self.levels if keep is None else self.levels[keep]  # (L',)
+        if keep is None and getattr(self, "_flex_mask", None) is not None and self._flex_mask[0] == device:
+            return self._flex_mask[1]  # no token dropping: the same mask at every step
+
+        def block_causal(b, h, q, kv):
+            return levels[kv] <= levels[q]
+
+        n = levels.shape[0]
+        mask = create_block_mask(block_causal, None, None, n, n, device=device)
+        if keep is None:
+            self._flex_mask = (device, mask)
+        return mask
 
     def _text_inputs(self, text_tokens, text_mask):
         if text_tokens is None or self.blocks[0].cross_attn is None:
