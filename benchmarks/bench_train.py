@@ -10,7 +10,8 @@ Configs: d16@256 and d30@256 (patch_nums 1..16, 680 tokens) and d30@1024 (1..64,
 651 last-scale tokens dropped as STAR does (9451 -> 8800), activation checkpointing on).
 starkit's step is benchmarks/bench_generator.py's ``bench_train``: what Lightning's bf16-mixed +
 gradient clipping 2.0 run, written out (VQ encode and CLIP encode inside the step, caption
-dropout, fused AdamW). For each config the batches of ``--search`` (or the config's default list)
+dropout, fused AdamW), with ``--attentions sdpa,flex`` once per attention implementation (the
+dense block-causal mask, FlexAttention). For each config the batches of ``--search`` (or the config's default list)
 are timed in increasing order until one runs out of memory; the largest that fits is the row.
 The official trainer (benchmarks/official_star_train.py) is timed the same way at its own
 batches, so the table gives both at the same batch and each at its largest.
@@ -73,22 +74,26 @@ def time_ours(config: str, args, dev, text) -> list:
         gen.hparams.token_drop = 4 if tiny else TOKEN_DROP_1024
         gen.transformer.activation_checkpointing = True
     side = pn[-1] * tok.downsample
+    rows = []
+    for attention in args.attentions.split(","):
+        gen.transformer.attention = attention
+        impl = "starkit" if attention == "sdpa" else f"starkit {attention}"
 
-    def one(B: int) -> dict:
-        try:
-            row = bg.bench_train(gen, config, B, side, args, dev)
-        finally:
-            for p in gen.parameters():
-                p.grad = None
-            bg.free_memory(dev)
-        bg.log(f"starkit {config} b{B}: {row['step_s_median'] * 1000:.1f} ms/step, {row['images_per_s']:.2f} img/s, "
-               f"MFU {row['mfu_pct']}, {row['peak_gib']} GiB")
-        return dict(row, impl="starkit")
+        def one(B: int) -> dict:
+            try:
+                row = bg.bench_train(gen, config, B, side, args, dev)
+            finally:
+                for p in gen.parameters():
+                    p.grad = None
+                bg.free_memory(dev)
+            bg.log(f"{impl} {config} b{B}: {row['step_s_median'] * 1000:.1f} ms/step, {row['images_per_s']:.2f} "
+                   f"img/s, MFU {row['mfu_pct']}, {row['peak_gib']} GiB")
+            return row
 
-    rows = search(config, batch_list(config, args), one)
+        rows += [dict(r, impl=impl, attention=attention) for r in search(config, batch_list(config, args), one)]
     del gen, tok
     bg.free_memory(dev)
-    return [dict(r, impl="starkit") for r in rows]
+    return rows
 
 
 def time_official(config: str, args, dev) -> list:
@@ -124,7 +129,7 @@ def table(rows: list, device_name: str) -> str:
         if "error" in r:
             lines.append(f"| {r['config']} | {r['impl']} | {r['batch']} | {r['error'][:40]} | | | | | |")
             continue
-        o = official.get((r["config"], r["batch"])) if r["impl"] == "starkit" else None
+        o = official.get((r["config"], r["batch"])) if r["impl"].startswith("starkit") else None
         ratio = f"{r['images_per_s'] / o['images_per_s']:.2f}x" if o else ""
         fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
         lines.append(f"| {r['config']} | {r['impl']} | {r['batch']} | {1000 * r['step_s_median']:.1f} | "
@@ -145,6 +150,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="d16@256,d30@256,d30@1024")
     ap.add_argument("--search", default=None, help="increasing batches to try (default: per config)")
+    ap.add_argument("--attentions", default="sdpa", help="training attention(s) of starkit: sdpa, flex or sdpa,flex")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--official-root", default=None, help="a checkout of STAR-T2I (not committed); none: ours only")

@@ -210,7 +210,7 @@ def build_official_trainer(official_root: str, config: str, device="cuda", batch
                 patch_nums=list(a.patch_nums), resolution=R, tokens=var_wo_ddp.L, tokens_trained=a.drop_scale_length or var_wo_ddp.L,
                 var_params_M=sum(p.numel() for p in var_wo_ddp.parameters()) / 1e6, lr=a.tlr, wd=a.twd, betas=tp["betas"],
                 fused_adamw=a.afuse, grad_clip=a.tclip, mixed_precision={0: "fp32", 1: "fp16+GradScaler", 2: "bf16"}[fp16],
-                tf32=a.tf32, fuse=a.fuse, flash_self_attn=sum(b.attn.using_flash for b in blocks),
+                tf32=bool(a.tf32 and device.type == "cuda"), fuse=a.fuse, flash_self_attn=sum(b.attn.using_flash for b in blocks),
                 xformers_self_attn=sum(b.attn.using_xform for b in blocks),
                 fused_mlp=sum(b.ffn.fused_mlp_func is not None for b in blocks), ddp=ddp, stubbed_modules=stubs + more)
     return OfficialTrainer(trainer, text, images, prompts, a, dict(lr_wd_annealing=lr_wd_annealing, misc=misc), info)
@@ -263,7 +263,7 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--ddp", action="store_true", help="world-size-1 DDP(find_unused_parameters=True) as train.py under torch.distributed")
     ap.add_argument("--count-syncs", action="store_true", help="one extra step in CUDA sync-debug mode")
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny models, batch <= 2, 1 warm-up, 2 steps")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny models, batch <= 2, 2 warm-ups, 3 steps")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None)
     ap.add_argument("--verbose", action="store_true", help="show the official constructors' prints")
@@ -275,7 +275,7 @@ def main(argv=None) -> None:
     batches = batches * len(configs) if len(batches) == 1 else batches
     assert len(batches) == len(configs), "--batches: one per config"
     if args.tiny:
-        batches, args.warmup, args.steps = [min(b, 2) for b in batches], min(args.warmup, 1), min(args.steps, 2)
+        batches, args.warmup, args.steps = [min(b, 2) for b in batches], min(args.warmup, 2), min(args.steps, 3)
     if args.ddp:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
