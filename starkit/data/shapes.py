@@ -24,6 +24,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from .shapes_cache import ShapesCache
+
 # Hues are far apart (>= 25 degrees) so an analytic detector separates them by hue alone.
 PALETTE: Dict[str, Tuple[int, int, int]] = {
     "red": (225, 35, 35), "orange": (250, 135, 10), "yellow": (240, 228, 30),
@@ -286,90 +288,6 @@ class ShapesDataset(Dataset):
         truth = self.cache.truths[index]
         return {"image": pixels, "caption": truth["caption"], "path": f"shapes://{self.split}/{index}",
                 "objects": json.dumps(truth), "skill": truth["skill"]}
-
-
-def _render_chunk(args) -> Tuple[int, List[dict]]:
-    """Render samples ``start .. stop-1`` into the memory-mapped array at ``path``; their truths."""
-    world, split, start, stop, path = args
-    pixels = np.lib.format.open_memmap(path, mode="r+")
-    truths = []
-    for i in range(start, stop):
-        image, _, truth = world.render(i, split)
-        pixels[i] = np.asarray(image)
-        truths.append(truth)
-    pixels.flush()
-    return start, truths
-
-
-class ShapesCache:
-    """Samples ``0 .. n-1`` of one split rendered once to disk and memory-mapped: ``pixels.npy``
-    (uint8 ``(n, R, R, 3)``) and ``truths.json`` in a folder named after everything that
-    determines them (resolution, seed, held-out combinations, background probability, split, n).
-    Training runs that share a fixed-length shapes set (ablations, sweeps) then spend no CPU on
-    rendering. Built in parallel by :meth:`build` (atomically: a half-written cache is never read).
-
-    Args:
-        root: folder that holds the caches.
-        world: the world whose samples are cached.
-        split: ``train``, ``val`` or ``heldout``.
-        n: number of samples.
-    """
-
-    def __init__(self, root: str, world: ShapesWorld, split: str, n: int):
-        import hashlib
-        key = json.dumps([world.resolution, world.seed, sorted(world.heldout), world.textured_background_prob,
-                          split, n])
-        digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-        self.world, self.split, self.n = world, split, n
-        self.folder = os.path.join(root, f"shapes_{world.resolution}px_{split}_{n}_{digest}")
-        self._pixels = self._truths = None
-
-    @property
-    def ready(self) -> bool:
-        return os.path.exists(os.path.join(self.folder, "truths.json"))
-
-    def build(self, processes: Optional[int] = None) -> "ShapesCache":
-        """Render the samples (in ``processes`` worker processes, default: all CPUs) unless present."""
-        if self.ready:
-            return self
-        import multiprocessing
-        import shutil
-        tmp = f"{self.folder}.tmp{os.getpid()}"
-        os.makedirs(tmp, exist_ok=True)
-        R = self.world.resolution
-        path = os.path.join(tmp, "pixels.npy")
-        np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(self.n, R, R, 3)).flush()
-        processes = processes or os.cpu_count() or 1
-        step = max(1, min(2048, -(-self.n // processes)))
-        jobs = [(self.world, self.split, s, min(s + step, self.n), path) for s in range(0, self.n, step)]
-        truths: List[Optional[dict]] = [None] * self.n
-        if processes > 1 and len(jobs) > 1:
-            with multiprocessing.get_context("spawn").Pool(processes) as pool:
-                results = pool.map(_render_chunk, jobs)
-        else:
-            results = [_render_chunk(job) for job in jobs]
-        for start, chunk in results:
-            truths[start:start + len(chunk)] = chunk
-        with open(os.path.join(tmp, "truths.json"), "w") as fh:
-            json.dump(truths, fh)
-        try:
-            os.rename(tmp, self.folder)
-        except OSError:  # another process finished first: keep its copy
-            shutil.rmtree(tmp, ignore_errors=True)
-        return self
-
-    @property
-    def pixels(self) -> np.ndarray:
-        if self._pixels is None:
-            self._pixels = np.load(os.path.join(self.folder, "pixels.npy"), mmap_mode="r")  # (n, R, R, 3)
-        return self._pixels
-
-    @property
-    def truths(self) -> List[dict]:
-        if self._truths is None:
-            with open(os.path.join(self.folder, "truths.json")) as fh:
-                self._truths = json.load(fh)
-        return self._truths
 
 
 class ShapesIterableDataset(IterableDataset):
