@@ -27,17 +27,21 @@ mkdir -p "$LOG"
 
 collect() {  # copy the results (so far) to $OUT
   [ -n "${OUT:-}" ] || return 0
-  [ ! -d models/demo ] || { tar czf "$LOG/models_demo.tar.gz" models/demo && split -b 15m -d "$LOG/models_demo.tar.gz" "$OUT/models_demo.tar.gz.part-"; }
+  [ ! -d models/demo ] || { tar czf "$LOG/models_demo.tar.gz" models/demo && split -b 15m -d "$LOG/models_demo.tar.gz" "$OUT/models_demo.tar.gz.part-"; } || true
   tar czf "$OUT/logs.tar.gz" "$LOG"/*.log "$LOG"/*.txt "$LOG"/*.json runs/demo/*/lightning_logs \
     runs/ablation/*/fit.log runs/ablation/*/config.yaml runs/ablation/*.json runs/ablation/*/lightning_logs 2>/dev/null || true
   for f in train_demo.log grid_stable.png demo_eval.json ablation.json; do cp "$LOG/$f" "$OUT/" 2>/dev/null || true; done
 }
 if [ "${1:-}" = "--background" ]; then
   rm -f "$LOG/DONE"
-  OUT= setsid nohup bash "$0" > "$LOG/pipeline.log" 2>&1 < /dev/null &
-  echo "started in the background: $LOG/pipeline.log"; exit 0
+  OUT= setsid nohup bash "$0" "${@:2}" > "$LOG/pipeline.log" 2>&1 < /dev/null &
+  echo $! > "$LOG/PID"
+  echo "started in the background (stages: ${*:2}): $LOG/pipeline.log"; exit 0
 fi
 if [ "${1:-}" = "--wait" ]; then
+  if [ ! -f "$LOG/DONE" ] && ! { [ -f "$LOG/PID" ] && kill -0 "$(cat "$LOG/PID")" 2>/dev/null; }; then
+    echo "no pipeline is running here (a fresh machine? start it with --background)"; exit 1
+  fi
   t0=$(date +%s)
   while [ ! -f "$LOG/DONE" ] && (( $(date +%s) - t0 < ${2:-540} )); do
     sleep 30
@@ -51,7 +55,7 @@ if [ "${1:-}" = "--wait" ]; then
   exit 0
 fi
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-trap 'echo "exit $? at $(date)" > "$LOG/DONE"' EXIT
+trap 'rc=$?; kill $(jobs -p) 2>/dev/null || true; echo "exit $rc at $(date)" > "$LOG/DONE"' EXIT
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 
 d=$(mktemp -d)
@@ -93,9 +97,9 @@ TOK=(); [ -z "${TOKENIZER:-}" ] || TOK=(--model.init_args.tokenizer.init_args.pr
 GEN=(); [ -z "${GEN_STEPS:-}" ] || GEN+=(--trainer.max_steps=$GEN_STEPS); [ -z "${GEN_TIME:-}" ] || GEN+=(--trainer.max_time=$GEN_TIME)
 HEAD=(); [ -z "${HEAD_STEPS:-}" ] || HEAD+=(--trainer.max_steps=$HEAD_STEPS); [ -z "${HEAD_TIME:-}" ] || HEAD+=(--trainer.max_time=$HEAD_TIME)
 stage generator    $STARKIT fit --config recipes/demo/generator.yaml --data.init_args.num_workers=${GEN_WORKERS:-9} \
-                     "${GEN[@]}" "${TOK[@]}"
+                     ${GEN[@]+"${GEN[@]}"} ${TOK[@]+"${TOK[@]}"}
 stage sampler_head $STARKIT fit --config recipes/demo/sampler_head.yaml --data.init_args.num_workers=${HEAD_WORKERS:-6} \
-                     "${HEAD[@]}" "${TOK[@]}"
+                     ${HEAD[@]+"${HEAD[@]}"} ${TOK[@]+"${TOK[@]}"}
 [[ "$WANT" != *" export "* ]] || rm -rf models/demo
 stage export       $STARKIT export runs/demo/sampler_head/last.ckpt models/demo --dtype fp16
 du -ab models/demo 2>/dev/null | tee "$LOG/model_size.txt" || true

@@ -90,8 +90,9 @@ def load_generator(path: str, device: Union[str, torch.device] = "cpu", sampler:
     saved_head = [k for k in weights if k.startswith("sampler.") and k in own]
     if saved_head:  # a head is loaded whole or not at all (a partial one would pass as trained)
         missing += sorted(k for k in own if k.startswith("sampler.") and k not in weights)
-    if sampler is not None:  # a sampler chosen at load time may have no head: the saved head is then unused
-        weights = {k: v for k, v in weights.items() if not k.startswith("sampler.") or k in own}
+    if sampler is not None and not any(k.startswith("sampler.") for k in own):
+        # a sampler chosen at load time without weights (e.g. parallel): the saved head is unused
+        weights = {k: v for k, v in weights.items() if not k.startswith("sampler.")}
     unexpected = sorted(k for k in weights if k not in own)
     mismatched = sorted(k for k in own if k in weights and weights[k].shape != own[k].shape)
     if missing or unexpected or mismatched:

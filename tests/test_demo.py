@@ -189,6 +189,22 @@ def test_model_dir_loads_with_another_sampler_and_refuses_a_partial_head():
         load_generator(demo, sampler=deeper)
 
 
+def test_a_shallower_head_than_the_saved_one_is_refused(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from starkit.pipeline import load_generator
+    demo = tmp_path / "demo"
+    shutil.copytree(os.path.join(REPO, "models", "demo"), demo)
+    weights = load_file(str(demo / "generator.safetensors"))  # give the saved head a second block
+    weights.update({k.replace("blocks.0.", "blocks.1."): v.clone() for k, v in weights.items() if "head.blocks.0." in k})
+    save_file(weights, str(demo / "generator.safetensors"))
+    stable = {"class_path": "starkit.samplers.StableSampler",
+              "init_args": {"causal_scales": 2, "steps": 4, "steps_last": 8, "random_steps": 2, "head_depth": 1}}
+    with pytest.raises(RuntimeError, match="unexpected"):
+        load_generator(str(demo), sampler=stable)
+
+
 def test_ablation_configs_are_valid_recipes(tmp_path, capsys):
     import demo_ablation
     with open(os.path.join(REPO, "recipes/demo/generator.yaml")) as fh:

@@ -14,8 +14,9 @@ from starkit.cli import main
 DEMO = os.path.join(REPO, "models", "demo")
 # Measured on CPU (2 cores, torch 2.13) when the model was committed: 128 held-out prompts, sampling seed 0,
 # the saved StableSampler: 22.7 % (`python benchmarks/eval_shapes.py models/demo --num 128 --seeds 0 --device cpu`).
-# CPU kernels differ between machines, which changes some samples: the margin is 7 points (9 prompts).
-MEASURED, MARGIN = 0.227, 0.07
+# CPU kernels differ between machines, which changes some samples: the margin is 5 points (6 prompts). Without
+# guidance (cfg 0) the same prompts score 15.6 %, below the floor: a broken guidance path fails this test.
+MEASURED, MARGIN = 0.227, 0.05
 
 
 def test_demo_model_is_small_fp16_and_documented():

@@ -183,18 +183,22 @@ def test_gradient_clipping_by_global_norm_works_with_any_adamw():
     assert norm.item() == pytest.approx(2.0, rel=1e-4)
 
 
-@pytest.mark.parametrize("drop", [0, 5])
-def test_flex_attention_forward_equals_sdpa(drop):
+@pytest.mark.parametrize("drop,patch_nums", [(0, (1, 2, 3, 4)), (5, (1, 2, 3, 4)), (0, (1, 2, 3, 4, 6, 8, 10, 13, 16)),
+                                              (40, (1, 2, 3, 4, 6, 8, 10, 13, 16))])
+def test_flex_attention_forward_equals_sdpa(drop, patch_nums):
     """attention="flex" (a FlexAttention BlockMask) gives the dense block-causal mask's hidden states,
-    with and without token dropping (its backward runs on CUDA only: benchmarks/bench_train.py)."""
-    gen = make_tiny_generator()
+    with and without token dropping, also with L = 655 > 128 where whole blocks are skipped (its
+    backward runs on CUDA only: benchmarks/bench_train.py)."""
+    from conftest import make_tiny_tokenizer
+    gen = make_tiny_generator(tokenizer=make_tiny_tokenizer(patch_nums=patch_nums))
     tr = gen.transformer
     B, L = 2, tr.seq_len
+    last = patch_nums[-1] ** 2
     torch.manual_seed(0)
     pooled, tokens = torch.randn(B, 32), torch.randn(B, 5, 32)
     mask = torch.ones(B, 5, dtype=torch.bool)
     inputs = torch.randn(B, L - tr.first_l, gen.tokenizer.embed_dim)
-    keep = None if drop == 0 else torch.cat([torch.arange(L - 16), torch.arange(L - 16, L)[drop:]])
+    keep = None if drop == 0 else torch.cat([torch.arange(L - last), torch.arange(L - last, L)[drop:]])
     outs = []
     with torch.no_grad():
         for attention in ("sdpa", "flex"):

@@ -135,7 +135,7 @@ def test_bad_arguments():
         ShapesDataModule(val_split="test")
 
 
-def test_cache_reads_back_the_rendered_samples(tmp_path):
+def test_cache_reads_back_the_rendered_samples(tmp_path, monkeypatch):
     from starkit.data.shapes import ShapesCache, ShapesDataModule
     dm = ShapesDataModule(resolution=32, batch_size=4, num_train=10, cache_dir=str(tmp_path))
     dm.prepare_data()
@@ -146,7 +146,12 @@ def test_cache_reads_back_the_rendered_samples(tmp_path):
     assert torch.equal(cached["image"], fresh["image"])
     # another world (seed) gets another folder; a second build reuses the first
     assert ShapesCache(str(tmp_path), ShapesDataModule(32, seed=1).world, "train", 10).folder != dm.cache.folder
-    assert ShapesCache(str(tmp_path), dm.world, "train", 10).build().ready
+    from starkit.data import shapes_cache
+
+    def no_render(*args):
+        raise AssertionError("a ready cache must not be rendered again")
+    monkeypatch.setattr(shapes_cache, "_render_chunk", no_render)
+    assert ShapesCache(str(tmp_path), dm.world, "train", 10).build(processes=1).ready
 
 
 def test_cache_needs_a_fixed_length(tmp_path):

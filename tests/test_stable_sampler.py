@@ -185,6 +185,8 @@ def test_head_ready_follows_loaded_state_without_reading_the_buffer_each_time():
     sampler = StableSampler(head_depth=1)
     sampler.build(width=32, text_dim=16, latent_dim=8, vocab_size=16, num_heads=2, patch_nums=(1, 2))
     assert not sampler.head_ready
+    sampler.head_trained.fill_(1)  # not through a load: the host copy is what head_ready reads
+    assert not sampler.head_ready
     state = sampler.state_dict()
     state["head_trained"] = torch.ones((), dtype=torch.long)
     sampler.load_state_dict(state)

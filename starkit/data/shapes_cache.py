@@ -11,6 +11,8 @@ import numpy as np
 if TYPE_CHECKING:  # shapes.py imports this module
     from .shapes import ShapesWorld
 
+CACHE_VERSION = 1  # bump when the rendering, captions or truths of the shapes world change
+
 
 def _render_chunk(args) -> Tuple[int, List[dict]]:
     """Render samples ``start .. stop-1`` into the memory-mapped array at ``path``; their truths."""
@@ -41,8 +43,8 @@ class ShapesCache:
 
     def __init__(self, root: str, world: "ShapesWorld", split: str, n: int):
         import hashlib
-        key = json.dumps([world.resolution, world.seed, sorted(world.heldout), world.textured_background_prob,
-                          split, n])
+        key = json.dumps([CACHE_VERSION, world.resolution, world.supersample, world.seed, sorted(world.heldout),
+                          world.textured_background_prob, split, n])
         digest = hashlib.sha1(key.encode()).hexdigest()[:12]
         self.world, self.split, self.n = world, split, n
         self.folder = os.path.join(root, f"shapes_{world.resolution}px_{split}_{n}_{digest}")
@@ -63,7 +65,8 @@ class ShapesCache:
         R = self.world.resolution
         path = os.path.join(tmp, "pixels.npy")
         np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(self.n, R, R, 3)).flush()
-        processes = processes or os.cpu_count() or 1
+        if not processes:  # the CPUs this process may use (cgroup/affinity), not all of the machine's
+            processes = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         step = max(1, min(2048, -(-self.n // processes)))
         jobs = [(self.world, self.split, s, min(s + step, self.n), path) for s in range(0, self.n, step)]
         truths: List[Optional[dict]] = [None] * self.n
@@ -80,6 +83,8 @@ class ShapesCache:
             os.rename(tmp, self.folder)
         except OSError:  # another process finished first: keep its copy
             shutil.rmtree(tmp, ignore_errors=True)
+            if not self.ready:
+                raise
         return self
 
     @property

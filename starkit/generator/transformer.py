@@ -186,7 +186,8 @@ class ScaleTransformer(nn.Module):
             pooled: ``(B, D)`` pooled condition.
             text_tokens, text_mask: ``(B, T, Dt)`` and ``(B, T)``; None without cross-attention.
             inputs_BLC: teacher-forcing inputs of scales 1..K-1 ``(B, L - first_l, Cvae)``.
-            keep: optional LongTensor of the positions kept (token dropping), sorted.
+            keep: optional LongTensor of the positions kept (token dropping), sorted: every position
+                before the last scale and some of the last scale's.
 
         Returns:
             hidden states ``(B, L', C)`` (L' = len(keep) when dropping).
@@ -227,17 +228,17 @@ class ScaleTransformer(nn.Module):
             return self.block_causal[keep][:, keep] if keep is not None else self.block_causal
         from torch.nn.attention.flex_attention import create_block_mask
         levels = self.levels if keep is None else self.levels[keep]  # (L',)
-        if keep is None and getattr(self, "_flex_mask", None) is not None and self._flex_mask[0] == device:
-            return self._flex_mask[1]  # no token dropping: the same mask at every step
+        # Token dropping keeps every earlier scale and some positions of the last one, so the levels of
+        # the kept positions (all the mask depends on) are the same whenever as many are kept: cache by length.
+        key = (device, levels.shape[0])
+        cache = self.__dict__.setdefault("_flex_masks", {})
+        if key not in cache:
+            def block_causal(b, h, q, kv):
+                return levels[kv] <= levels[q]
 
-        def block_causal(b, h, q, kv):
-            return levels[kv] <= levels[q]
-
-        n = levels.shape[0]
-        mask = create_block_mask(block_causal, None, None, n, n, device=device)
-        if keep is None:
-            self._flex_mask = (device, mask)
-        return mask
+            n = levels.shape[0]
+            cache[key] = create_block_mask(block_causal, None, None, n, n, device=device)
+        return cache[key]
 
     def _text_inputs(self, text_tokens, text_mask):
         if text_tokens is None or self.blocks[0].cross_attn is None:
