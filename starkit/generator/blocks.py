@@ -224,6 +224,6 @@ class AdaLNBeforeHead(nn.Module):
 def key_padding_bias(mask: torch.Tensor) -> torch.Tensor:
     """Key-padding mask ``(B, T)`` (True = real token) -> additive bias ``(B, 1, 1, T)``."""
     mask = mask.clone()
-    mask[~mask.any(dim=1), 0] = True  # a prompt with no real token attends to its first slot, never to nothing
+    mask[:, 0] |= ~mask.any(dim=1)  # a prompt with no real token attends to its first slot (no host sync)
     bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     return bias.masked_fill_(~mask, float("-inf"))[:, None, None, :]
