@@ -206,3 +206,25 @@ def test_learned_absolute_resize():
     assert empty == {}
     with pytest.raises(ValueError, match="old_patch_nums"):
         small.resize_state_dict(old.state_dict(), "", (1, 2))
+
+
+def _rotary_formula(x, cos, sin):
+    x0, x1 = x.float()[..., 0::2], x.float()[..., 1::2]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_rotary_matches_the_pairwise_formula_with_gradients(dtype):
+    from starkit.positional import apply_rotary
+    torch.manual_seed(0)
+    base = torch.randn(2, 7, 3, 4, 16 + 1)[..., 1:]  # odd storage offset, non-contiguous
+    x = base.permute(2, 0, 3, 1, 4)[1].to(dtype).requires_grad_(True)  # (B, H, l, d) view of a qkv-like buffer
+    ang = torch.randn(7, 8)
+    cos, sin = ang.cos(), ang.sin()
+    out, ref = apply_rotary(x, cos, sin), _rotary_formula(x, cos, sin)
+    assert out.dtype == dtype and torch.allclose(out.float(), ref.float(), atol=1e-6 if dtype == torch.float32 else 1e-2)
+    g = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, x, g)
+    (grad_ref,) = torch.autograd.grad(ref, x, g)
+    assert torch.allclose(grad.float(), grad_ref.float(), atol=1e-5 if dtype == torch.float32 else 1e-2)

@@ -44,8 +44,9 @@ def rope_angles(xy: torch.Tensor, head_dim: int, base: float) -> torch.Tensor:
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent channel pairs ``(2p, 2p+1)`` of ``x`` by the tables' angles.
 
-    Computed in float32 and cast back to ``x``'s dtype. Equivalent to multiplying the
-    complex view ``view_as_complex(x.reshape(..., d/2, 2))`` by ``cos + i sin``.
+    Computed in float32 as one complex multiplication of ``view_as_complex(x.reshape(..., d/2, 2))``
+    by ``cos + i sin`` (the formula ``(x0 cos - x1 sin, x0 sin + x1 cos)`` in 3 kernels instead of
+    about 10), then cast back to ``x``'s dtype.
 
     Args:
         x: queries or keys ``(B, H, l, d)``.
@@ -57,9 +58,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """
     if cos.dim() == 3:  # (B, l, d/2) -> (B, 1, l, d/2)
         cos, sin = cos[:, None], sin[:, None]
-    cos, sin = cos.float(), sin.float()
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, H, l, d/2)
-    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # (B, H, l, d/2, 2)
+    rot = torch.complex(cos.float(), sin.float())  # (l, d/2) complex64
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, H, l, d/2, 2)
+    if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(st % 2 for st in pairs.stride()[:-2]):
+        pairs = pairs.contiguous()
+    out = torch.view_as_real(torch.view_as_complex(pairs) * rot)  # (B, H, l, d/2, 2)
     return out.flatten(-2).to(x.dtype)  # (B, H, l, d)
 
 
