@@ -218,3 +218,31 @@ def test_flex_attention_trains_with_the_dense_mask_off_cuda():
 def test_attention_choice_is_validated():
     with pytest.raises(ValueError, match="attention"):
         make_tiny_generator(attention="xformers")
+
+
+def test_inference_caches_follow_parameter_updates():
+    """Bias concatenations and QK scales are cached while gradients are off; an in-place update (an
+    optimizer step), a load_state_dict or a dtype change must be seen by the next call."""
+    gen = make_tiny_generator().eval()
+    tr = gen.transformer
+    B, L = 2, tr.seq_len
+    torch.manual_seed(0)
+    args = (torch.randn(B, 32), torch.randn(B, 5, 32), torch.ones(B, 5, dtype=torch.bool),
+            torch.randn(B, L - tr.first_l, gen.tokenizer.embed_dim))
+    with torch.no_grad():
+        before = tr(*args)
+        assert torch.equal(before, tr(*args))  # served from the caches
+        for block in tr.blocks:
+            block.attn.q_bias.add_(0.5)
+            block.attn.qk_norm.scale_mul_1H11.sub_(0.3)
+        after = tr(*args)
+    fresh = tr(*args).detach()  # gradients on: nothing cached
+    assert not torch.allclose(before, after) and torch.allclose(after, fresh, atol=1e-6)
+    state = {k: v.clone() for k, v in tr.state_dict().items()}
+    for k in state:
+        if k.endswith("attn.q_bias"):
+            state[k].zero_()
+    tr.load_state_dict(state)
+    with torch.no_grad():
+        reloaded = tr(*args)
+    assert torch.allclose(reloaded, tr(*args).detach(), atol=1e-6)

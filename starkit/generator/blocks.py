@@ -67,6 +67,21 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+def inference_cached(module: nn.Module, name: str, params: Tuple[torch.Tensor, ...], build):
+    """``build()``, computed once and reused while gradients are off and ``params`` are unchanged
+    (same storage and version: an optimizer step, ``load_state_dict`` or ``.to()`` rebuilds it).
+    Generation calls every layer at every scale: this saves the small kernels that only re-derive
+    a parameter (bias concatenations, clamped exponentials). With gradients on, always ``build()``."""
+    if torch.is_grad_enabled():
+        return build()
+    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+    cache = module.__dict__.setdefault("_inference_cache", {})
+    hit = cache.get(name)
+    if hit is None or hit[0] != key:
+        hit = cache[name] = (key, build())
+    return hit[1]
+
+
 class QKNorm(nn.Module):
     """L2-normalises queries and keys; queries are then scaled by a learnable per-head
     factor (init 4, clamped at 100), so attention uses scale 1 (VAR's ``attn_l2_norm``)."""
@@ -76,8 +91,13 @@ class QKNorm(nn.Module):
         self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
         self.max_log_scale = math.log(100.0)
 
+    def scale(self) -> torch.Tensor:
+        """The query scale ``exp(min(log_scale, log 100))``, ``(1, H, 1, 1)``."""
+        return inference_cached(self, "scale", (self.scale_mul_1H11,),
+                                lambda: self.scale_mul_1H11.clamp_max(self.max_log_scale).exp())
+
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        scale = self.scale_mul_1H11.clamp_max(self.max_log_scale).exp()  # (1, H, 1, 1)
+        scale = self.scale()  # (1, H, 1, 1)
         q = F.normalize(q.float(), dim=-1).mul(scale).to(q.dtype)
         k = F.normalize(k.float(), dim=-1).to(k.dtype)
         return q, k
@@ -98,7 +118,8 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rotary: Optional[tuple] = None, mask: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None) -> torch.Tensor:
         B, l, C = x.shape
-        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        bias = inference_cached(self, "qkv_bias", (self.q_bias, self.v_bias),
+                                lambda: torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias)))
         qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, l, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, l, d)
         if rotary is not None:
@@ -143,8 +164,7 @@ class CrossAttention(nn.Module):
                 text_bias: torch.Tensor) -> torch.Tensor:
         B, l, C = x.shape
         q = F.linear(x, self.mat_q.weight, self.q_bias).view(B, l, self.num_heads, self.head_dim).transpose(1, 2)
-        scale = self.qk_norm.scale_mul_1H11.clamp_max(self.qk_norm.max_log_scale).exp()
-        q = F.normalize(q.float(), dim=-1).mul(scale)
+        q = F.normalize(q.float(), dim=-1).mul(self.qk_norm.scale())
         k, v = text_kv
         q = q.to(v.dtype)
         out = F.scaled_dot_product_attention(q, k.to(v.dtype), v, attn_mask=text_bias.to(v.dtype), scale=1.0)

@@ -46,7 +46,8 @@ def run_sampling(net: ScaleTransformer, tokenizer: ScaleTokenizer, text_encoder:
     with autocast_for(device):
         cache_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         text_kvs = net.text_kv(text.tokens) if net.blocks[0].cross_attn is not None else None
-        text_bias = key_padding_bias(text.mask) if text_kvs is not None else None
+        # cast once to the attention dtype (the cross-attention would cast it at every layer and scale)
+        text_bias = key_padding_bias(text.mask).to(text_kvs[0][1].dtype) if text_kvs is not None else None
         caches = net.new_caches(rows, device, cache_dtype)
         x = net.start_tokens(text.pooled)  # (rows, first_l, C)
         f_hat = tokenizer.empty_latent(B, device=device)
