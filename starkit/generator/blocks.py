@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from starkit.positional import apply_rotary
+from starkit.positional import as_cis, rotate_float32
 
 
 class DropPath(nn.Module):
@@ -96,11 +96,15 @@ class QKNorm(nn.Module):
         return inference_cached(self, "scale", (self.scale_mul_1H11,),
                                 lambda: self.scale_mul_1H11.clamp_max(self.max_log_scale).exp())
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        scale = self.scale()  # (1, H, 1, 1)
-        q = F.normalize(q.float(), dim=-1).mul(scale).to(q.dtype)
-        k = F.normalize(k.float(), dim=-1).to(k.dtype)
-        return q, k
+    def forward(self, q: torch.Tensor, k: torch.Tensor, cis: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Normalise (and, given rotary tables ``cis``, rotate) in float32, one cast back each. A rotation
+        keeps the norm, so normalising first equals STAR's rotate-then-normalise."""
+        qf = F.normalize(q.float(), dim=-1).mul(self.scale())  # (B, H, l, d) float32
+        kf = F.normalize(k.float(), dim=-1)
+        if cis is not None:
+            qf, kf = rotate_float32(qf, cis), rotate_float32(kf, cis)
+        return qf.to(q.dtype), kf.to(k.dtype)
 
 
 class SelfAttention(nn.Module):
@@ -122,9 +126,7 @@ class SelfAttention(nn.Module):
                                 lambda: torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias)))
         qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, l, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, l, d)
-        if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        q, k = self.qk_norm(q, k)
+        q, k = self.qk_norm(q, k, as_cis(rotary))  # rotary: (cos, sin), complex tables, or None
         if cache is not None:  # sampling: attend to every cached position, no mask needed
             k, v = cache.append(k, v)
         if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask (training)

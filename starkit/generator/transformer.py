@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from starkit.generator.blocks import AdaLNBeforeHead, Block, KVCache, key_padding_bias
-from starkit.positional import PositionalEncoding
+from starkit.positional import PositionalEncoding, as_cis
 
 # Named sizes: width 64*depth and heads = depth (head dim 64), as VAR and STAR.
 SIZES = {
@@ -201,7 +201,7 @@ class ScaleTransformer(nn.Module):
             x = x[:, keep]
         x = self._add_position(x, positions)
         mask = self._training_mask(keep, x.device)
-        rotary = self.positional.rotary(positions)
+        rotary = as_cis(self.positional.rotary(positions))  # complex tables, built once for all blocks
         text_kvs, text_bias = self._text_inputs(text_tokens, text_mask)
         extra = self._block_kwargs(pooled)
         for i, block in enumerate(self.blocks):
@@ -260,7 +260,7 @@ class ScaleTransformer(nn.Module):
         """One scale of cached sampling: ``x`` ``(B, pn**2, C)`` -> hidden ``(B, pn**2, C)``
         (``cond``: AdaLN only; default the pooled vector given to :meth:`start_tokens`)."""
         start = sum(p * p for p in self.patch_nums[:scale])
-        rotary = self.positional.rotary(slice(start, start + x.shape[1]))
+        rotary = as_cis(self.positional.rotary(slice(start, start + x.shape[1])))
         extra = self._block_kwargs(self._adaln_cond(cond))
         for i, block in enumerate(self.blocks):
             kv = text_kvs[i] if text_kvs else None

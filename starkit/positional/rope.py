@@ -10,7 +10,7 @@ or plain token indices (:class:`RoPE2D`).
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -41,12 +41,33 @@ def rope_angles(xy: torch.Tensor, head_dim: int, base: float) -> torch.Tensor:
     return torch.cat([torch.outer(xy[:, 0], theta), torch.outer(xy[:, 1], theta)], dim=-1)  # (l, d/2)
 
 
+def as_cis(rotary) -> Optional[torch.Tensor]:
+    """Rotary tables as one complex tensor ``cos + i sin`` (complex64, ``(l, d/2)`` or ``(B, l, d/2)``):
+    accepts a ``(cos, sin)`` pair, an already complex tensor, or None. Build it once per forward pass
+    and hand it to every layer."""
+    if rotary is None or (torch.is_tensor(rotary) and rotary.is_complex()):
+        return rotary
+    cos, sin = rotary
+    return torch.complex(cos.float(), sin.float())
+
+
+def rotate_float32(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs ``(2p, 2p+1)`` of a float32 ``x`` ``(B, H, l, d)`` by ``cis``
+    (:func:`as_cis`): one complex multiplication, the pairwise formula
+    ``(x0 cos - x1 sin, x0 sin + x1 cos)``. Returns float32 ``(B, H, l, d)``."""
+    if cis.dim() == 3:  # per-sample positions (B, l, d/2) -> (B, 1, l, d/2)
+        cis = cis[:, None]
+    pairs = x.unflatten(-1, (-1, 2))  # (B, H, l, d/2, 2)
+    if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(st % 2 for st in pairs.stride()[:-2]):
+        pairs = pairs.contiguous()
+    return torch.view_as_real(torch.view_as_complex(pairs) * cis).flatten(-2)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent channel pairs ``(2p, 2p+1)`` of ``x`` by the tables' angles.
 
-    Computed in float32 as one complex multiplication of ``view_as_complex(x.reshape(..., d/2, 2))``
-    by ``cos + i sin`` (the formula ``(x0 cos - x1 sin, x0 sin + x1 cos)`` in 3 kernels instead of
-    about 10), then cast back to ``x``'s dtype.
+    Computed in float32 (:func:`rotate_float32`: one complex multiplication by ``cos + i sin``)
+    and cast back to ``x``'s dtype.
 
     Args:
         x: queries or keys ``(B, H, l, d)``.
@@ -56,14 +77,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     Returns:
         The rotated tensor, ``(B, H, l, d)`` in ``x``'s dtype.
     """
-    if cos.dim() == 3:  # (B, l, d/2) -> (B, 1, l, d/2)
-        cos, sin = cos[:, None], sin[:, None]
-    rot = torch.complex(cos.float(), sin.float())  # (l, d/2) complex64
-    pairs = x.float().unflatten(-1, (-1, 2))  # (B, H, l, d/2, 2)
-    if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(st % 2 for st in pairs.stride()[:-2]):
-        pairs = pairs.contiguous()
-    out = torch.view_as_real(torch.view_as_complex(pairs) * rot)  # (B, H, l, d/2, 2)
-    return out.flatten(-2).to(x.dtype)  # (B, H, l, d)
+    return rotate_float32(x.float(), as_cis((cos, sin))).to(x.dtype)
 
 
 class _RoPE2DBase(PositionalEncoding):

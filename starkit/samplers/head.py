@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from starkit.generator.blocks import Block
+from starkit.positional import as_cis
 
 
 def _cat_rotary(first: Optional[tuple], scale: Optional[tuple]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
@@ -97,7 +98,7 @@ class SamplerHead(nn.Module):
         x = torch.cat([torch.cat([prefix, part], dim=1),
                        torch.cat([prefix.to(hidden.dtype), hidden], dim=1)], dim=-1)  # (R, 1 + l, 2C)
         x = self.proj(x)  # (R, 1 + l, C)
-        rot = _cat_rotary(rotary_first, rotary)
+        rot = as_cis(_cat_rotary(rotary_first, rotary))  # complex tables, built once for all head blocks
         for block in self.blocks:
             x = block(x, rotary=rot)
         return self.head_logits(self.logit_norm(x[:, 1:])).float()  # (R, l, V)
