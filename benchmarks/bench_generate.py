@@ -81,16 +81,18 @@ def time_ours(config: str, args, dev, text, ceiling) -> list:
     rows = []
     samplers = {"parallel": None, "stable": stable_for(gen, pn, dev)}
     arch = GeneratorArch.from_transformer(gen.transformer, text_len=gen.text_encoder.max_length)
-    for sampler_name in args.samplers.split(","):
-        for B in batches(args):
-            prompts = [bg.CAPTIONS[i % len(bg.CAPTIONS)] for i in range(B)]
+    for graphs in ([False, True] if args.cuda_graphs else [False]):
+        for sampler_name in args.samplers.split(","):
+            for B in batches(args):
+                prompts = [bg.CAPTIONS[i % len(bg.CAPTIONS)] for i in range(B)]
 
-            def call():
-                with torch.no_grad(), bg.autocast(dev):
-                    gen.generate(prompts, seed=0, sampler=samplers[sampler_name], **bg.SAMPLING)
+                def call():
+                    with torch.no_grad():  # generate() sets its own bf16 autocast on CUDA
+                        gen.generate(prompts, seed=0, sampler=samplers[sampler_name], cuda_graphs=graphs,
+                                     **bg.SAMPLING)
 
-            rows.append(timed("starkit", config, sampler_name, B, call, args, dev,
-                              generate_flops(arch, B, guided=True), ceiling))
+                rows.append(timed("starkit graphs" if graphs else "starkit", config, sampler_name, B, call, args,
+                                  dev, generate_flops(arch, B, guided=True), ceiling))
     del gen, tok, samplers
     bg.free_memory(dev)
     return rows
@@ -141,19 +143,19 @@ def table(rows: list, device_name: str, ceiling) -> str:
     official = {(r["config"], r["sampler"], r["batch"]): r for r in rows if r["impl"] == "official" and "error" not in r}
     ceil = f"{ceiling:.0f} TFLOP/s measured bf16 matmul" if ceiling else "no ceiling (CPU)"
     lines = [f"### End-to-end generation, starkit vs official STAR-T2I ({device_name}; {ceil})", "",
-             "| config | sampler | batch | starkit s/image | official s/image | speed-up | starkit TFLOP/s (% ceiling) "
-             "| starkit peak GiB | official peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
+             "| config | impl | sampler | batch | starkit s/image | official s/image | speed-up | starkit TFLOP/s (% ceiling) "
+             "| starkit peak GiB | official peak GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r["impl"] != "starkit":
+        if not r["impl"].startswith("starkit"):
             continue
         o = official.get((r["config"], r["sampler"], r["batch"]))
         if "error" in r:
-            lines.append(f"| {r['config']} | {r['sampler']} | {r['batch']} | {r['error']} | | | | | |")
+            lines.append(f"| {r['config']} | {r['impl']} | {r['sampler']} | {r['batch']} | {r['error']} | | | | | |")
             continue
         fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
         speed = f"{o['s_per_image'] / r['s_per_image']:.2f}x" if o else "n/a"
         tf = fmt(r.get("tflops"), ".1f") + (f" ({r['pct_of_ceiling']:.0f}%)" if r.get("pct_of_ceiling") else "")
-        lines.append(f"| {r['config']} | {r['sampler']} | {r['batch']} | {r['s_per_image']:.4f} | "
+        lines.append(f"| {r['config']} | {r['impl']} | {r['sampler']} | {r['batch']} | {r['s_per_image']:.4f} | "
                      f"{fmt(o and o['s_per_image'], '.4f')} | {speed} | {tf} | {fmt(r['peak_gib'], '.1f')} | "
                      f"{fmt(o and o.get('peak_gib'), '.1f')} |")
     return "\n".join(lines)
@@ -168,6 +170,8 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--official-root", default=None, help="a checkout of STAR-T2I (not committed); none: ours only")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny models")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="also time starkit with generate(cuda_graphs=True) (rows 'starkit graphs')")
     ap.add_argument("--text", choices=("clip", "random"), default="clip")
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -17,7 +17,7 @@ def test_bench_generate_tiny(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert {(r["sampler"], r["batch"]) for r in rows} == {("parallel", 1), ("stable", 1)}
     assert all(r["latency_s"] > 0 for r in rows)
-    assert "| d16@256 | stable | 1 |" in capsys.readouterr().out
+    assert "| d16@256 | starkit | stable | 1 |" in capsys.readouterr().out
 
 
 def test_bench_train_tiny(tmp_path, capsys):

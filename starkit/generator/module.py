@@ -340,7 +340,7 @@ class ScaleWiseGenerator(L.LightningModule):
     def generate(self, prompts: Union[str, Sequence[str]], cfg: Optional[float] = None, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, temperature: Optional[float] = None, seed: Optional[int] = None,
                  num_images_per_prompt: int = 1, sampler: Optional[ScaleSampler] = None,
-                 use_ema: bool = True, return_indices: bool = False):
+                 use_ema: bool = True, return_indices: bool = False, cuda_graphs: bool = False):
         """Generate images for prompts with a KV cache and batched classifier-free guidance.
 
         Args:
@@ -351,6 +351,9 @@ class ScaleWiseGenerator(L.LightningModule):
             sampler: another sampler for this call (default: the generator's).
             use_ema: sample with the EMA transformer when there is one.
             return_indices: also return the K token maps.
+            cuda_graphs: run the per-scale transformer steps on static buffers kept between calls and
+                replay them from CUDA graphs (one capture per batch shape; rebuilt when the weights
+                change). Experimental: the CUDA capture has not been run yet (starkit/generator/graphs.py).
 
         Returns:
             images ``(N, 3, H, W)`` float in [0, 1] (and the list of indices if asked).
@@ -361,7 +364,9 @@ class ScaleWiseGenerator(L.LightningModule):
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         sampler = (sampler or self.sampler).with_settings(cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature)
         net = self.ema if (use_ema and self.ema is not None) else self.transformer
-        images, indices = run_sampling(net, self.tokenizer, self.text_encoder, sampler, prompts, seed, self.device)
+        static = self.__dict__.setdefault("_static_steps", {}) if cuda_graphs else None
+        images, indices = run_sampling(net, self.tokenizer, self.text_encoder, sampler, prompts, seed, self.device,
+                                       static_steps=static)
         return (images, indices) if return_indices else images
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:

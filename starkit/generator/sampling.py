@@ -13,10 +13,10 @@ from starkit.text import TextEmbedding, TextEncoder
 from starkit.tokenizers import ScaleTokenizer
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA; plain float32 elsewhere."""
+def autocast_for(device: torch.device, cache_enabled: bool = True):
+    """bf16 autocast on CUDA (``cache_enabled=False`` when CUDA graphs are captured); float32 elsewhere."""
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache_enabled)
     return contextlib.nullcontext()
 
 
@@ -33,8 +33,12 @@ def encode_with_guidance(text_encoder: TextEncoder, prompts: Sequence[str], guid
 
 @torch.no_grad()
 def run_sampling(net: ScaleTransformer, tokenizer: ScaleTokenizer, text_encoder: TextEncoder, sampler: ScaleSampler,
-                 prompts: Sequence[str], seed: Optional[int], device) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    """Generate one image per prompt. Returns images ``(B, 3, H, W)`` in [0, 1] and the K index maps."""
+                 prompts: Sequence[str], seed: Optional[int], device, static_steps: Optional[dict] = None
+                 ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """Generate one image per prompt. Returns images ``(B, 3, H, W)`` in [0, 1] and the K index maps.
+
+    ``static_steps``: a dict kept by the caller between calls; given, the scale steps run on static
+    buffers (:class:`~starkit.generator.graphs.StaticScaleSteps`), replayed from CUDA graphs on the GPU."""
     device = torch.device(device)
     if tuple(tokenizer.patch_nums) != tuple(net.patch_nums):
         raise ValueError(f"tokenizer patch_nums {tokenizer.patch_nums} differ from the generator's {net.patch_nums}.")
@@ -43,21 +47,32 @@ def run_sampling(net: ScaleTransformer, tokenizer: ScaleTokenizer, text_encoder:
     generator = torch.Generator(device).manual_seed(int(seed)) if seed is not None else None
     text = encode_with_guidance(text_encoder, prompts, guided, device)
     rows = text.pooled.shape[0]
-    with autocast_for(device):
+    with autocast_for(device, cache_enabled=static_steps is None):
         cache_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         text_kvs = net.text_kv(text.tokens) if net.blocks[0].cross_attn is not None else None
         # cast once to the attention dtype (the cross-attention would cast it at every layer and scale)
         text_bias = key_padding_bias(text.mask).to(text_kvs[0][1].dtype) if text_kvs is not None else None
-        caches = net.new_caches(rows, device, cache_dtype)
+        steps = None
+        if static_steps is not None:
+            from starkit.generator.graphs import StaticScaleSteps
+            steps = static_steps.get("steps")
+            if steps is None or not steps.matches(net, rows, text_kvs, cache_dtype):
+                static_steps.clear()  # frees the old graphs and buffers first
+                steps = static_steps["steps"] = StaticScaleSteps(net, rows, text_kvs, text_bias, cache_dtype)
+        caches = net.new_caches(rows, device, cache_dtype) if steps is None else None
         x = net.start_tokens(text.pooled)  # (rows, first_l, C)
         f_hat = tokenizer.empty_latent(B, device=device)
         all_indices = []
         rotary_first = net.positional.rotary(slice(0, 1))  # the start position's tables, the same at every scale
         start = 0
         for k, pn in enumerate(net.patch_nums):
-            hidden = net.forward_scale(x, k, caches, text_kvs, text_bias)  # (rows, pn*pn, C)
+            if steps is None:
+                hidden = net.forward_scale(x, k, caches, text_kvs, text_bias)  # (rows, pn*pn, C)
+                logits = net.logits(hidden)  # (rows, pn*pn, V)
+            else:
+                hidden, logits = steps.run(k, x, text_kvs, text_bias)
             step = ScaleStep(
-                scale=k, num_scales=K, patch_num=pn, hidden=hidden, logits=net.logits(hidden), guided=guided,
+                scale=k, num_scales=K, patch_num=pn, hidden=hidden, logits=logits, guided=guided,
                 embed=tokenizer.embed, codebook=tokenizer.codebook, pooled_text=text.pooled,
                 rotary=net.positional.rotary(slice(start, start + pn * pn)),
                 rotary_first=rotary_first, generator=generator,
