@@ -174,7 +174,8 @@ class StarPipeline:
 
     def __call__(self, prompts: Union[str, Sequence[str]], seed: Optional[int] = None, cfg: Optional[float] = None,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, temperature: Optional[float] = None,
-                 num_images_per_prompt: int = 1, sampler=None, batch_size: int = 16) -> List[Image.Image]:
+                 num_images_per_prompt: int = 1, sampler=None, batch_size: int = 16,
+                 cuda_graphs: bool = False) -> List[Image.Image]:
         """Generate images; settings left as None use the model's sampler defaults.
 
         Args:
@@ -184,6 +185,8 @@ class StarPipeline:
             num_images_per_prompt: images per prompt (consecutive in the result).
             sampler: a :class:`~starkit.samplers.ScaleSampler` to use instead of the model's.
             batch_size: prompts generated together (batch b uses ``seed + b``).
+            cuda_graphs: replay the per-scale steps from CUDA graphs (experimental, see
+                :meth:`ScaleWiseGenerator.generate`).
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -194,7 +197,8 @@ class StarPipeline:
         for b, start in enumerate(range(0, len(prompts), batch_size)):
             images = self.generator.generate(
                 prompts[start:start + batch_size], cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature,
-                seed=None if seed is None else seed + b, num_images_per_prompt=num_images_per_prompt, sampler=sampler)
+                seed=None if seed is None else seed + b, num_images_per_prompt=num_images_per_prompt, sampler=sampler,
+                cuda_graphs=cuda_graphs)
             out.extend(images_to_pil(images))
         return out
 

@@ -62,3 +62,13 @@ def test_demo_model_accepts_the_empty_prompt(prompt):
     from starkit.pipeline import StarPipeline
     images = StarPipeline.from_pretrained(DEMO, device="cpu")([prompt], seed=0)
     assert len(images) == 1
+
+
+def test_demo_model_with_static_scale_steps_draws_the_same_images():
+    import numpy as np
+
+    from starkit.pipeline import StarPipeline
+    pipe = StarPipeline.from_pretrained(DEMO, device="cpu")  # its saved StableSampler, with the trained head
+    plain = pipe(["a red circle", "two blue squares"], seed=0)
+    static = pipe(["a red circle", "two blue squares"], seed=0, cuda_graphs=True)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(plain, static))
