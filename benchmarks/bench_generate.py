@@ -3,7 +3,8 @@ GPU, with the ratio: the benchmark of issue 7 (random weights, real architecture
 
     python benchmarks/bench_generate.py --official-root .official/STAR --json $OUT/bench_generate.json
     python benchmarks/bench_generate.py --configs d30@1024 --batches 1,16 --official-root .official/STAR
-    python benchmarks/bench_generate.py --tiny --official-root /path/to/STAR        # CPU smoke run (~3 min)
+    python benchmarks/bench_generate.py --tiny --official-root /path/to/STAR        # CPU smoke run (~1 min)
+    ... --cuda-graphs      # also starkit with generate(cuda_graphs=True): rows "starkit graphs"
 
 For each config (d16@256, d30@512, d30@1024), sampler (parallel, stable) and batch (1, 16):
   * starkit: ``ScaleWiseGenerator.generate(prompts, cfg, top_k, top_p, seed)`` under bf16 autocast
