@@ -19,7 +19,7 @@ from typing import Dict, List, Literal, Optional, Tuple
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
 from .images import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -27,6 +27,7 @@ from .images import (
     REPAIR_CAUSES,
     SKIP_CAUSES,
     CaptionedItem,
+    SampleCounts,
     SampleError,
     load_sample,
     split_counts,
@@ -34,7 +35,6 @@ from .images import (
 )
 
 CAUSES = SKIP_CAUSES + REPAIR_CAUSES
-_CAUSE_INDEX = {cause: i for i, cause in enumerate(CAUSES)}
 
 
 def scan_folder(root: str, missing_caption: str) -> Tuple[List[CaptionedItem], Counter, Counter]:
@@ -161,9 +161,8 @@ class CaptionedImageDataset(Dataset):
         self.min_size_policy = min_size_policy
         self.missing_caption = missing_caption
         self.transform = var_transform(resolution, train)
-        self.counts = torch.zeros(num_workers + 1, len(CAUSES), dtype=torch.int64).share_memory_()
+        self.counts = SampleCounts(CAUSES, num_workers)
         self._bad: Dict[int, str] = {}  # per process: index -> cause, not reloaded twice
-        self._warned: set = set()  # per process: causes already warned about
 
     def __len__(self) -> int:
         return len(self.items)
@@ -174,7 +173,7 @@ class CaptionedImageDataset(Dataset):
             j = (index + step) % n
             if j in self._bad:
                 if step == 0:
-                    self._count(self._bad[j], self.items[j].image, "")
+                    self.counts.count(self._bad[j], self.items[j].image, "")
                 continue
             repairs: List[str] = []
             try:
@@ -185,34 +184,17 @@ class CaptionedImageDataset(Dataset):
             except SampleError as err:
                 self._bad[j] = err.cause
                 if step == 0:  # count only the requested index: one count per bad file per epoch
-                    self._count(err.cause, self.items[j].image, err.detail)
+                    self.counts.count(err.cause, self.items[j].image, err.detail)
                 continue
             for cause in repairs if step == 0 else ():  # a stand-in counts when requested itself
-                self._count(cause, self.items[j].image, "")
+                self.counts.count(cause, self.items[j].image, "")
             return sample
         raise RuntimeError(f"none of the {n} samples of this dataset can be loaded; see the warnings")
-
-    def _count(self, cause: str, path: str, detail: str) -> None:
-        info = get_worker_info()
-        row = 0 if info is None else min(info.id + 1, self.counts.shape[0] - 1)
-        self.counts[row, _CAUSE_INDEX[cause]] += 1
-        if cause not in self._warned:
-            self._warned.add(cause)
-            verb = "skipping" if cause in SKIP_CAUSES else "repaired"
-            rank_zero_warn(
-                f"starkit.data: {verb} {path} ({cause}{'; ' + detail if detail else ''}). "
-                f"Further '{cause}' cases are only counted: see skipped_counts()."
-            )
 
     @property
     def stats(self) -> Dict[str, Dict[str, int]]:
         """Counts by cause, summed over workers: ``{"skipped": {...}, "repaired": {...}}``."""
-        totals = self.counts.sum(0).tolist()
-        out: Dict[str, Dict[str, int]] = {"skipped": {}, "repaired": {}}
-        for cause, n in zip(CAUSES, totals):
-            if n:
-                out["skipped" if cause in SKIP_CAUSES else "repaired"][cause] = int(n)
-        return out
+        return self.counts.stats()
 
 
 class CaptionedImageDataModule(L.LightningDataModule):

@@ -20,10 +20,12 @@ import io
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import get_worker_info
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 """File extensions (lower case) that the folder scan treats as candidate images."""
@@ -278,6 +280,42 @@ class CaptionedItem:
     key: str
     caption: Optional[str] = None
     caption_file: Optional[str] = None
+
+
+class SampleCounts:
+    """Skipped and repaired samples by cause, counted in every DataLoader worker (one row of a
+    shared-memory table per worker, row 0 for the main process) and warned about once per cause
+    and process. Shared by the captioned-folder and WebDataset datasets.
+
+    Args:
+        causes: every cause the dataset can count (those of ``REPAIR_CAUSES`` are repairs).
+        num_workers: DataLoader workers that will count.
+    """
+
+    def __init__(self, causes: Tuple[str, ...], num_workers: int) -> None:
+        self.causes = tuple(causes)
+        self.index = {cause: i for i, cause in enumerate(self.causes)}
+        self.table = torch.zeros(num_workers + 1, len(self.causes), dtype=torch.int64).share_memory_()
+        self.warned: set = set()  # per process: causes already warned about
+
+    def count(self, cause: str, name: str, detail: str = "") -> None:
+        """Count ``cause`` for sample ``name``; the first time in this process, warn."""
+        info = get_worker_info()
+        row = 0 if info is None else min(info.id + 1, self.table.shape[0] - 1)
+        self.table[row, self.index[cause]] += 1
+        if cause not in self.warned:
+            self.warned.add(cause)
+            verb = "repaired" if cause in REPAIR_CAUSES else "skipping"
+            rank_zero_warn(f"starkit.data: {verb} {name} ({cause}{'; ' + detail if detail else ''}). "
+                           f"Further '{cause}' cases are only counted: see skipped_counts().")
+
+    def stats(self) -> Dict[str, Dict[str, int]]:
+        """Counts by cause, summed over workers: ``{"skipped": {...}, "repaired": {...}}``."""
+        out: Dict[str, Dict[str, int]] = {"skipped": {}, "repaired": {}}
+        for cause, n in zip(self.causes, self.table.sum(0).tolist()):
+            if n:
+                out["repaired" if cause in REPAIR_CAUSES else "skipped"][cause] = int(n)
+        return out
 
 
 def split_counts(datasets: Dict[str, Any]) -> Dict[str, int]:

@@ -55,6 +55,7 @@ from .images import (
     MAX_ASPECT_RATIO,
     REPAIR_CAUSES,
     SKIP_CAUSES,
+    SampleCounts,
     SampleError,
     decode_rgb,
     split_counts,
@@ -62,7 +63,6 @@ from .images import (
 )
 
 CAUSES = SKIP_CAUSES + ("bad_shard",) + REPAIR_CAUSES
-_CAUSE_INDEX = {cause: i for i, cause in enumerate(CAUSES)}
 _IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 ENDLESS_BATCHES = 2 ** 40  # the "length" of an endless stream (stop with max_steps)
 Position = Tuple[int, int, int]  # (pass, shard position in this consumer's list, offset in the shard)
@@ -168,9 +168,8 @@ class WebDatasetStream(IterableDataset):
         self.resolution, self.shuffle, self.seed, self.repeat = resolution, shuffle, seed, repeat
         self.max_image_pixels, self.min_size_policy, self.missing_caption = max_image_pixels, min_size_policy, missing_caption
         self.transform = var_transform(resolution, train)
-        self.counts = torch.zeros(num_workers + 1, len(CAUSES), dtype=torch.int64).share_memory_()
+        self.counts = SampleCounts(CAUSES, num_workers)
         self.start_positions: Dict[int, Position] = {}  # local worker id -> last position handed out
-        self._warned: set = set()
 
     # which shards this consumer reads in pass `p`
     def consumer_shards(self, pass_: int, consumer: int, consumers: int) -> List[int]:
@@ -189,8 +188,8 @@ class WebDatasetStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         worker, consumer, consumers = self._consumer()
-        if len(self.shards) < consumers and "few_shards" not in self._warned:
-            self._warned.add("few_shards")
+        if len(self.shards) < consumers and "few_shards" not in self.counts.warned:
+            self.counts.warned.add("few_shards")
             rank_zero_warn(f"starkit.data: {len(self.shards)} shard(s) for {consumers} readers (ranks x workers): "
                            + ("some shards are read by several readers in each pass." if self.repeat
                               else "some readers get no data."))
@@ -214,7 +213,7 @@ class WebDatasetStream(IterableDataset):
             keys = index_shard(path)
         except (tarfile.TarError, OSError, EOFError) as err:
             if start == 0:
-                self._count("bad_shard", path, f"{type(err).__name__}: {err}")
+                self.counts.count("bad_shard", path, f"{type(err).__name__}: {err}")
             return
         if self.shuffle:
             random.Random(_stable_seed(self.seed, pass_, os.path.basename(path))).shuffle(keys)
@@ -227,13 +226,13 @@ class WebDatasetStream(IterableDataset):
                     try:
                         sample = self._load(tf, name, members, repairs)
                     except SampleError as err:
-                        self._count(err.cause, name, err.detail)
+                        self.counts.count(err.cause, name, err.detail)
                         continue
                     for cause in repairs:
-                        self._count(cause, name, "")
+                        self.counts.count(cause, name, "")
                     yield offset, sample
         except (tarfile.TarError, OSError, EOFError) as err:  # truncated after the headers
-            self._count("bad_shard", path, f"{type(err).__name__}: {err}")
+            self.counts.count("bad_shard", path, f"{type(err).__name__}: {err}")
 
     def _load(self, tf: tarfile.TarFile, name: str, members: Dict[str, tarfile.TarInfo], repairs: List[str]) -> dict:
         image_ext = next((e for e in members if e in _IMAGE_EXTS or e.rsplit(".", 1)[-1] in _IMAGE_EXTS), None)
@@ -274,24 +273,10 @@ class WebDatasetStream(IterableDataset):
             repairs.append("caption_empty")
         return text
 
-    def _count(self, cause: str, name: str, detail: str) -> None:
-        info = get_worker_info()
-        row = 0 if info is None else min(info.id + 1, self.counts.shape[0] - 1)
-        self.counts[row, _CAUSE_INDEX[cause]] += 1
-        if cause not in self._warned:
-            self._warned.add(cause)
-            verb = "repaired" if cause in REPAIR_CAUSES else "skipping"
-            rank_zero_warn(f"starkit.data: {verb} {name} ({cause}{'; ' + detail if detail else ''}). "
-                           f"Further '{cause}' cases are only counted: see skipped_counts().")
-
     @property
     def stats(self) -> Dict[str, Dict[str, int]]:
         """Counts by cause on this rank, summed over workers: ``{"skipped": {...}, "repaired": {...}}``."""
-        out: Dict[str, Dict[str, int]] = {"skipped": {}, "repaired": {}}
-        for cause, n in zip(CAUSES, self.counts.sum(0).tolist()):
-            if n:
-                out["repaired" if cause in REPAIR_CAUSES else "skipped"][cause] = int(n)
-        return out
+        return self.counts.stats()
 
 
 def _read(tf: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
