@@ -255,11 +255,16 @@ class ShapesWorld:
         return paths
 
 
-def _sample(world: ShapesWorld, index: int, split: str) -> dict:
-    image, caption, truth = world.render(index, split)
-    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, R, R)
-    return {"image": pixels, "caption": caption, "path": f"shapes://{split}/{index}",
+def _as_sample(pixels_hwc: np.ndarray, truth: dict, index: int, split: str) -> dict:
+    """A batch item from uint8 pixels ``(R, R, 3)`` and the ground truth (which holds the caption)."""
+    pixels = torch.from_numpy(np.array(pixels_hwc)).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, R, R)
+    return {"image": pixels, "caption": truth["caption"], "path": f"shapes://{split}/{index}",
             "objects": json.dumps(truth), "skill": truth["skill"]}
+
+
+def _sample(world: ShapesWorld, index: int, split: str) -> dict:
+    image, _, truth = world.render(index, split)
+    return _as_sample(np.asarray(image), truth, index, split)
 
 
 class ShapesDataset(Dataset):
@@ -284,10 +289,7 @@ class ShapesDataset(Dataset):
             raise IndexError(index)
         if self.cache is None:
             return _sample(self.world, index, self.split)
-        pixels = torch.from_numpy(np.array(self.cache.pixels[index])).permute(2, 0, 1).float() / 127.5 - 1.0
-        truth = self.cache.truths[index]
-        return {"image": pixels, "caption": truth["caption"], "path": f"shapes://{self.split}/{index}",
-                "objects": json.dumps(truth), "skill": truth["skill"]}
+        return _as_sample(self.cache.pixels[index], self.cache.truths[index], index, self.split)
 
 
 class ShapesIterableDataset(IterableDataset):
