@@ -67,6 +67,12 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+def version_key(tensors) -> Tuple:
+    """Storage, version, dtype and device of each tensor: changes when any is updated in place
+    (optimizer step, ``load_state_dict``), replaced or cast."""
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+
+
 def inference_cached(module: nn.Module, name: str, params: Tuple[torch.Tensor, ...], build):
     """``build()``, computed once and reused while gradients are off and ``params`` are unchanged
     (same storage and version: an optimizer step, ``load_state_dict`` or ``.to()`` rebuilds it).
@@ -74,7 +80,7 @@ def inference_cached(module: nn.Module, name: str, params: Tuple[torch.Tensor, .
     a parameter (bias concatenations, clamped exponentials). With gradients on, always ``build()``."""
     if torch.is_grad_enabled():
         return build()
-    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+    key = version_key(params)
     cache = module.__dict__.setdefault("_inference_cache", {})
     hit = cache.get(name)
     if hit is None or hit[0] != key:

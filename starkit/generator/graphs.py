@@ -17,12 +17,13 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from starkit.generator.blocks import version_key
 from starkit.generator.transformer import ScaleTransformer
 
 
 def weights_fingerprint(net: torch.nn.Module) -> Tuple:
-    """Storage and version of every parameter and buffer: changes when any is updated or replaced."""
-    return tuple((t.data_ptr(), t._version) for t in list(net.parameters()) + list(net.buffers()))
+    """:func:`version_key` of every parameter and buffer: changes when any is updated or replaced."""
+    return version_key(list(net.parameters()) + list(net.buffers()))
 
 
 class StaticScaleSteps:

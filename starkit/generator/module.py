@@ -133,9 +133,7 @@ class ScaleWiseGenerator(L.LightningModule):
             cond_dim=text_encoder.dim, adaln=adaln, start_from_condition=start_from_condition,
         )
         self.transformer.activation_checkpointing = activation_checkpointing
-        if attention not in ("sdpa", "flex"):
-            raise ValueError(f"attention must be 'sdpa' or 'flex', got {attention!r}.")
-        self.transformer.attention = attention
+        self.transformer.attention = attention  # validated by the transformer
         self.sampler.build(arch["width"], text_encoder.dim, tokenizer.embed_dim, tokenizer.codebook_size,
                            arch["num_heads"], self.patch_nums)
         if stage == "sampler_head":

@@ -20,6 +20,8 @@ from torch.utils.checkpoint import checkpoint
 from starkit.generator.blocks import AdaLNBeforeHead, Block, KVCache, key_padding_bias
 from starkit.positional import PositionalEncoding, as_cis
 
+ATTENTIONS = ("sdpa", "flex")  # training self-attention implementations (ScaleTransformer.attention)
+
 # Named sizes: width 64*depth and heads = depth (head dim 64), as VAR and STAR.
 SIZES = {
     "tiny": dict(depth=2, width=32, num_heads=2),
@@ -82,7 +84,7 @@ class ScaleTransformer(nn.Module):
         self.seq_len = sum(p * p for p in self.patch_nums)
         self.width, self.depth, self.num_heads, self.vocab_size = width, depth, num_heads, vocab_size
         self.activation_checkpointing = False
-        self.attention = "sdpa"  # training attention: "sdpa" (dense boolean mask) or "flex" (FlexAttention)
+        self.attention = "sdpa"
 
         cond_dim = cond_dim or text_dim
         if start_from_condition not in ("proj", "identity"):
@@ -212,19 +214,29 @@ class ScaleTransformer(nn.Module):
                 x = block(x, rotary=rotary, mask=mask, text_kv=kv, text_bias=text_bias, **extra)
         return x
 
+    @property
+    def attention(self) -> str:
+        """Training self-attention: "sdpa" (dense boolean mask) or "flex" (FlexAttention)."""
+        return self._attention
+
+    @attention.setter
+    def attention(self, value: str) -> None:
+        if value not in ATTENTIONS:
+            raise ValueError(f"attention must be 'sdpa' or 'flex', got {value!r}.")
+        self._attention = value
+
     def _training_mask(self, keep: Optional[torch.Tensor], device: torch.device):
         """The block-causal mask of the kept positions: a dense boolean ``(L', L')`` for SDPA, or a
         FlexAttention ``BlockMask`` whose fully masked 128 x 128 blocks are skipped (about half of
         all query-key pairs at 1024)."""
-        if self.attention == "sdpa":
-            return self.block_causal[keep][:, keep] if keep is not None else self.block_causal
-        if self.attention != "flex":
-            raise ValueError(f"attention must be 'sdpa' or 'flex', got {self.attention!r}.")
-        if device.type != "cuda" and torch.is_grad_enabled():  # FlexAttention has no CPU backward
+        flex = self.attention == "flex"
+        if flex and device.type != "cuda" and torch.is_grad_enabled():  # FlexAttention has no CPU backward
+            flex = False
             if not getattr(self, "_warned_flex_cpu", False):
                 self._warned_flex_cpu = True
                 warnings.warn("attention='flex' trains on CUDA only (FlexAttention has no backward on "
                               f"{device.type}); using the dense block-causal mask (attention='sdpa') here.")
+        if not flex:
             return self.block_causal[keep][:, keep] if keep is not None else self.block_causal
         from torch.nn.attention.flex_attention import create_block_mask
         levels = self.levels if keep is None else self.levels[keep]  # (L',)
