@@ -29,7 +29,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
 
@@ -114,25 +113,24 @@ def time_official(config: str, args, dev, ceiling) -> list:
 
 
 def timed(impl: str, config: str, sampler: str, B: int, call, args, dev, flops, ceiling) -> dict:
+    """One row: median latency of ``call`` (an OOM becomes an ``error`` row, via bench_generator.run_guarded)."""
     row = {"impl": impl, "config": config, "sampler": sampler, "batch": B}
     bg.free_memory(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    try:
+
+    def measure() -> dict:
         times = bg.time_calls(call, args.warmup, args.repeats, dev)
-    except Exception as err:  # noqa: BLE001
-        if not bg.is_oom(err):
-            raise
-        row["error"] = "OOM"
-        bg.log(f"{impl} {config} {sampler} b{B}: OOM")
-        return row
-    t = statistics.median(times)
-    row.update(latency_s=t, latency_all=times, s_per_image=t / B, images_per_s=B / t, peak_gib=bg.peak_gib(dev),
-               flops=flops, tflops=flops / t / 1e12 if flops else None)
-    if flops and ceiling:
-        row["pct_of_ceiling"] = 100 * flops / t / 1e12 / ceiling
-    bg.log(f"{impl} {config} {sampler} b{B}: {t:.4f} s/call, {t / B:.4f} s/image")
-    return row
+        t = statistics.median(times)
+        out = dict(latency_s=t, latency_all=times, s_per_image=t / B, images_per_s=B / t, peak_gib=bg.peak_gib(dev),
+                   flops=flops, tflops=flops / t / 1e12 if flops else None)
+        if flops and ceiling:
+            out["pct_of_ceiling"] = 100 * flops / t / 1e12 / ceiling
+        return out
+
+    result: list = []
+    bg.run_guarded(measure, result, f"{impl} {config} {sampler}", "generate", B, dev)
+    return {**result[-1], **row}  # an OOM row keeps this row's impl, config, sampler and batch
 
 
 def batches(args) -> list:

@@ -41,28 +41,15 @@ SEARCH = {"d16@256": "32,64,96,128", "d30@256": "16,32,48,64", "d30@1024": "4,8,
 TOKEN_DROP_1024 = 651  # 9451 -> 8800, STAR's cap
 
 
-def search(name: str, batches: list, fn) -> list:
-    """Time ``fn(B)`` for increasing ``B`` until one runs out of memory; every row (the OOM one too)."""
-    rows = []
+def search(name: str, batches: list, fn, dev: torch.device) -> list:
+    """Time ``fn(B)`` for increasing ``B`` until one runs out of memory; every row (the OOM one too,
+    from ``bench_generator.run_guarded``)."""
+    rows: list = []
     for B in batches:
-        row = guarded(name, B, fn)
-        rows.append(row)
-        if "error" in row:
+        bg.run_guarded(lambda: fn(B), rows, name, "train", B, dev)
+        if "error" in rows[-1]:
             break
     return rows
-
-
-def guarded(name: str, B: int, fn) -> dict:
-    error = None
-    try:
-        return fn(B)
-    except Exception as err:  # noqa: BLE001
-        if not bg.is_oom(err):
-            raise
-        error = f"OOM: {str(err).splitlines()[0][:160]}"
-    bg.free_memory(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    bg.log(f"{name} b{B}: {error}")
-    return {"config": name, "batch": B, "error": error}
 
 
 def time_ours(config: str, args, dev, text) -> list:
@@ -90,7 +77,7 @@ def time_ours(config: str, args, dev, text) -> list:
                    f"img/s, MFU {row['mfu_pct']}, {row['peak_gib']} GiB")
             return row
 
-        rows += [dict(r, impl=impl, attention=attention) for r in search(config, batch_list(config, args), one)]
+        rows += [dict(r, impl=impl, attention=attention) for r in search(config, batch_list(config, args), one, dev)]
     del gen, tok
     bg.free_memory(dev)
     return rows
@@ -112,7 +99,7 @@ def time_official(config: str, args, dev) -> list:
         return {"impl": "official", "config": config, "batch": B, "step_s_median": t, "step_s_all": times,
                 "images_per_s": B / t, "peak_gib": peak}
 
-    return [dict(r, impl="official") for r in search(config, batch_list(config, args), one)]
+    return [dict(r, impl="official") for r in search(config, batch_list(config, args), one, dev)]
 
 
 def batch_list(config: str, args) -> list:
