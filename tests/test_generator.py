@@ -248,6 +248,68 @@ def test_inference_caches_follow_parameter_updates():
     assert torch.allclose(reloaded, tr(*args).detach(), atol=1e-6)
 
 
+def test_autocast_weights_are_cast_once_and_follow_updates():
+    """At inference under autocast the generator's Linear layers cast their weights once per weight
+    version (not at every scale and sampler step); the result equals nn.Linear under autocast, and
+    an in-place update or a training call is never served a stale copy."""
+    from starkit.generator.blocks import Linear
+    torch.manual_seed(0)
+    ours, ref = Linear(16, 8), torch.nn.Linear(16, 8)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        first = ours(x)
+        assert first.dtype == torch.bfloat16 and torch.equal(first, ref(x))
+        cached = dict(ours._inference_cache)
+        assert {k.split(":")[0] for k in cached} == {"weight", "bias"}
+        ours(x)
+        assert all(ours._inference_cache[k][1] is cached[k][1] for k in cached)  # not cast again
+        ours.weight.add_(1.0)  # (autocast's own cache would serve the old cast here, in this region)
+        ref.weight.add_(1.0)
+        updated = ours(x)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(updated, ref(x))  # the update is seen
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # gradients on: plain autocast, gradients flow
+        out = ours(x)
+        out.float().sum().backward()
+        assert ours.weight.grad is not None and torch.equal(out.detach(), ref(x).detach())
+    with torch.no_grad():  # no autocast: float32 weights as they are
+        assert torch.equal(ours(x), ref(x))
+
+
+def test_top_k_then_top_p_equals_the_two_pass_definition():
+    """The fast path (nucleus among the sorted top-k) keeps the same tokens with the same logits as
+    top-k masking followed by a full sort (VAR's sample_with_top_k_top_p_), on random logits."""
+    from starkit.samplers.functional import filter_logits
+    torch.manual_seed(0)
+    logits = torch.randn(2, 64, 256) * 3
+
+    def two_pass(x, k, p):
+        kth = x.topk(k, dim=-1).values.amin(dim=-1, keepdim=True)
+        x = x.masked_fill(x < kth, float("-inf"))
+        sorted_x, order = x.sort(dim=-1)
+        remove = sorted_x.softmax(dim=-1).cumsum(dim=-1) <= (1 - p)
+        remove[..., -1:] = False
+        return x.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+
+    for k, p in [(40, 0.8), (40, 0.999), (1, 0.5), (200, 0.3)]:
+        assert torch.equal(filter_logits(logits, top_k=k, top_p=p), two_pass(logits, k, p))
+    only_k = filter_logits(logits, top_k=40)
+    assert torch.isfinite(only_k).sum(-1).eq(40).all()
+
+
+def test_decoding_in_chunks_equals_one_decode(tiny_generator, monkeypatch):
+    from starkit.generator import sampling
+    tok = tiny_generator.tokenizer
+    side = tok.patch_nums[-1]
+    f_hat = torch.randn(5, tok.embed_dim, side, side)
+    with torch.no_grad():
+        whole = tok.decode_latent(f_hat)
+        monkeypatch.setattr(sampling, "DECODE_LATENT_AREA", 2 * side * side)  # chunks of 2, 2 and 1 images
+        chunked = sampling.decode_in_chunks(tok, f_hat)
+    assert chunked.shape == whole.shape and torch.allclose(chunked, whole, atol=1e-4)  # batch-size-dependent conv kernels
+
+
 @pytest.mark.parametrize("cfg", [0.0, 2.0])
 def test_static_scale_steps_generate_the_same_images(cfg):
     """generate(cuda_graphs=True) runs the scale steps on buffers kept between calls (CUDA graphs on

@@ -88,6 +88,30 @@ def inference_cached(module: nn.Module, name: str, params: Tuple[torch.Tensor, .
     return hit[1]
 
 
+def autocast_weight(module: nn.Module, name: str, tensor: Optional[torch.Tensor], x: torch.Tensor):
+    """``tensor`` (a weight or bias of ``module``) in the autocast dtype of ``x``'s device, cast once per
+    weight version while gradients are off and autocast is on; otherwise ``tensor`` as it is.
+
+    Autocast casts float32 weights at every call (its own cache is off while CUDA graphs are
+    captured and does not outlive one ``autocast`` region): in generation that is a full read of
+    the weights per scale and per sampler step. The cast copy is kept in ``module`` (its size in
+    the autocast dtype) until the weight changes."""
+    if tensor is None or torch.is_grad_enabled() or not torch.is_autocast_enabled(x.device.type):
+        return tensor
+    dtype = torch.get_autocast_dtype(x.device.type)
+    if tensor.dtype == dtype or not tensor.is_floating_point():
+        return tensor
+    return inference_cached(module, f"{name}:{dtype}", (tensor,), lambda: tensor.to(dtype))
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state-dict keys) whose weight and bias are cast to the
+    autocast dtype once per weight version at inference (:func:`autocast_weight`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, autocast_weight(self, "weight", self.weight, x), autocast_weight(self, "bias", self.bias, x))
+
+
 class QKNorm(nn.Module):
     """L2-normalises queries and keys; queries are then scaled by a learnable per-head
     factor (init 4, clamped at 100), so attention uses scale 1 (VAR's ``attn_l2_norm``)."""
@@ -119,18 +143,20 @@ class SelfAttention(nn.Module):
     def __init__(self, width: int, num_heads: int) -> None:
         super().__init__()
         self.num_heads, self.head_dim = num_heads, width // num_heads
-        self.mat_qkv = nn.Linear(width, 3 * width, bias=False)
+        self.mat_qkv = Linear(width, 3 * width, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(width))
         self.v_bias = nn.Parameter(torch.zeros(width))
         self.qk_norm = QKNorm(num_heads)
-        self.proj = nn.Linear(width, width)
+        self.proj = Linear(width, width)
 
     def forward(self, x: torch.Tensor, rotary: Optional[tuple] = None, mask: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None) -> torch.Tensor:
         B, l, C = x.shape
         bias = inference_cached(self, "qkv_bias", (self.q_bias, self.v_bias),
                                 lambda: torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias)))
-        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, l, 3, self.num_heads, self.head_dim)
+        weight = autocast_weight(self.mat_qkv, "weight", self.mat_qkv.weight, x)
+        bias = autocast_weight(self, "qkv_bias", bias, x)
+        qkv = F.linear(x, weight, bias).view(B, l, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, l, d)
         q, k = self.qk_norm(q, k, as_cis(rotary))  # rotary: (cos, sin), complex tables, or None
         if cache is not None:  # sampling: attend to every cached position, no mask needed
@@ -152,12 +178,12 @@ class CrossAttention(nn.Module):
     def __init__(self, width: int, text_dim: int, num_heads: int) -> None:
         super().__init__()
         self.num_heads, self.head_dim = num_heads, width // num_heads
-        self.mat_q = nn.Linear(width, width, bias=False)
-        self.mat_kv = nn.Linear(text_dim, 2 * width, bias=False)
+        self.mat_q = Linear(width, width, bias=False)
+        self.mat_kv = Linear(text_dim, 2 * width, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(width))
         self.v_bias = nn.Parameter(torch.zeros(width))
         self.qk_norm = QKNorm(num_heads)
-        self.proj = nn.Linear(width, width)
+        self.proj = Linear(width, width)
 
     def text_kv(self, text_tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Text features ``(B, T, Dt)`` -> normalised keys and values ``(B, H, T, d)``."""
@@ -171,7 +197,9 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, text_kv: Tuple[torch.Tensor, torch.Tensor],
                 text_bias: torch.Tensor) -> torch.Tensor:
         B, l, C = x.shape
-        q = F.linear(x, self.mat_q.weight, self.q_bias).view(B, l, self.num_heads, self.head_dim).transpose(1, 2)
+        weight = autocast_weight(self.mat_q, "weight", self.mat_q.weight, x)
+        bias = autocast_weight(self, "q_bias", self.q_bias, x)
+        q = F.linear(x, weight, bias).view(B, l, self.num_heads, self.head_dim).transpose(1, 2)
         q = F.normalize(q.float(), dim=-1).mul(self.qk_norm.scale())
         k, v = text_kv
         q = q.to(v.dtype)
@@ -184,8 +212,8 @@ class FFN(nn.Module):
 
     def __init__(self, width: int, hidden: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
+        self.fc1 = Linear(width, hidden)
+        self.fc2 = Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -212,7 +240,7 @@ class Block(nn.Module):
         self.norm = nn.LayerNorm(width, eps=norm_eps, elementwise_affine=False)
         self.drop_path = DropPath(drop_path)
         if adaln_cond_dim:
-            self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(adaln_cond_dim, 6 * width))
+            self.ada_lin = nn.Sequential(nn.SiLU(), Linear(adaln_cond_dim, 6 * width))
 
     def forward(self, x: torch.Tensor, rotary=None, mask=None, text_kv=None, text_bias=None,
                 cache: Optional[KVCache] = None, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -242,7 +270,7 @@ class AdaLNBeforeHead(nn.Module):
     def __init__(self, width: int, cond_dim: int, norm_eps: float = 1e-6) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(width, eps=norm_eps, elementwise_affine=False)
-        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * width))
+        self.ada_lin = nn.Sequential(nn.SiLU(), Linear(cond_dim, 2 * width))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         scale, shift = self.ada_lin(cond).view(-1, 1, 2, x.shape[-1]).to(x.dtype).unbind(2)  # (B, 1, C) each

@@ -85,5 +85,19 @@ def run_sampling(net: ScaleTransformer, tokenizer: ScaleTokenizer, text_encoder:
                 x = net.scale_tokens(tokenizer.next_scale_input(f_hat, k + 1), k + 1)
                 if guided:
                     x = torch.cat([x, x], dim=0)
-        images = tokenizer.decode_latent(f_hat)
+        images = decode_in_chunks(tokenizer, f_hat)
     return images.float().add(1).mul(0.5).clamp(0, 1), all_indices
+
+
+DECODE_LATENT_AREA = 4 * 64 * 64  # latent positions decoded at once: four 1024 px images of VAR's f16 tokenizer
+
+
+def decode_in_chunks(tokenizer: ScaleTokenizer, f_hat: torch.Tensor) -> torch.Tensor:
+    """``tokenizer.decode_latent`` over chunks of at most ``DECODE_LATENT_AREA`` latent positions: the
+    decoder's activations at 1024 px take about 0.6 GiB per image and layer, so decoding a large batch
+    at once can run out of memory beside the KV caches; a chunk of four 1024 px images keeps the GPU
+    busy already. ``f_hat`` ``(B, Cvae, h, w)`` -> images ``(B, 3, H, W)``."""
+    per_chunk = max(1, DECODE_LATENT_AREA // (f_hat.shape[-1] * f_hat.shape[-2]))
+    if f_hat.shape[0] <= per_chunk:
+        return tokenizer.decode_latent(f_hat)
+    return torch.cat([tokenizer.decode_latent(part) for part in f_hat.split(per_chunk)])

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from starkit.generator.blocks import AdaLNBeforeHead, Block, KVCache, key_padding_bias
+from starkit.generator.blocks import AdaLNBeforeHead, Block, KVCache, Linear, key_padding_bias
 from starkit.positional import PositionalEncoding, as_cis
 
 ATTENTIONS = ("sdpa", "flex")  # training self-attention implementations (ScaleTransformer.attention)
@@ -93,9 +93,9 @@ class ScaleTransformer(nn.Module):
             raise ValueError(f"start_from_condition='identity' needs cond_dim == width, got {cond_dim} and {width}.")
         self.adaln = adaln
         self._cond = None  # AdaLN: the last condition given to forward/start_tokens (see _adaln_cond)
-        self.word_embed = nn.Linear(latent_dim, width)
+        self.word_embed = Linear(latent_dim, width)
         if start_from_condition == "proj":
-            self.encoder_proj = nn.Linear(cond_dim, width)  # pooled condition -> start token
+            self.encoder_proj = Linear(cond_dim, width)  # pooled condition -> start token
         else:
             self.encoder_proj = nn.Identity()
         self.pos_start = nn.Parameter(torch.empty(1, self.first_l, width))
@@ -110,7 +110,7 @@ class ScaleTransformer(nn.Module):
         if adaln:
             self.logit_norm = nn.Identity()
             self.head_nm = AdaLNBeforeHead(width, cond_dim, norm_eps)
-        self.head_logits = nn.Linear(width, vocab_size)
+        self.head_logits = Linear(width, vocab_size)
 
         levels = scale_levels(self.patch_nums)
         self.register_buffer("levels", levels, persistent=False)  # (L,)

@@ -37,6 +37,8 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Opti
         logits = logits / temperature
     V = logits.shape[-1]
     if top_k is not None and 0 < top_k < V:
+        return _filter_top_k_then_p(logits, top_k, top_p)
+    if top_k is not None and 0 < top_k < V:
         kth = logits.topk(top_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and 0 < top_p < 1:
@@ -46,6 +48,21 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Opti
         remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)
         logits = logits.masked_fill(remove, float("-inf"))
     return logits
+
+
+def _filter_top_k_then_p(logits: torch.Tensor, top_k: int, top_p: Optional[float]) -> torch.Tensor:
+    """Top-k then top-p from one sorted top-k: the nucleus is found among the k kept tokens (every
+    other token has probability 0 after top-k), not by sorting the whole vocabulary. The same
+    tokens as the two-pass definition, except that exactly k tokens survive a tie at the k-th value."""
+    values, indices = logits.topk(top_k, dim=-1, sorted=True)  # (..., k) descending
+    if top_p is not None and 0 < top_p < 1:
+        probs = values.softmax(dim=-1)
+        # probability of this token and all less likely ones = the ascending cumulative sum
+        tail = probs.flip(-1).cumsum(dim=-1).flip(-1)
+        remove = tail <= (1 - top_p)
+        remove[..., 0] = False  # always keep the most likely token
+        values = values.masked_fill(remove, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter_(-1, indices, values)
 
 
 def sample_categorical(logits: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:

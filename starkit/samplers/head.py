@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from starkit.generator.blocks import Block
+from starkit.generator.blocks import Block, Linear
 from starkit.positional import as_cis
 
 
@@ -52,15 +52,15 @@ class SamplerHead(nn.Module):
                  num_scales: int, depth: int = 3, mlp_ratio: float = 4.0, norm_eps: float = 1e-6) -> None:
         super().__init__()
         self.width, self.depth = width, depth
-        self.word_embed = nn.Linear(latent_dim, width)
-        self.encoder_proj = nn.Linear(text_dim, width)
+        self.word_embed = Linear(latent_dim, width)
+        self.encoder_proj = Linear(text_dim, width)
         self.pos_start = nn.Parameter(torch.empty(1, 1, width))
         self.lvl_embed = nn.Embedding(num_scales, width)
-        self.proj = nn.Linear(2 * width, width)
+        self.proj = Linear(2 * width, width)
         self.blocks = nn.ModuleList(Block(width, num_heads, None, mlp_ratio, drop_path=0.0, norm_eps=norm_eps)
                                     for _ in range(depth))
         self.logit_norm = nn.LayerNorm(width, eps=norm_eps, elementwise_affine=False)
-        self.head_logits = nn.Linear(width, vocab_size)
+        self.head_logits = Linear(width, vocab_size)
         self.init_weights()
 
     def init_weights(self, init_head: float = 0.02) -> None:

@@ -1,0 +1,174 @@
+"""Where generation time goes: per-phase host time (synchronised around each phase) and the
+top CUDA kernels of one end-to-end ``generate`` call, for the real architectures with random
+weights. A diagnostic for issue 7, not a benchmark: the synchronisation removes the overlap
+between phases, so the phases add up to more than an unsynchronised call (printed beside).
+
+    python benchmarks/profile_generate.py --cases d16@256:parallel:1,d30@1024:stable:1 --cuda-graphs
+    python benchmarks/profile_generate.py --tiny --cases d16@256:parallel:1          # CPU smoke run
+
+Phases: text encoding, transformer scale steps (``forward_scale`` + logits, or the static
+steps), sampler (filtering, draws, sampler head), tokenizer (``add_scale`` +
+``next_scale_input``), VQ decode. The kernel table is torch.profiler's, sorted by device time.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+import bench_generator as bg  # noqa: E402
+from bench_generate import PATCH_NUMS, TINY_PATCH_NUMS, stable_for  # noqa: E402
+
+
+class PhaseTimer:
+    """Wraps methods so that each call is synchronised and its host time added to a phase."""
+
+    def __init__(self, dev: torch.device) -> None:
+        self.dev, self.totals, self.enabled = dev, collections.defaultdict(float), False
+        self._depth = 0
+
+    def wrap(self, obj, name: str, phase: str) -> None:
+        original = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            if not self.enabled or self._depth:
+                return original(*args, **kwargs)
+            self._depth += 1
+            bg.sync(self.dev)
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                bg.sync(self.dev)
+                self.totals[phase] += time.perf_counter() - start
+                self._depth -= 1
+        setattr(obj, name, timed)
+
+
+def profile_case(case: str, args, dev, text) -> None:
+    config, sampler_name, batch = case.split(":")
+    B = int(batch)
+    pn = (TINY_PATCH_NUMS if args.tiny else PATCH_NUMS)[config]
+    tok = bg.build_tokenizer(args.tiny, pn, dev)
+    gen = bg.build_generator(config.split("@")[0], args.tiny, pn, tok, text, dev).eval()
+    sampler = stable_for(gen, pn, dev) if sampler_name == "stable" else None
+    if args.compile_decoder and dev.type == "cuda":
+        tok.optimize_for_inference(channels_last=True)
+    prompts = [bg.CAPTIONS[i % len(bg.CAPTIONS)] for i in range(B)]
+
+    def call():
+        with torch.no_grad():
+            gen.generate(prompts, seed=0, sampler=sampler, cuda_graphs=args.cuda_graphs, **bg.SAMPLING)
+
+    timer = PhaseTimer(dev)
+    net = gen.transformer
+    timer.wrap(gen.text_encoder, "encode", "text encoding")
+    timer.wrap(net, "forward_scale", "transformer scales")
+    timer.wrap(net, "logits", "transformer scales")
+    from starkit.generator import graphs
+    original_run = graphs.StaticScaleSteps.run
+    graphs.StaticScaleSteps.run = lambda self, *a, **k: timed_run(self, *a, **k)  # noqa: E731
+
+    def timed_run(self, *a, **k):
+        if not timer.enabled:
+            return original_run(self, *a, **k)
+        bg.sync(dev)
+        start = time.perf_counter()
+        out = original_run(self, *a, **k)
+        bg.sync(dev)
+        timer.totals["transformer scales"] += time.perf_counter() - start
+        return out
+
+    cls = type(sampler if sampler is not None else gen.sampler)  # with_settings copies: wrap the class
+    original_sample = cls.sample_scale
+    cls.sample_scale = lambda self, step: timed_sample(self, step)  # noqa: E731
+
+    def timed_sample(self, step):
+        if not timer.enabled or timer._depth:
+            return original_sample(self, step)
+        bg.sync(dev)
+        start = time.perf_counter()
+        out = original_sample(self, step)
+        bg.sync(dev)
+        timer.totals["sampler"] += time.perf_counter() - start
+        return out
+
+    timer.wrap(tok, "add_scale", "tokenizer (add_scale, next input)")
+    timer.wrap(tok, "next_scale_input", "tokenizer (add_scale, next input)")
+    timer.wrap(tok, "decode_latent", "VQ decode")
+    try:
+        for _ in range(args.warmup):
+            call()
+        plain = []
+        for _ in range(args.repeats):
+            bg.sync(dev)
+            start = time.perf_counter()
+            call()
+            bg.sync(dev)
+            plain.append(time.perf_counter() - start)
+        timer.enabled = True
+        for _ in range(args.repeats):
+            call()
+        timer.enabled = False
+        total_plain = sorted(plain)[len(plain) // 2]
+        print(f"\n## {case} (cuda_graphs={args.cuda_graphs}): unsynchronised call {total_plain * 1000:.1f} ms "
+              f"(median of {args.repeats})")
+        phases = {k: v / args.repeats for k, v in timer.totals.items()}
+        print("| phase (synchronised) | ms per call | share |\n|---|---|---|")
+        for k, v in sorted(phases.items(), key=lambda kv: -kv[1]):
+            print(f"| {k} | {v * 1000:.1f} | {100 * v / sum(phases.values()):.0f}% |")
+        print(f"| sum | {sum(phases.values()) * 1000:.1f} | |")
+        if dev.type == "cuda" and not args.no_kernels:
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                call()
+                bg.sync(dev)
+            events = prof.key_averages()
+            device_total = sum(e.self_device_time_total for e in events) / 1000
+            print(f"\nkernels of one call: {device_total:.1f} ms of device time in all")
+            print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=70))
+    finally:
+        graphs.StaticScaleSteps.run = original_run
+        cls.sample_scale = original_sample
+        del gen, tok, sampler
+        bg.free_memory(dev)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="d16@256:parallel:1,d30@1024:stable:1",
+                    help="comma list of config:sampler:batch")
+    ap.add_argument("--cuda-graphs", action="store_true")
+    ap.add_argument("--compile-decoder", action="store_true", help="tokenizer.optimize_for_inference(channels_last=True)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--no-kernels", action="store_true", help="skip the torch.profiler kernel table")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--text", choices=("clip", "random"), default="clip")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    dev = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as workdir:
+        text, _ = bg.build_text_encoder(args.text, args.tiny, dev, workdir)
+        for case in args.cases.split(","):
+            try:
+                profile_case(case, args, dev, text)
+            except Exception:  # noqa: BLE001  (a diagnostic: report and go on with the next case)
+                import traceback
+                traceback.print_exc()
+                print(f"\n## {case}: FAILED (traceback above)")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        main()
