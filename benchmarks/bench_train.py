@@ -5,6 +5,8 @@ architectures, no downloads).
     python benchmarks/bench_train.py --official-root .official/STAR --json $OUT/bench_train.json
     python benchmarks/bench_train.py --configs d30@1024 --search 8,12,16,24,32       # only the 1024 batch search
     python benchmarks/bench_train.py --tiny --official-root /path/to/STAR             # CPU smoke run
+    python benchmarks/bench_train.py --configs d16@256 --compile off,on --search 64   # compiled blocks too
+    ... --profile-dir $OUT/prof      # also the top kernels of two steps of each row (profile_*.txt)
 
 Configs: d16@256 and d30@256 (patch_nums 1..16, 680 tokens) and d30@1024 (1..64, 9451 tokens,
 651 last-scale tokens dropped as STAR does (9451 -> 8800), activation checkpointing on).
@@ -62,9 +64,13 @@ def time_ours(config: str, args, dev, text) -> list:
         gen.transformer.activation_checkpointing = True
     side = pn[-1] * tok.downsample
     rows = []
-    for attention in args.attentions.split(","):
+    modes = [(a, c) for c in args.compile.split(",") for a in args.attentions.split(",")]
+    for attention, compiled in modes:
         gen.transformer.attention = attention
-        impl = "starkit" if attention == "sdpa" else f"starkit {attention}"
+        if compiled == "on":  # ScaleWiseGenerator(compile=True): compiled blocks and VQ encoder
+            gen.transformer.compile_blocks = True
+            gen.compile_tokenizer_encoder()
+        impl = ("starkit" if attention == "sdpa" else f"starkit {attention}") + (" compiled" if compiled == "on" else "")
 
         def one(B: int) -> dict:
             try:
@@ -77,7 +83,8 @@ def time_ours(config: str, args, dev, text) -> list:
                    f"img/s, MFU {row['mfu_pct']}, {row['peak_gib']} GiB")
             return row
 
-        rows += [dict(r, impl=impl, attention=attention) for r in search(config, batch_list(config, args), one, dev)]
+        rows += [dict(r, impl=impl, attention=attention, compiled=compiled == "on")
+                 for r in search(config, batch_list(config, args), one, dev)]
     del gen, tok
     bg.free_memory(dev)
     return rows
@@ -138,6 +145,9 @@ def main(argv=None) -> None:
     ap.add_argument("--configs", default="d16@256,d30@256,d30@1024")
     ap.add_argument("--search", default=None, help="increasing batches to try (default: per config)")
     ap.add_argument("--attentions", default="sdpa", help="training attention(s) of starkit: sdpa, flex or sdpa,flex")
+    ap.add_argument("--compile", default="off", help="off, on or off,on: ScaleWiseGenerator(compile=True) rows "
+                    "('compiled': torch.compile'd blocks in the training pass and VQ encoder); 'on' after 'off'")
+    ap.add_argument("--profile-dir", default=None, help="write a torch.profiler kernel table of 2 steps per row here")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--official-root", default=None, help="a checkout of STAR-T2I (not committed); none: ours only")
@@ -146,7 +156,8 @@ def main(argv=None) -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
-    args.profile_dir = None  # bench_generator.bench_train reads it
+    if args.profile_dir:
+        os.makedirs(args.profile_dir, exist_ok=True)
     dev = torch.device(args.device)
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     rows, workdir = [], tempfile.mkdtemp(prefix="bench_train_")

@@ -228,3 +228,15 @@ def test_apply_rotary_matches_the_pairwise_formula_with_gradients(dtype):
     (grad,) = torch.autograd.grad(out, x, g)
     (grad_ref,) = torch.autograd.grad(ref, x, g)
     assert torch.allclose(grad.float(), grad_ref.float(), atol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_rotation_by_the_real_pair_equals_the_complex_multiplication(per_sample):
+    """Compiled training blocks rotate with the real (cos, sin) pair (no complex code generation);
+    it must equal the complex path, for shared and per-sample tables."""
+    from starkit.positional import as_cis, rotate_float32
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 8)
+    angles = torch.randn(2, 5, 4) if per_sample else torch.randn(5, 4)
+    pair = (angles.cos(), angles.sin())
+    assert torch.allclose(rotate_float32(x, pair), rotate_float32(x, as_cis(pair)), atol=1e-6)

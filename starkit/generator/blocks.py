@@ -158,7 +158,9 @@ class SelfAttention(nn.Module):
         bias = autocast_weight(self, "qkv_bias", bias, x)
         qkv = F.linear(x, weight, bias).view(B, l, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, l, d)
-        q, k = self.qk_norm(q, k, as_cis(rotary))  # rotary: (cos, sin), complex tables, or None
+        # rotary: (cos, sin), complex tables, or None; compiled graphs keep the real pair (no complex codegen)
+        q, k = self.qk_norm(q, k, rotary if torch.compiler.is_compiling() and isinstance(rotary, tuple)
+                            else as_cis(rotary))
         if cache is not None:  # sampling: attend to every cached position, no mask needed
             k, v = cache.append(k, v)
         if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask (training)

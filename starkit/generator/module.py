@@ -62,6 +62,11 @@ class ScaleWiseGenerator(L.LightningModule):
         attention: training self-attention: "sdpa" (scaled_dot_product_attention with the dense
             block-causal mask) or "flex" (FlexAttention, compiled on CUDA: skips the fully masked
             blocks). Sampling always uses the KV cache without a mask.
+        compile: ``torch.compile`` the transformer blocks for the training step (one graph shared
+            by all blocks; fuses the float32 QK-norm and rotary, LayerNorms, GELU and residual
+            chains) and, at the start of fitting, the frozen tokenizer's encoder (the VQ encoding
+            inside the step). The first steps are slow while compiling; validation and sampling
+            stay eager. Not yet measured on a GPU (docs/performance.md).
         init_from: a starkit checkpoint or model directory whose transformer initialises
             this one (progressive resolution: scales may differ).
         stage: "generator" trains the transformer; "sampler_head" freezes it and trains only
@@ -102,6 +107,7 @@ class ScaleWiseGenerator(L.LightningModule):
         cross_attention: bool = True,
         start_from_condition: str = "proj",
         attention: str = "sdpa",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         hparams = library_hparams(type(self), locals())
@@ -134,6 +140,7 @@ class ScaleWiseGenerator(L.LightningModule):
         )
         self.transformer.activation_checkpointing = activation_checkpointing
         self.transformer.attention = attention  # validated by the transformer
+        self.transformer.compile_blocks = bool(compile)
         self.sampler.build(arch["width"], text_encoder.dim, tokenizer.embed_dim, tokenizer.codebook_size,
                            arch["num_heads"], self.patch_nums)
         if stage == "sampler_head":
@@ -192,6 +199,17 @@ class ScaleWiseGenerator(L.LightningModule):
         """Fail before the first step when the data's resolution does not fit the scales."""
         from starkit.callbacks.guards import check_data_fits_model
         check_data_fits_model(self, getattr(self.trainer, "datamodule", None))
+
+    def on_fit_start(self) -> None:
+        if self.hparams.get("compile"):
+            self.compile_tokenizer_encoder()
+
+    def compile_tokenizer_encoder(self) -> None:
+        """``torch.compile`` the frozen tokenizer's CNN encoder in place (idempotent; tokenizers
+        without an ``encoder`` module are left as they are)."""
+        encoder = getattr(self.tokenizer, "encoder", None)
+        if isinstance(encoder, torch.nn.Module) and getattr(encoder, "_compiled_call_impl", None) is None:
+            encoder.compile()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         from starkit.generator.hparams import check_state_dict_keys

@@ -84,6 +84,7 @@ class ScaleTransformer(nn.Module):
         self.seq_len = sum(p * p for p in self.patch_nums)
         self.width, self.depth, self.num_heads, self.vocab_size = width, depth, num_heads, vocab_size
         self.activation_checkpointing = False
+        self.compile_blocks = False  # teacher-forced passes with gradients run torch.compile'd blocks
         self.attention = "sdpa"
 
         cond_dim = cond_dim or text_dim
@@ -203,16 +204,32 @@ class ScaleTransformer(nn.Module):
             x = x[:, keep]
         x = self._add_position(x, positions)
         mask = self._training_mask(keep, x.device)
-        rotary = as_cis(self.positional.rotary(positions))  # complex tables, built once for all blocks
+        rotary = self.positional.rotary(positions)  # (cos, sin): what compiled blocks take
+        if not (self.compile_blocks and torch.is_grad_enabled()):
+            rotary = as_cis(rotary)  # complex tables, built once for all (eager) blocks
         text_kvs, text_bias = self._text_inputs(text_tokens, text_mask)
         extra = self._block_kwargs(pooled)
-        for i, block in enumerate(self.blocks):
+        for i in range(len(self.blocks)):
+            block = self._training_block(i)
             kv = text_kvs[i] if text_kvs else None
             if self.activation_checkpointing and self.training:
                 x = checkpoint(block, x, rotary, mask, kv, text_bias, use_reentrant=False, **extra)
             else:
                 x = block(x, rotary=rotary, mask=mask, text_kv=kv, text_bias=text_bias, **extra)
         return x
+
+    def _training_block(self, i: int):
+        """Block ``i``, or its ``torch.compile`` wrapper when ``compile_blocks`` is on and gradients are
+        (the training step). The wrappers live outside the module tree (state-dict keys unchanged) and
+        share one compiled graph: every block has the same code and shapes. Passes without gradients
+        (validation, the frozen transformer of the sampler-head stage) and cached sampling stay eager."""
+        if not (self.compile_blocks and torch.is_grad_enabled()):
+            return self.blocks[i]
+        compiled = self.__dict__.setdefault("_compiled_blocks", {})
+        block = self.blocks[i]
+        if compiled.get(i, (None,))[0] is not block:  # built lazily; rebuilt if the block was replaced
+            compiled[i] = (block, torch.compile(block))
+        return compiled[i][1]
 
     @property
     def attention(self) -> str:

@@ -51,10 +51,19 @@ def as_cis(rotary) -> Optional[torch.Tensor]:
     return torch.complex(cos.float(), sin.float())
 
 
-def rotate_float32(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
+def rotate_float32(x: torch.Tensor, cis) -> torch.Tensor:
     """Rotate adjacent channel pairs ``(2p, 2p+1)`` of a float32 ``x`` ``(B, H, l, d)`` by ``cis``
     (:func:`as_cis`): one complex multiplication, the pairwise formula
-    ``(x0 cos - x1 sin, x0 sin + x1 cos)``. Returns float32 ``(B, H, l, d)``."""
+    ``(x0 cos - x1 sin, x0 sin + x1 cos)``. Returns float32 ``(B, H, l, d)``.
+
+    ``cis`` may also be the real ``(cos, sin)`` pair: the pairwise formula written out, which
+    ``torch.compile`` fuses (its code generation has no complex operators)."""
+    if isinstance(cis, tuple):
+        cos, sin = (t.float() for t in cis)
+        if cos.dim() == 3:  # (B, l, d/2) -> (B, 1, l, d/2)
+            cos, sin = cos[:, None], sin[:, None]
+        x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)  # each (B, H, l, d/2)
+        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
     if cis.dim() == 3:  # per-sample positions (B, l, d/2) -> (B, 1, l, d/2)
         cis = cis[:, None]
     pairs = x.unflatten(-1, (-1, 2))  # (B, H, l, d/2, 2)
