@@ -275,6 +275,10 @@ def test_autocast_weights_are_cast_once_and_follow_updates():
         assert ours.weight.grad is not None and torch.equal(out.detach(), ref(x).detach())
     with torch.no_grad():  # no autocast: float32 weights as they are
         assert torch.equal(ours(x), ref(x))
+    from starkit.generator.blocks import clear_inference_caches
+    holder = torch.nn.Sequential(ours)
+    clear_inference_caches(holder)  # what the generator does after validation during fit
+    assert "_inference_cache" not in ours.__dict__
 
 
 def test_top_k_then_top_p_equals_the_two_pass_definition():

@@ -112,6 +112,14 @@ class Linear(nn.Linear):
         return F.linear(x, autocast_weight(self, "weight", self.weight, x), autocast_weight(self, "bias", self.bias, x))
 
 
+def clear_inference_caches(module: nn.Module) -> None:
+    """Drop what :func:`inference_cached` keeps in ``module`` and its children (bias concatenations,
+    weights cast to the autocast dtype): after validation, so that training does not carry a cast
+    copy of the weights that the next optimizer step makes stale anyway."""
+    for m in module.modules():
+        m.__dict__.pop("_inference_cache", None)
+
+
 class QKNorm(nn.Module):
     """L2-normalises queries and keys; queries are then scaled by a learnable per-head
     factor (init 4, clamped at 100), so attention uses scale 1 (VAR's ``attn_l2_norm``)."""

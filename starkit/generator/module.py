@@ -204,6 +204,11 @@ class ScaleWiseGenerator(L.LightningModule):
         if self.hparams.get("compile"):
             self.compile_tokenizer_encoder()
 
+    def on_validation_end(self) -> None:
+        if self.trainer is not None and self.trainer.state.fn == "fit":  # training goes on: free the cast copies
+            from starkit.generator.blocks import clear_inference_caches
+            clear_inference_caches(self)
+
     def compile_tokenizer_encoder(self) -> None:
         """``torch.compile`` the frozen tokenizer's CNN encoder in place (idempotent; tokenizers
         without an ``encoder`` module are left as they are)."""
