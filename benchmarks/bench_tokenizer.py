@@ -65,7 +65,8 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--variants", default="cl", help="comma list of our variants: cl (bf16 channels_last), "
                     "nchw (bf16 contiguous), compile (bf16 channels_last + torch.compile of encoder/decoder), "
-                    "compile_nchw (bf16 contiguous + torch.compile)")
+                    "compile_nchw (bf16 contiguous + torch.compile), compile_max (channels_last + "
+                    "torch.compile mode max-autotune-no-cudagraphs)")
     ap.add_argument("--skip-train", action="store_true")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
@@ -98,11 +99,13 @@ def main(argv=None) -> None:
     def variant_model(kind: str):
         model = MultiScaleVQ(**arch, patch_nums=cases[0][1]).to(dev).eval()
         model.load_state_dict(state, strict=False)
-        if cuda and kind in ("cl", "compile"):
+        if cuda and kind in ("cl", "compile", "compile_max"):
             model = model.to(memory_format=torch.channels_last)
         if kind in ("compile", "compile_nchw"):
             model.encoder = torch.compile(model.encoder)
             model.decoder = torch.compile(model.decoder)
+        if kind == "compile_max":  # the tuned variant: inductor benchmarks conv/matmul choices (slow to compile)
+            model.optimize_for_inference(channels_last=True, mode="max-autotune-no-cudagraphs")
         return model
 
     rows = []

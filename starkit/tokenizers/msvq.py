@@ -265,7 +265,8 @@ class MultiScaleVQ(ScaleTokenizer):
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         self.train_step_count = checkpoint.get("starkit_tokenizer_step", 0)
 
-    def optimize_for_inference(self, compile: bool = True, channels_last: bool = False) -> "MultiScaleVQ":
+    def optimize_for_inference(self, compile: bool = True, channels_last: bool = False,
+                               mode: Optional[str] = None) -> "MultiScaleVQ":
         """Speed up encode/decode on a GPU (use under bf16 autocast).
 
         ``torch.compile`` of the CNN encoder and decoder (state-dict keys unchanged) roughly
@@ -275,12 +276,13 @@ class MultiScaleVQ(ScaleTokenizer):
         Args:
             compile: compile the encoder and decoder in place (``nn.Module.compile``).
             channels_last: convert the weights to channels_last memory format.
+            mode: ``torch.compile`` mode (e.g. "max-autotune-no-cudagraphs"; None: the default).
         """
         if channels_last:
             self.to(memory_format=torch.channels_last)
         if compile:
-            self.encoder.compile()
-            self.decoder.compile()
+            self.encoder.compile(mode=mode)
+            self.decoder.compile(mode=mode)
         return self
 
     # ------------------------------------------------------------------ training
