@@ -94,8 +94,10 @@ def time_ours(config: str, args, dev, text, ceiling) -> list:
                         gen.generate(prompts, seed=0, sampler=samplers[sampler_name], cuda_graphs=graphs,
                                      **bg.SAMPLING)
 
-                rows.append(timed("starkit graphs" if graphs else "starkit", config, sampler_name, B, call, args,
-                                  dev, generate_flops(arch, B, guided=True), ceiling))
+                row = timed("starkit graphs" if graphs else "starkit", config, sampler_name, B, call, args,
+                            dev, generate_flops(arch, B, guided=True), ceiling)
+                row["compiled_decoder"] = bool(graphs and args.compile_decoder and dev.type == "cuda")
+                rows.append(row)
     del gen, tok, samplers
     bg.free_memory(dev)
     return rows

@@ -64,11 +64,13 @@ def time_ours(config: str, args, dev, text) -> list:
         gen.transformer.activation_checkpointing = True
     side = pn[-1] * tok.downsample
     rows = []
-    modes = [(a, c) for c in args.compile.split(",") for a in args.attentions.split(",")]
+    # "off" first: the compiled VQ encoder cannot be undone in place
+    modes = [(a, c) for c in sorted(set(args.compile.split(",")), key=("off", "on").index)
+             for a in args.attentions.split(",")]
     for attention, compiled in modes:
         gen.transformer.attention = attention
-        if compiled == "on":  # ScaleWiseGenerator(compile=True): compiled blocks and VQ encoder
-            gen.transformer.compile_blocks = True
+        gen.transformer.compile_blocks = compiled == "on"  # ScaleWiseGenerator(compile=True)
+        if compiled == "on":
             gen.compile_tokenizer_encoder()
         impl = ("starkit" if attention == "sdpa" else f"starkit {attention}") + (" compiled" if compiled == "on" else "")
 

@@ -333,6 +333,53 @@ def test_compiled_blocks_train_like_eager_blocks():
     assert max((a - b).abs().max().item() for a, b in zip(grads_e, grads_c)) < 1e-5
 
 
+def test_compiled_blocks_share_graphs_across_depth_drop_path_and_batch_sizes(monkeypatch):
+    """Drop-path rates differ per block: as Python numbers they made dynamo compile one graph per
+    block and, past its recompile limit (8), leave deep models eager. With the rate in a tensor a
+    12-block model with drop-path needs at most 4 graphs over three batch sizes."""
+    import torch._dynamo
+    from conftest import random_batch
+    from starkit.generator import transformer
+    monkeypatch.setitem(transformer.COMPILE_OPTIONS, "backend", "eager")  # graphs are dynamo's; fast
+    gen = make_tiny_generator(compile=True, depth=12, drop_path_rate=0.2).train()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for B in (4, 3, 2):
+        gen._loss(random_batch(B), "train").backward()
+    counters = torch._dynamo.utils.counters
+    assert 1 <= counters["stats"]["unique_graphs"] <= 4
+    assert counters["frames"]["total"] == counters["frames"]["ok"]
+    torch._dynamo.reset()
+
+
+def test_fused_optimizer_steps_refresh_the_inference_caches():
+    """A fused AdamW step writes the parameters without raising their version counter: the cached
+    bf16 weights and biases must still be rebuilt (a global optimizer-step hook marks them)."""
+    from conftest import random_batch
+    from starkit.generator.graphs import weights_fingerprint as fingerprint
+    gen = make_tiny_generator().train()
+    batch = random_batch(4)
+    opt = torch.optim.AdamW(gen.transformer.parameters(), lr=1e-2, fused=True)
+
+    def val_loss():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.manual_seed(0)
+            return gen.eval()._loss(batch, "val").item()
+
+    val_loss()  # fills the caches
+    before = fingerprint(gen.transformer)
+    for _ in range(2):
+        gen.train()
+        opt.zero_grad()
+        gen._loss(batch, "train").backward()
+        opt.step()
+    assert fingerprint(gen.transformer) != before
+    cached = val_loss()
+    from starkit.generator.blocks import clear_inference_caches
+    clear_inference_caches(gen)
+    assert cached == val_loss()  # what the caches served equals a fresh cast of the new weights
+
+
 def test_decoding_in_chunks_equals_one_decode(tiny_generator, monkeypatch):
     from starkit.generator import sampling
     tok = tiny_generator.tokenizer

@@ -14,22 +14,29 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from starkit.positional import as_cis, rotate_float32
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop a whole residual branch per sample with probability ``p``."""
+    """Stochastic depth: drop a whole residual branch per sample with probability ``p``.
+
+    The keep probability is a (non-persistent) tensor, not a Python number, so that blocks with
+    different rates share one ``torch.compile`` graph (a number would be specialised per block)."""
 
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
-        self.p = p
+        self.p = float(p)
+        self.active = self.p > 0.0
+        self.register_buffer("keep_prob", torch.tensor(1.0 - self.p), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
+        if not self.active or not self.training:
             return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
+        keep_prob = self.keep_prob.float()
+        keep = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device).bernoulli_(keep_prob)
+        return x * (keep / keep_prob).to(x.dtype)
 
 
 _COMPILED_FLEX = {}
@@ -67,10 +74,25 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    """Global optimizer-step post-hook: marks every parameter the step may have changed. Fused and
+    foreach optimizers write parameters without raising their autograd version counter, so the
+    version alone would not show the update."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p._starkit_steps = getattr(p, "_starkit_steps", 0) + 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+_CACHE_EPOCH = [0]  # raised by clear_inference_caches: what was cast before is gone
+
+
 def version_key(tensors) -> Tuple:
-    """Storage, version, dtype and device of each tensor: changes when any is updated in place
-    (optimizer step, ``load_state_dict``), replaced or cast."""
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+    """Storage, version, optimizer steps, dtype and device of each tensor: changes when any is
+    updated in place (an optimizer step, fused ones included; ``load_state_dict``), replaced or cast.
+    Writes through ``.data`` are not seen: after one, call :func:`clear_inference_caches`."""
+    return (_CACHE_EPOCH[0],) + tuple((t.data_ptr(), t._version, getattr(t, "_starkit_steps", 0), t.dtype, t.device)
+                                      for t in tensors)
 
 
 def inference_cached(module: nn.Module, name: str, params: Tuple[torch.Tensor, ...], build):
@@ -115,7 +137,9 @@ class Linear(nn.Linear):
 def clear_inference_caches(module: nn.Module) -> None:
     """Drop what :func:`inference_cached` keeps in ``module`` and its children (bias concatenations,
     weights cast to the autocast dtype): after validation, so that training does not carry a cast
-    copy of the weights that the next optimizer step makes stale anyway."""
+    copy of the weights that the next optimizer step makes stale anyway. Raises the cache epoch in
+    every :func:`version_key`, so CUDA graphs that read the dropped copies are captured again."""
+    _CACHE_EPOCH[0] += 1
     for m in module.modules():
         m.__dict__.pop("_inference_cache", None)
 
@@ -157,13 +181,22 @@ class SelfAttention(nn.Module):
         self.qk_norm = QKNorm(num_heads)
         self.proj = Linear(width, width)
 
+    def _qkv_bias(self, x: torch.Tensor) -> torch.Tensor:
+        """``cat(q_bias, 0, v_bias)``; at inference built once per version of the two biases, in the
+        autocast dtype when autocast is on (keyed on the parameters themselves, not on a derived tensor)."""
+        def build():
+            return torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        if torch.is_grad_enabled():
+            return build()
+        on = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if on else self.q_bias.dtype
+        return inference_cached(self, f"qkv_bias:{dtype}", (self.q_bias, self.v_bias), lambda: build().to(dtype))
+
     def forward(self, x: torch.Tensor, rotary: Optional[tuple] = None, mask: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None) -> torch.Tensor:
         B, l, C = x.shape
-        bias = inference_cached(self, "qkv_bias", (self.q_bias, self.v_bias),
-                                lambda: torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias)))
         weight = autocast_weight(self.mat_qkv, "weight", self.mat_qkv.weight, x)
-        bias = autocast_weight(self, "qkv_bias", bias, x)
+        bias = self._qkv_bias(x)
         qkv = F.linear(x, weight, bias).view(B, l, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, l, d)
         # rotary: (cos, sin), complex tables, or None; compiled graphs keep the real pair (no complex codegen)
@@ -208,7 +241,7 @@ class CrossAttention(nn.Module):
                 text_bias: torch.Tensor) -> torch.Tensor:
         B, l, C = x.shape
         weight = autocast_weight(self.mat_q, "weight", self.mat_q.weight, x)
-        bias = autocast_weight(self, "q_bias", self.q_bias, x)
+        bias = autocast_weight(self, "q_bias", self.q_bias, x)  # cached as "q_bias:<dtype>"
         q = F.linear(x, weight, bias).view(B, l, self.num_heads, self.head_dim).transpose(1, 2)
         q = F.normalize(q.float(), dim=-1).mul(self.qk_norm.scale())
         k, v = text_kv

@@ -21,6 +21,7 @@ from starkit.generator.blocks import AdaLNBeforeHead, Block, KVCache, Linear, ke
 from starkit.positional import PositionalEncoding, as_cis
 
 ATTENTIONS = ("sdpa", "flex")  # training self-attention implementations (ScaleTransformer.attention)
+COMPILE_OPTIONS: dict = {}  # extra torch.compile arguments of the training blocks (tests use backend="eager")
 
 # Named sizes: width 64*depth and heads = depth (head dim 64), as VAR and STAR.
 SIZES = {
@@ -221,14 +222,16 @@ class ScaleTransformer(nn.Module):
     def _training_block(self, i: int):
         """Block ``i``, or its ``torch.compile`` wrapper when ``compile_blocks`` is on and gradients are
         (the training step). The wrappers live outside the module tree (state-dict keys unchanged) and
-        share one compiled graph: every block has the same code and shapes. Passes without gradients
-        (validation, the frozen transformer of the sampler-head stage) and cached sampling stay eager."""
+        share their compiled graphs: every block has the same code and shapes, and drop-path rates are
+        tensors (only "drop-path on/off" tells blocks apart; a new batch size adds a dynamic-shape
+        graph). Passes without gradients (validation, the frozen transformer of the sampler-head
+        stage) and cached sampling stay eager."""
         if not (self.compile_blocks and torch.is_grad_enabled()):
             return self.blocks[i]
         compiled = self.__dict__.setdefault("_compiled_blocks", {})
         block = self.blocks[i]
         if compiled.get(i, (None,))[0] is not block:  # built lazily; rebuilt if the block was replaced
-            compiled[i] = (block, torch.compile(block))
+            compiled[i] = (block, torch.compile(block, **COMPILE_OPTIONS))
         return compiled[i][1]
 
     @property

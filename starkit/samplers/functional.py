@@ -38,9 +38,6 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Opti
     V = logits.shape[-1]
     if top_k is not None and 0 < top_k < V:
         return _filter_top_k_then_p(logits, top_k, top_p)
-    if top_k is not None and 0 < top_k < V:
-        kth = logits.topk(top_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and 0 < top_p < 1:
         sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
         remove_sorted = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
