@@ -27,3 +27,16 @@ def test_bench_train_tiny(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert [r["config"] for r in rows] == ["d16@256", "d30@1024"] and all(r["images_per_s"] > 0 for r in rows)
     assert "largest batch that fits 2" in capsys.readouterr().out
+
+
+def test_speed_suite_runs_a_stage_and_prints_its_table(tmp_path):
+    """benchmarks/speed_suite.sh (the next GPU call of issues 2 and 7): a tiny stage on the CPU, its log
+    and the summary; an unknown stage is named, not fatal."""
+    import subprocess
+    env = dict(os.environ, TINY="1", STAGES="train_d30 nonsense")
+    result = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "speed_suite.sh"), str(tmp_path)],
+                            capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "unknown stage nonsense" in result.stderr
+    assert "train_d30 exit 0" in result.stdout and "== train_d30.log" in result.stdout
+    assert "starkit compiled" in result.stdout and (tmp_path / "train_d30.json").exists()

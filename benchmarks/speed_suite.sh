@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The speed measurements of issues 2 and 7 that are not yet made, in one GPU call (~9 min on an H200):
+#   bash benchmarks/speed_suite.sh $OUT                # on the device machine, with .official/ carried
+#   TINY=1 bash benchmarks/speed_suite.sh /tmp/suite   # CPU smoke run of the same commands (tiny models)
+# Stages (each under its own time limit, logs and JSON in the output folder, the tables printed last):
+#   train     : compiled training blocks + VQ encoder against eager and the official trainer, d16 @256
+#   train_d30 : the same at d30 @256 without the official rows (not in the default list)
+#   tokenizer : the 1024 px tokenizer with torch.compile's max-autotune against VAR
+#   generate  : d30 @1024 generation with CUDA graphs and the compiled decoder against the official code
+# Pick stages with STAGES="train tokenizer" (default: train tokenizer generate).
+set -uo pipefail
+out=${1:?usage: speed_suite.sh OUT_DIR}
+mkdir -p "$out"
+here=$(cd "$(dirname "$0")" && pwd)
+stages=${STAGES:-train tokenizer generate}
+tiny=()
+[ -n "${TINY:-}" ] && tiny=(--tiny --text random)
+export PYTHONUNBUFFERED=1
+
+run() {  # run NAME SECONDS COMMAND...: output to $out/NAME.log, never fails the suite
+  local name=$1 limit=$2
+  shift 2
+  echo "[suite $(date -u +%H:%M:%S)] $name (limit ${limit}s): $*"
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  echo "[suite $(date -u +%H:%M:%S)] $name exit $?"
+}
+
+official_star=()
+[ -d .official/STAR ] && official_star=(--official-root .official/STAR)
+for stage in $stages; do
+  case $stage in
+    train)
+      run train_d16 170 python "$here/bench_train.py" "${official_star[@]}" "${tiny[@]}" --configs d16@256 \
+        --compile off,on --search 64,128 --steps 4 --warmup 2 --profile-dir "$out/prof" --json "$out/train_d16.json"
+      ;;
+    train_d30)
+      run train_d30 150 python "$here/bench_train.py" "${tiny[@]}" --configs d30@256 --compile off,on --search 32 \
+        --steps 4 --warmup 2 --json "$out/train_d30.json" ;;
+    tokenizer)
+      tok_args=(--official-root .official/VAR --variants cl,compile_max --skip-train)
+      [ -n "${TINY:-}" ] && tok_args=(--tiny --official-root .official/VAR --skip-train)
+      run tokenizer 200 python "$here/bench_tokenizer.py" "${tok_args[@]}" ;;
+    generate)
+      run generate_1024 160 python "$here/bench_generate.py" "${official_star[@]}" "${tiny[@]}" --configs d30@1024 \
+        --cuda-graphs --compile-decoder --samplers stable --warmup 1 --repeats 2 --json "$out/generate_1024.json" ;;
+    *) echo "unknown stage $stage (train, tokenizer, generate)" >&2 ;;
+  esac
+done
+echo
+for log in "$out"/*.log; do
+  echo "== $(basename "$log")"
+  grep -E '^\||^- |^### |^variants' "$log" | tail -20
+done
