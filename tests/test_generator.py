@@ -411,3 +411,6 @@ def test_static_scale_steps_generate_the_same_images(cfg):
     out = gen.generate(prompts, seed=5, cfg=cfg, cuda_graphs=True)
     assert gen._static_steps["steps"] is not steps  # rebuilt for the new weights
     assert torch.equal(out, gen.generate(prompts, seed=5, cfg=cfg))
+    gen.release_cuda_graphs()
+    assert "_static_steps" not in gen.__dict__
+    assert torch.equal(out, gen.generate(prompts, seed=5, cfg=cfg, cuda_graphs=True))  # built again on demand
