@@ -70,7 +70,7 @@ def profile_case(case: str, args, dev, text) -> None:
             gen.generate(prompts, seed=0, sampler=sampler, cuda_graphs=args.cuda_graphs, **bg.SAMPLING)
 
     timer = PhaseTimer(dev)
-    net = gen.transformer
+    net = gen.ema if gen.ema is not None else gen.transformer  # what generate() samples with
     timer.wrap(gen.text_encoder, "encode", "text encoding")
     timer.wrap(net, "forward_scale", "transformer scales")
     timer.wrap(net, "logits", "transformer scales")
