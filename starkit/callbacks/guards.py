@@ -141,3 +141,10 @@ def check_data_fits_model(model, datamodule) -> None:
         tokenizer.check_patch_nums(patch_nums, resolution)
     except ValueError as err:
         raise ValueError(f"{type(model).__name__} and {type(datamodule).__name__} do not fit: {err}") from None
+    data_scales, data_codebook = getattr(datamodule, "patch_nums", None), getattr(datamodule, "codebook_size", None)
+    if data_scales is not None and tuple(data_scales) != patch_nums:  # pre-tokenized data
+        raise ValueError(f"{type(datamodule).__name__} holds tokens of the scales {tuple(data_scales)}, the model uses "
+                         f"{patch_nums}: tokenize the data again with the model's patch_nums, or set them to the data's.")
+    if data_codebook is not None and int(data_codebook) != tokenizer.codebook_size:
+        raise ValueError(f"{type(datamodule).__name__} holds tokens of a {data_codebook}-code tokenizer, the model's "
+                         f"has {tokenizer.codebook_size} codes: tokenize the data with the model's tokenizer.")

@@ -16,3 +16,4 @@ __all__ = [
 ]
 from .shapes import ShapesDataModule, ShapesWorld  # noqa: E402
 from .webdataset import WebDatasetDataModule, WebDatasetStream  # noqa: E402
+from .tokens import TokenizedDataModule, TokenizedDataset, tokenize_dataset  # noqa: E402

@@ -238,9 +238,22 @@ class ScaleWiseGenerator(L.LightningModule):
             drop = torch.rand(len(captions)) < self.hparams.caption_dropout
             captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         with torch.no_grad():
-            indices = batch.get("indices") or self.tokenizer.encode(batch["image"])
+            indices = batch.get("indices")
+            if indices is None:
+                indices = self.tokenizer.encode(batch["image"])
+            elif torch.is_tensor(indices):  # pre-tokenized rows (B, L): starkit.data.TokenizedDataModule
+                indices = self._split_scales(indices)
             text = self.text_encoder.encode(captions).to(self.device)
         return [i.to(self.device) for i in indices], text
+
+    def _split_scales(self, rows: torch.Tensor) -> List[torch.Tensor]:
+        """Token rows ``(B, L)`` -> the K maps ``(B, pn_k**2)``, with one clear error for another scale set."""
+        sizes = [p * p for p in self.patch_nums]
+        if rows.dim() != 2 or rows.shape[1] != sum(sizes):
+            raise ValueError(f"pre-tokenized batch of shape {tuple(rows.shape)} does not fit this generator's scales "
+                             f"{self.patch_nums} ({sum(sizes)} tokens per image): tokenize the data again with "
+                             f"these patch_nums (python -m starkit.data.tokens --patch-nums ...).")
+        return list(rows.long().split(sizes, dim=1))
 
     def _keep_positions(self) -> Optional[torch.Tensor]:
         drop = self.hparams.token_drop

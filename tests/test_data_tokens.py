@@ -1,0 +1,106 @@
+"""Pre-tokenized data (starkit.data.tokens): written once, served as index rows, trained on without the
+VQ encoder, with clear errors for folders that do not fit."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, make_tiny_generator, make_tiny_tokenizer
+from starkit.data.captioned import CaptionedImageDataset, scan_folder
+from starkit.data.tokens import TokenizedDataModule, TokenizedDataset, main, read_meta, tokenize_dataset
+
+R = 32  # the tiny tokenizer's side (scales 1, 2, 3, 4 at downsampling 8)
+
+
+def _folder(root, n=6):
+    for i in range(n):
+        Image.effect_noise((40 + 3 * i, 36), 60 + i).convert("RGB").save(root / f"{i}.png")
+        (root / f"{i}.txt").write_text(f"picture number {i}")
+    return root
+
+
+def _tokenize(tmp_path):
+    """Tokenize the ``images`` fixture's folder into ``tmp_path / "tokens"``."""
+    items = scan_folder(str(tmp_path / "images"), "empty")[0]
+    dataset = CaptionedImageDataset(items, resolution=R, train=False)
+    tok = make_tiny_tokenizer()
+    meta = tokenize_dataset(tok, dataset, str(tmp_path / "tokens"), batch_size=4, num_workers=0, device="cpu")
+    return tok, dataset, meta
+
+
+@pytest.fixture
+def images(tmp_path):
+    (tmp_path / "images").mkdir()
+    return _folder(tmp_path / "images")
+
+
+def test_token_rows_are_the_tokenizers_indices_of_the_centre_crops(tmp_path, images):
+    tok, dataset, meta = _tokenize(tmp_path)
+    root = tmp_path / "tokens"
+    assert sorted(os.listdir(root)) == ["captions.jsonl", "indices.npy", "meta.json"]  # no partial files left
+    assert meta == read_meta(str(root)) and meta["count"] == 6 and meta["resolution"] == R
+    assert meta["patch_nums"] == [1, 2, 3, 4] and meta["length"] == 30 and meta["codebook_size"] == 16
+    rows = np.load(root / "indices.npy")
+    assert rows.dtype == np.uint16 and rows.shape == (6, 30)
+    with torch.no_grad():
+        expected = torch.cat(tok.encode(torch.stack([dataset[i]["image"] for i in range(6)])), dim=1)
+    assert torch.equal(torch.from_numpy(rows.astype(np.int64)), expected)
+    item = TokenizedDataset(str(root))[2]
+    assert item["caption"] == dataset[2]["caption"] and torch.equal(item["indices"], expected[2])
+
+
+def test_training_on_tokens_equals_training_on_the_images(tmp_path, images):
+    _tokenize(tmp_path)
+    dm = TokenizedDataModule(str(tmp_path / "tokens"), batch_size=3, num_workers=0, val_size=2)
+    dm.setup("fit")
+    assert len(dm.train_dataset) == 4 and len(dm.val_dataset) == 2
+    assert not set(dm.train_dataset.rows) & set(dm.val_dataset.rows)
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["indices"].shape == (2, 30) and batch["indices"].dtype == torch.long
+    gen = make_tiny_generator(caption_dropout=0.0).eval()
+    items = scan_folder(str(images), "empty")[0]
+    dataset = CaptionedImageDataset(items, resolution=R, train=False)
+    image_batch = {"image": torch.stack([dataset[i]["image"] for i in dm.val_dataset.rows]),
+                   "caption": [dataset[i]["caption"] for i in dm.val_dataset.rows]}
+    gen.log = lambda *args, **kwargs: None
+    with torch.no_grad():
+        assert torch.equal(gen._loss(batch, "val"), gen._loss(image_batch, "val"))
+
+
+def test_folders_that_do_not_fit_are_clear_errors(tmp_path, images):
+    with pytest.raises(FileNotFoundError, match="not a token folder"):
+        TokenizedDataModule(str(tmp_path / "nowhere"))
+    _tokenize(tmp_path)
+    root = str(tmp_path / "tokens")
+    with pytest.raises(ValueError, match=r"val_size=6 must be in \[0, 6\)"):
+        TokenizedDataModule(root, val_size=6).setup("fit")
+    from starkit.callbacks.guards import check_data_fits_model
+    other = make_tiny_generator(patch_nums=[1, 2, 4])
+    with pytest.raises(ValueError, match=r"tokens of the scales \(1, 2, 3, 4\), the model uses \(1, 2, 4\)"):
+        check_data_fits_model(other, TokenizedDataModule(root))
+    with pytest.raises(ValueError, match="does not fit this generator's scales"):
+        other._split_scales(torch.zeros(2, 30, dtype=torch.long))
+    check_data_fits_model(make_tiny_generator(), TokenizedDataModule(root))  # the matching model passes
+    os.remove(os.path.join(root, "captions.jsonl"))
+    with open(os.path.join(root, "captions.jsonl"), "w") as fh:
+        fh.write(json.dumps({"caption": "one", "path": ""}) + "\n")
+    with pytest.raises(ValueError, match="6 token rows but 1 captions"):
+        TokenizedDataset(root)
+
+
+def test_command_line_and_fit_through_the_cli(tmp_path, images):
+    tok_dir = tmp_path / "tok"
+    make_tiny_tokenizer().save_pretrained(str(tok_dir))
+    main(["--tokenizer", str(tok_dir), "--root", str(images), "--resolution", str(R), "--out",
+          str(tmp_path / "tokens"), "--num-workers", "0", "--batch-size", "4", "--device", "cpu"])
+    assert read_meta(str(tmp_path / "tokens"))["count"] == 6
+    from starkit.cli import main as cli
+    cli(["fit", "--config", os.path.join(REPO, "recipes/generator/tiny.yaml"),
+         "--config", os.path.join(REPO, "tests/conf/tiny_generator_overrides.yaml"),
+         f"--model.init_args.tokenizer.init_args.pretrained={tok_dir}",
+         "--data=starkit.data.TokenizedDataModule", f"--data.init_args.root={tmp_path / 'tokens'}",
+         "--data.init_args.batch_size=2", "--data.init_args.num_workers=0", "--data.init_args.val_size=2",
+         "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}"])
