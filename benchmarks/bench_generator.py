@@ -267,10 +267,15 @@ def bench_train(gen, name: str, batch: int, side: int, args, dev: torch.device) 
     row["optimizer"] = {"type": type(opt).__name__, "fused": bool(opt.defaults.get("fused")),
                         "trained_params": sum(p.numel() for p in params)}
     data = make_batch(batch, side, dev)
+    step_batch = data
+    if getattr(args, "pretokenized", False):  # what starkit.data.TokenizedDataModule feeds: no VQ encode in the step
+        with torch.no_grad(), autocast(dev):
+            step_batch = {"indices": torch.cat(gen.tokenizer.encode(data["image"]), dim=1), "caption": data["caption"]}
+        row["pretokenized"] = True
 
     def step():
         with autocast(dev):
-            loss = gen._loss(data, "train")
+            loss = gen._loss(step_batch, "train")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 2.0)
         opt.step()

@@ -7,6 +7,7 @@ architectures, no downloads).
     python benchmarks/bench_train.py --tiny --official-root /path/to/STAR             # CPU smoke run
     python benchmarks/bench_train.py --configs d16@256 --compile off,on --search 64   # compiled blocks too
     ... --profile-dir $OUT/prof      # also the top kernels of two steps of each row (profile_*.txt)
+    ... --pretokenized               # starkit trains on token rows (TokenizedDataModule): no VQ encode in the step
 
 Configs: d16@256 and d30@256 (patch_nums 1..16, 680 tokens) and d30@1024 (1..64, 9451 tokens,
 651 last-scale tokens dropped as STAR does (9451 -> 8800), activation checkpointing on).
@@ -73,6 +74,7 @@ def time_ours(config: str, args, dev, text) -> list:
         if compiled == "on":
             gen.compile_tokenizer_encoder()
         impl = ("starkit" if attention == "sdpa" else f"starkit {attention}") + (" compiled" if compiled == "on" else "")
+        impl += " pretokenized" if args.pretokenized else ""
 
         def one(B: int) -> dict:
             try:
@@ -149,6 +151,9 @@ def main(argv=None) -> None:
     ap.add_argument("--attentions", default="sdpa", help="training attention(s) of starkit: sdpa, flex or sdpa,flex")
     ap.add_argument("--compile", default="off", help="off, on or off,on: ScaleWiseGenerator(compile=True) rows "
                     "('compiled': torch.compile'd blocks in the training pass and VQ encoder); 'on' after 'off'")
+    ap.add_argument("--pretokenized", action="store_true",
+                    help="starkit rows train on token rows (starkit.data.TokenizedDataModule): no VQ encode in "
+                         "the step (the official rows still encode: their ratio is then not like for like)")
     ap.add_argument("--profile-dir", default=None, help="write a torch.profiler kernel table of 2 steps per row here")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)

@@ -5,6 +5,7 @@
 # Stages (each under its own time limit, logs and JSON in the output folder, the tables printed last):
 #   train     : compiled training blocks + VQ encoder against eager and the official trainer, d16 @256
 #   train_d30 : the same at d30 @256 without the official rows (not in the default list)
+#   train_tokens : d16 @256 on pre-tokenized batches (TokenizedDataModule), eager and compiled (not in the default list)
 #   tokenizer : the 1024 px tokenizer with torch.compile's max-autotune against VAR
 #   generate  : d30 @1024 generation with CUDA graphs and the compiled decoder against the official code
 # Pick stages with STAGES="train tokenizer" (default: train tokenizer generate).
@@ -33,6 +34,9 @@ for stage in $stages; do
       run train_d16 170 python "$here/bench_train.py" "${official_star[@]}" "${tiny[@]}" --configs d16@256 \
         --compile off,on --search 64,128 --steps 4 --warmup 2 --profile-dir "$out/prof" --json "$out/train_d16.json"
       ;;
+    train_tokens)
+      run train_tokens 150 python "$here/bench_train.py" "${tiny[@]}" --configs d16@256 --compile off,on --search 64 \
+        --pretokenized --steps 4 --warmup 2 --json "$out/train_tokens.json" ;;
     train_d30)
       run train_d30 150 python "$here/bench_train.py" "${tiny[@]}" --configs d30@256 --compile off,on --search 32 \
         --steps 4 --warmup 2 --json "$out/train_d30.json" ;;
@@ -43,7 +47,7 @@ for stage in $stages; do
     generate)
       run generate_1024 160 python "$here/bench_generate.py" "${official_star[@]}" "${tiny[@]}" --configs d30@1024 \
         --cuda-graphs --compile-decoder --samplers stable --warmup 1 --repeats 2 --json "$out/generate_1024.json" ;;
-    *) echo "unknown stage $stage (train, tokenizer, generate)" >&2 ;;
+    *) echo "unknown stage $stage (train, train_d30, train_tokens, tokenizer, generate)" >&2 ;;
   esac
 done
 echo
