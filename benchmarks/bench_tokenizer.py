@@ -155,12 +155,12 @@ def main(argv=None) -> None:
             del var
         rows.append(row)
         print(f"[bench] {row}")
-    if args.skip_train:
-        for r in rows:
-            print(r)
-        return
+    t_train = None if args.skip_train else time_train_step(arch, train_pn, train_batch, dev, cuda, amp, args)
+    print_table(rows, dev, cuda, args, train_pn[-1] * ours.downsample, train_batch, t_train)
 
-    # training step (with the discriminator) at 256
+
+def time_train_step(arch, train_pn, train_batch, dev, cuda, amp, args) -> float:
+    """Seconds per tokenizer training step with the discriminator on (at the 256 scales)."""
     torch.manual_seed(0)
     trainee = MultiScaleVQ(**arch, patch_nums=train_pn, use_discriminator=True, disc_start_step=0).to(dev)
     if cuda:
@@ -186,8 +186,10 @@ def main(argv=None) -> None:
         opt_d.step()
         trainee.quantize.update_usage(hits)
 
-    t_train = timed(train_step, args.warmup, args.repeats, dev)
+    return timed(train_step, args.warmup, args.repeats, dev)
 
+
+def print_table(rows, dev, cuda, args, side, train_batch, t_train) -> None:
     dev_name = torch.cuda.get_device_name(dev) if cuda else "CPU"
     prec = "bf16 autocast + channels_last" if cuda else "fp32"
     print(f"\n### Tokenizer benchmark ({dev_name}; ours {prec}; VAR fp32; {'tiny' if args.tiny else 'ch160 v4096 z32'})\n")
@@ -200,7 +202,8 @@ def main(argv=None) -> None:
         diff = f"{r['diff']:.3g} ({r['mean_diff']:.2g})" if "diff" in r else "n/a"
         agree = f"{r['agree']:.2f}" if "agree" in r else "n/a"
         print(f"| {r['case']} | {r['B']} | {fmt('enc')} | {fmt('var_enc')} | {fmt('dec')} | {fmt('var_dec')} | {agree} | {diff} |")
-    print(f"| train step {side}px (disc on) | {train_batch} | {train_batch / t_train:.1f} img/s | | | | | |")
+    if t_train is not None:
+        print(f"| train step {side}px (disc on) | {train_batch} | {train_batch / t_train:.1f} img/s | | | | | |")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@
 # Pick stages with STAGES="train tokenizer" (default: train tokenizer generate).
 set -uo pipefail
 out=${1:?usage: speed_suite.sh OUT_DIR}
-mkdir -p "$out"
+mkdir -p "$out" && out=$(cd "$out" && pwd)
 here=$(cd "$(dirname "$0")" && pwd)
+cd "$here/.." || exit 1  # .official/ is looked up in the repository root
 stages=${STAGES:-train tokenizer generate}
 tiny=()
 [ -n "${TINY:-}" ] && tiny=(--tiny --text random)

@@ -4,7 +4,7 @@
     starkit predict --config recipes/predict/demo.yaml
     python -m starkit ...
 
-Extra subcommands that are not Trainer methods (``export``, ``convert``) are dispatched
+Extra subcommands that are not Trainer methods (``export``, ``convert``, ``tokenize``) are dispatched
 before LightningCLI parses the arguments.
 """
 from __future__ import annotations
@@ -39,6 +39,7 @@ for _name in _COMPONENT_MODULES:
 EXTRA_COMMANDS = {
     "export": "starkit.export:main",
     "convert": "starkit.convert.cli:main",
+    "tokenize": "starkit.data.tokens:main",
 }
 
 

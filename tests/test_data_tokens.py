@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import REPO, make_tiny_generator, make_tiny_tokenizer
 from starkit.data.captioned import CaptionedImageDataset, scan_folder
-from starkit.data.tokens import TokenizedDataModule, TokenizedDataset, main, read_meta, tokenize_dataset
+from starkit.data.tokens import TokenizedDataModule, TokenizedDataset, read_meta, tokenize_dataset
 
 R = 32  # the tiny tokenizer's side (scales 1, 2, 3, 4 at downsampling 8)
 
@@ -92,15 +92,42 @@ def test_folders_that_do_not_fit_are_clear_errors(tmp_path, images):
 
 
 def test_command_line_and_fit_through_the_cli(tmp_path, images):
+    from starkit.cli import main as cli
     tok_dir = tmp_path / "tok"
     make_tiny_tokenizer().save_pretrained(str(tok_dir))
-    main(["--tokenizer", str(tok_dir), "--root", str(images), "--resolution", str(R), "--out",
-          str(tmp_path / "tokens"), "--num-workers", "0", "--batch-size", "4", "--device", "cpu"])
+    cli(["tokenize", "--tokenizer", str(tok_dir), "--root", str(images), "--resolution", str(R), "--out",
+         str(tmp_path / "tokens"), "--num-workers", "0", "--batch-size", "4", "--device", "cpu"])
     assert read_meta(str(tmp_path / "tokens"))["count"] == 6
-    from starkit.cli import main as cli
     cli(["fit", "--config", os.path.join(REPO, "recipes/generator/tiny.yaml"),
          "--config", os.path.join(REPO, "tests/conf/tiny_generator_overrides.yaml"),
          f"--model.init_args.tokenizer.init_args.pretrained={tok_dir}",
          "--data=starkit.data.TokenizedDataModule", f"--data.init_args.root={tmp_path / 'tokens'}",
          "--data.init_args.batch_size=2", "--data.init_args.num_workers=0", "--data.init_args.val_size=2",
          "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}"])
+
+
+def test_a_failed_or_empty_run_leaves_no_partial_files_and_workers_reopen_the_file(tmp_path, images):
+    import pickle
+
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            if i == 3:
+                raise OSError("disk gone")
+            return {"image": torch.zeros(3, R, R), "caption": "x"}
+
+    out = tmp_path / "tokens"
+    with pytest.raises(OSError, match="disk gone"):
+        tokenize_dataset(make_tiny_tokenizer(), Broken(), str(out), batch_size=2, num_workers=0, device="cpu")
+    assert os.listdir(out) == []
+    with pytest.raises(ValueError, match="empty"):
+        tokenize_dataset(make_tiny_tokenizer(), [], str(out), device="cpu")
+    _tokenize(tmp_path)
+    dataset = TokenizedDataset(str(out))
+    dataset[0]  # opens the memory map
+    assert dataset.__dict__["_token_rows"] is not None
+    copy = pickle.loads(pickle.dumps(dataset))  # what a spawned DataLoader worker receives
+    assert copy.__dict__["_token_rows"] is None  # no copy of the rows: it reopens the file
+    assert torch.equal(copy[5]["indices"], dataset[5]["indices"])

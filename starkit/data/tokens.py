@@ -5,7 +5,7 @@ The generator's training step tokenizes every image with the frozen VQ tokenizer
 data set once removes it, at the price of a fixed crop per image (the centre crop of the
 validation transform, as VAR's and STAR's token-caching reproductions do):
 
-    python -m starkit.data.tokens --tokenizer checkpoints/vae_ch160v4096z32.pth \\
+    starkit tokenize --tokenizer checkpoints/vae_ch160v4096z32.pth \\
         --root data/images --resolution 256 --out data/tokens256
 
 writes ``<out>/indices.npy`` (N, L) uint16 (L = sum of pn^2, row-major per scale, scale
@@ -34,7 +34,10 @@ def tokenize_dataset(tokenizer, dataset: Dataset, out_dir: str, batch_size: int 
     """Encode every sample of ``dataset`` (items with ``image`` (3, R, R) in [-1, 1] and ``caption``)
     with ``tokenizer`` and write the files of the module docstring to ``out_dir``. Returns the meta.
 
-    On CUDA the encoder runs under bf16 autocast (the generator's training step does the same)."""
+    On CUDA the encoder runs under bf16 autocast (the generator's training step does the same). The
+    tokenizer is moved to ``device`` and put in eval mode. On an error no partial file is left."""
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty: nothing to tokenize (check the folder or manifest).")
     if tokenizer.codebook_size > np.iinfo(np.uint16).max + 1:
         raise ValueError(f"codebook_size {tokenizer.codebook_size} does not fit uint16 token files (max 65536).")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -48,17 +51,25 @@ def tokenize_dataset(tokenizer, dataset: Dataset, out_dir: str, batch_size: int 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu",
                                                                                                         enabled=False)
     start, resolution = 0, None
-    with open(os.path.join(out_dir, "captions.jsonl.partial"), "w") as captions, torch.no_grad(), autocast:
-        for batch in loader:
-            images = batch["image"].to(device, non_blocking=True)  # (B, 3, R, R)
-            resolution = int(images.shape[-1])
-            indices = torch.cat(tokenizer.encode(images), dim=1)  # (B, L)
-            rows[start:start + len(indices)] = indices.cpu().numpy().astype(np.uint16)
-            paths = batch.get("path") or [""] * len(indices)
-            for caption, path in zip(batch["caption"], paths):
-                captions.write(json.dumps({"caption": caption, "path": str(path)}) + "\n")
-            start += len(indices)
-    rows.flush()
+    partial_captions = os.path.join(out_dir, "captions.jsonl.partial")
+    try:
+        with open(partial_captions, "w") as captions, torch.no_grad(), autocast:
+            for batch in loader:
+                images = batch["image"].to(device, non_blocking=True)  # (B, 3, R, R)
+                resolution = int(images.shape[-1])
+                indices = torch.cat(tokenizer.encode(images), dim=1)  # (B, L)
+                rows[start:start + len(indices)] = indices.cpu().numpy().astype(np.uint16)
+                paths = batch.get("path") or [""] * len(indices)
+                for caption, path in zip(batch["caption"], paths):
+                    captions.write(json.dumps({"caption": caption, "path": str(path)}) + "\n")
+                start += len(indices)
+        rows.flush()
+    except BaseException:
+        del rows
+        for path in (partial, partial_captions):
+            if os.path.exists(path):
+                os.remove(path)
+        raise
     del rows
     meta = {"format": FORMAT, "patch_nums": patch_nums, "codebook_size": int(tokenizer.codebook_size),
             "resolution": resolution, "count": start, "length": length, "tokenizer": description}
@@ -74,7 +85,7 @@ def read_meta(root: str) -> dict:
     path = os.path.join(root, "meta.json")
     if not os.path.isfile(path) or not os.path.isfile(os.path.join(root, "indices.npy")):
         raise FileNotFoundError(f"{root!r} is not a token folder (no meta.json / indices.npy): write one with "
-                                f"`python -m starkit.data.tokens --out {root} ...`.")
+                                f"`starkit tokenize --out {root} ...`.")
     with open(path) as fh:
         meta = json.load(fh)
     if meta.get("format") != FORMAT:
@@ -91,21 +102,31 @@ class TokenizedDataset(Dataset):
     """
 
     def __init__(self, root: str, rows: Optional[Sequence[int]] = None) -> None:
-        self.meta = read_meta(root)
-        self.indices = np.load(os.path.join(root, "indices.npy"), mmap_mode="r")  # (N, L) uint16
+        self.root, self.meta = root, read_meta(root)
         with open(os.path.join(root, "captions.jsonl")) as fh:
             self.captions: List[str] = [json.loads(line)["caption"] for line in fh if line.strip()]
-        if len(self.captions) != len(self.indices):
-            raise ValueError(f"{root}: {len(self.indices)} token rows but {len(self.captions)} captions; "
+        count = len(self.token_rows)
+        if len(self.captions) != count:
+            raise ValueError(f"{root}: {count} token rows but {len(self.captions)} captions; "
                              f"the folder is incomplete: write it again.")
-        self.rows = list(range(len(self.indices))) if rows is None else list(rows)
+        self.rows = list(range(count)) if rows is None else list(rows)
+
+    @property
+    def token_rows(self) -> np.ndarray:
+        """The memory-mapped ``(N, L)`` uint16 rows, opened on first use in each process."""
+        if getattr(self, "_token_rows", None) is None:
+            self._token_rows = np.load(os.path.join(self.root, "indices.npy"), mmap_mode="r")
+        return self._token_rows
+
+    def __getstate__(self) -> dict:  # DataLoader workers (spawn) reopen the file instead of receiving a copy
+        return {**self.__dict__, "_token_rows": None}
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
         row = self.rows[i]
-        return {"indices": torch.from_numpy(self.indices[row].astype(np.int64)), "caption": self.captions[row]}
+        return {"indices": torch.from_numpy(self.token_rows[row].astype(np.int64)), "caption": self.captions[row]}
 
 
 class TokenizedDataModule(L.LightningDataModule):
@@ -152,10 +173,11 @@ class TokenizedDataModule(L.LightningDataModule):
 
 
 def main(argv=None) -> None:
-    """``python -m starkit.data.tokens``: tokenize a captioned image folder or manifest (centre crops)."""
+    """``starkit tokenize``: tokenize a captioned image folder or manifest (centre crops)."""
     from starkit.data.captioned import CaptionedImageDataset, read_manifest, scan_folder
     from starkit.tokenizers import MultiScaleVQ
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="starkit tokenize", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer", required=True, help="VAR's vae_ch160v4096z32.pth or a starkit tokenizer folder")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--root", help="folder of images with same-name .txt captions")
@@ -180,7 +202,3 @@ def main(argv=None) -> None:
     skipped = dataset.stats.get("skipped", {})
     print(f"wrote {meta['count']} rows of {meta['length']} tokens to {args.out}"
           + (f" (skipped or replaced: {skipped})" if skipped else ""))
-
-
-if __name__ == "__main__":
-    main()

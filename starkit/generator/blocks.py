@@ -22,21 +22,23 @@ from starkit.positional import as_cis, rotate_float32
 class DropPath(nn.Module):
     """Stochastic depth: drop a whole residual branch per sample with probability ``p``.
 
-    The keep probability is a (non-persistent) tensor, not a Python number, so that blocks with
-    different rates share one ``torch.compile`` graph (a number would be specialised per block)."""
+    The rate lives in an integer buffer (parts per billion), not in a Python number, so that blocks
+    with different rates share one ``torch.compile`` graph (a number is specialised per block),
+    and no dtype cast (``.to(torch.bfloat16)``, FSDP's buffer dtype) can round it. The rescale
+    ``keep / keep_prob`` is formed in float32 and each element is rounded once."""
 
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
         self.p = float(p)
         self.active = self.p > 0.0
-        self.register_buffer("keep_prob", torch.tensor(1.0 - self.p), persistent=False)
+        self.register_buffer("drop_ppb", torch.tensor(round(self.p * 1e9), dtype=torch.int64), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active or not self.training:
             return x
-        keep_prob = self.keep_prob.float()
+        keep_prob = 1.0 - self.drop_ppb.double().mul(1e-9).float()  # 0-dim float32
         keep = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device).bernoulli_(keep_prob)
-        return x * (keep / keep_prob).to(x.dtype)
+        return (x * (keep / keep_prob)).to(x.dtype)  # (B, 1, ..) float32 factor: one rounding per element
 
 
 _COMPILED_FLEX = {}

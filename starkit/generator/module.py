@@ -252,7 +252,7 @@ class ScaleWiseGenerator(L.LightningModule):
         if rows.dim() != 2 or rows.shape[1] != sum(sizes):
             raise ValueError(f"pre-tokenized batch of shape {tuple(rows.shape)} does not fit this generator's scales "
                              f"{self.patch_nums} ({sum(sizes)} tokens per image): tokenize the data again with "
-                             f"these patch_nums (python -m starkit.data.tokens --patch-nums ...).")
+                             f"these patch_nums (starkit tokenize --patch-nums ...).")
         return list(rows.long().split(sizes, dim=1))
 
     def _keep_positions(self) -> Optional[torch.Tensor]:
@@ -408,7 +408,8 @@ class ScaleWiseGenerator(L.LightningModule):
 
     def release_cuda_graphs(self) -> None:
         """Free what ``generate(..., cuda_graphs=True)`` keeps between calls: the CUDA graphs and their
-        static buffers, KV caches included (about 70 GiB for d30 @1024 at batch 16 with guidance)."""
+        static buffers, KV caches included (about 70 GiB for d30 @1024 at batch 16 with guidance). The
+        memory goes back to PyTorch's caching allocator; ``torch.cuda.empty_cache()`` returns it to the GPU."""
         self.__dict__.pop("_static_steps", None)
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
