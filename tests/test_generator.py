@@ -414,3 +414,17 @@ def test_static_scale_steps_generate_the_same_images(cfg):
     gen.release_cuda_graphs()
     assert "_static_steps" not in gen.__dict__
     assert torch.equal(out, gen.generate(prompts, seed=5, cfg=cfg, cuda_graphs=True))  # built again on demand
+
+
+def test_drop_path_rate_survives_dtype_casts():
+    """The rate is an integer buffer: casting the module to bf16 (or FSDP's bf16 buffers) must not round
+    it (a float buffer turned p=0.0015 into 0); eval mode and p=0 are the identity."""
+    from starkit.generator.blocks import DropPath
+    torch.manual_seed(0)
+    x = torch.ones(200_000, 1, 2, dtype=torch.bfloat16)
+    for p in (0.1, 0.0015):
+        drop = DropPath(p).to(torch.bfloat16).train()
+        dropped = (drop(x)[:, 0, 0] == 0).float().mean().item()
+        assert abs(dropped - p) < 4 * (p * (1 - p) / x.shape[0]) ** 0.5 + 1e-4, (p, dropped)
+        assert torch.equal(drop.eval()(x), x)
+    assert torch.equal(DropPath(0.0).train()(x), x)
