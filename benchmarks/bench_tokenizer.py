@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
+import json
 import os
 import statistics
 import sys
@@ -68,6 +70,7 @@ def main(argv=None) -> None:
                     "compile_nchw (bf16 contiguous + torch.compile), compile_max (channels_last + "
                     "torch.compile mode max-autotune-no-cudagraphs)")
     ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--json", default=None, help="also write every row as JSON here")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
@@ -157,6 +160,11 @@ def main(argv=None) -> None:
         print(f"[bench] {row}")
     t_train = None if args.skip_train else time_train_step(arch, train_pn, train_batch, dev, cuda, amp, args)
     print_table(rows, dev, cuda, args, train_pn[-1] * ours.downsample, train_batch, t_train)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "args": vars(args),
+                       "device": torch.cuda.get_device_name(dev) if cuda else "CPU", "torch": torch.__version__,
+                       "rows": rows, "train_step_s": t_train, "train_batch": train_batch}, fh, indent=1)
 
 
 def time_train_step(arch, train_pn, train_batch, dev, cuda, amp, args) -> float:

@@ -42,8 +42,8 @@ for stage in $stages; do
       run train_d30 150 python "$here/bench_train.py" "${tiny[@]}" --configs d30@256 --compile off,on --search 32 \
         --steps 4 --warmup 2 --json "$out/train_d30.json" ;;
     tokenizer)
-      tok_args=(--official-root .official/VAR --variants cl,compile_max --skip-train)
-      [ -n "${TINY:-}" ] && tok_args=(--tiny --official-root .official/VAR --skip-train)
+      tok_args=(--official-root .official/VAR --variants cl,compile_max --skip-train --json "$out/tokenizer.json")
+      [ -n "${TINY:-}" ] && tok_args=(--tiny --official-root .official/VAR --skip-train --json "$out/tokenizer.json")
       run tokenizer 200 python "$here/bench_tokenizer.py" "${tok_args[@]}" ;;
     generate)
       run generate_1024 160 python "$here/bench_generate.py" "${official_star[@]}" "${tiny[@]}" --configs d30@1024 \
