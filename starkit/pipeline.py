@@ -185,7 +185,7 @@ class StarPipeline:
             num_images_per_prompt: images per prompt (consecutive in the result).
             sampler: a :class:`~starkit.samplers.ScaleSampler` to use instead of the model's.
             batch_size: prompts generated together (batch b uses ``seed + b``).
-            cuda_graphs: replay the per-scale steps from CUDA graphs (on the GPU, 2-5x faster at
+            cuda_graphs: replay the per-scale steps from CUDA graphs (on the GPU, 2-8x faster at
                 batch 1; see :meth:`ScaleWiseGenerator.generate`).
         """
         if isinstance(prompts, str):
