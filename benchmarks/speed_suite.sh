@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The speed measurements of issues 2 and 7 that are not yet made, in one GPU call (~9 min on an H200):
-#   bash benchmarks/speed_suite.sh $OUT                # on the device machine, with .official/ carried
+#   bash benchmarks/speed_suite.sh $OUT                # on the device machine, carrying .whl and .official:
+#     d=$(mktemp -d) && python3 -m pip install -q --no-index --no-deps --target $d .whl/*.whl \
+#       && export PYTHONPATH=$d:$PWD && bash benchmarks/speed_suite.sh $OUT
 #   TINY=1 bash benchmarks/speed_suite.sh /tmp/suite   # CPU smoke run of the same commands (tiny models)
 # Stages (each under its own time limit, logs and JSON in the output folder, the tables printed last):
 #   train     : compiled training blocks + VQ encoder against eager and the official trainer, d16 @256
