@@ -30,14 +30,25 @@ from bench_generate import PATCH_NUMS, TINY_PATCH_NUMS, stable_for  # noqa: E402
 
 
 class PhaseTimer:
-    """Wraps methods so that each call is synchronised and its host time added to a phase."""
+    """Wraps methods (of an object, or of a class for all its instances) so that each call is
+    synchronised and its host time added to a phase; :meth:`restore` undoes the wrapping."""
 
     def __init__(self, dev: torch.device) -> None:
         self.dev, self.totals, self.enabled = dev, collections.defaultdict(float), False
         self._depth = 0
+        self._wrapped = []  # (obj, name, original or None when the attribute was inherited)
+
+    def restore(self) -> None:
+        for obj, name, original in reversed(self._wrapped):
+            if original is None:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, original)
+        self._wrapped.clear()
 
     def wrap(self, obj, name: str, phase: str) -> None:
         original = getattr(obj, name)
+        self._wrapped.append((obj, name, vars(obj).get(name)))
 
         def timed(*args, **kwargs):
             if not self.enabled or self._depth:
@@ -74,34 +85,9 @@ def profile_case(case: str, args, dev, text) -> None:
     timer.wrap(gen.text_encoder, "encode", "text encoding")
     timer.wrap(net, "forward_scale", "transformer scales")
     timer.wrap(net, "logits", "transformer scales")
-    from starkit.generator import graphs
-    original_run = graphs.StaticScaleSteps.run
-    graphs.StaticScaleSteps.run = lambda self, *a, **k: timed_run(self, *a, **k)  # noqa: E731
-
-    def timed_run(self, *a, **k):
-        if not timer.enabled:
-            return original_run(self, *a, **k)
-        bg.sync(dev)
-        start = time.perf_counter()
-        out = original_run(self, *a, **k)
-        bg.sync(dev)
-        timer.totals["transformer scales"] += time.perf_counter() - start
-        return out
-
-    cls = type(sampler if sampler is not None else gen.sampler)  # with_settings copies: wrap the class
-    original_sample = cls.sample_scale
-    cls.sample_scale = lambda self, step: timed_sample(self, step)  # noqa: E731
-
-    def timed_sample(self, step):
-        if not timer.enabled or timer._depth:
-            return original_sample(self, step)
-        bg.sync(dev)
-        start = time.perf_counter()
-        out = original_sample(self, step)
-        bg.sync(dev)
-        timer.totals["sampler"] += time.perf_counter() - start
-        return out
-
+    from starkit.generator.graphs import StaticScaleSteps
+    timer.wrap(StaticScaleSteps, "run", "transformer scales")  # the classes: instances are made during the call
+    timer.wrap(type(sampler if sampler is not None else gen.sampler), "sample_scale", "sampler")  # with_settings copies
     timer.wrap(tok, "add_scale", "tokenizer (add_scale, next input)")
     timer.wrap(tok, "next_scale_input", "tokenizer (add_scale, next input)")
     timer.wrap(tok, "decode_latent", "VQ decode")
@@ -137,8 +123,7 @@ def profile_case(case: str, args, dev, text) -> None:
             print(f"\nkernels of one call: {device_total:.1f} ms of device time in all")
             print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=70))
     finally:
-        graphs.StaticScaleSteps.run = original_run
-        cls.sample_scale = original_sample
+        timer.restore()
         del gen, tok, sampler
         bg.free_memory(dev)
 
@@ -148,7 +133,8 @@ def main(argv=None) -> None:
     ap.add_argument("--cases", default="d16@256:parallel:1,d30@1024:stable:1",
                     help="comma list of config:sampler:batch")
     ap.add_argument("--cuda-graphs", action="store_true")
-    ap.add_argument("--compile-decoder", action="store_true", help="tokenizer.optimize_for_inference(channels_last=True)")
+    ap.add_argument("--compile-decoder", action="store_true",
+                    help="tokenizer.optimize_for_inference(channels_last=True)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rows", type=int, default=25)

@@ -17,6 +17,7 @@ which :class:`~starkit.generator.ScaleWiseGenerator` trains on without its VQ en
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 from typing import List, Optional, Sequence
@@ -48,8 +49,7 @@ def tokenize_dataset(tokenizer, dataset: Dataset, out_dir: str, batch_size: int 
     partial = os.path.join(out_dir, "indices.npy.partial")
     rows = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint16, shape=(len(dataset), length))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu",
-                                                                                                        enabled=False)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     start, resolution = 0, None
     partial_captions = os.path.join(out_dir, "captions.jsonl.partial")
     try:

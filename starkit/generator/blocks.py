@@ -112,20 +112,25 @@ def inference_cached(module: nn.Module, name: str, params: Tuple[torch.Tensor, .
     return hit[1]
 
 
-def autocast_weight(module: nn.Module, name: str, tensor: Optional[torch.Tensor], x: torch.Tensor):
-    """``tensor`` (a weight or bias of ``module``) in the autocast dtype of ``x``'s device, cast once per
-    weight version while gradients are off and autocast is on; otherwise ``tensor`` as it is.
+def inference_param(module: nn.Module, name: str, params: Tuple[torch.Tensor, ...], build, x: torch.Tensor):
+    """``build()`` (a tensor derived from ``params``), in the autocast dtype of ``x``'s device when autocast
+    is on; while gradients are off it is built once per version of ``params`` and kept in ``module``.
 
     Autocast casts float32 weights at every call (its own cache is off while CUDA graphs are
     captured and does not outlive one ``autocast`` region): in generation that is a full read of
-    the weights per scale and per sampler step. The cast copy is kept in ``module`` (its size in
-    the autocast dtype) until the weight changes."""
-    if tensor is None or torch.is_grad_enabled() or not torch.is_autocast_enabled(x.device.type):
+    the weights per scale and per sampler step. The cast copy costs its size in the autocast dtype."""
+    if torch.is_grad_enabled():
+        return build()
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+    return inference_cached(module, f"{name}:{dtype}", params, lambda: build() if dtype is None else build().to(dtype))
+
+
+def autocast_weight(module: nn.Module, name: str, tensor: Optional[torch.Tensor], x: torch.Tensor):
+    """``tensor`` (a weight or bias of ``module``) in the autocast dtype of ``x``'s device, cast once per
+    weight version at inference (:func:`inference_param`); as it is without autocast or with gradients."""
+    if tensor is None or not tensor.is_floating_point() or not torch.is_autocast_enabled(x.device.type):
         return tensor
-    dtype = torch.get_autocast_dtype(x.device.type)
-    if tensor.dtype == dtype or not tensor.is_floating_point():
-        return tensor
-    return inference_cached(module, f"{name}:{dtype}", (tensor,), lambda: tensor.to(dtype))
+    return inference_param(module, name, (tensor,), lambda: tensor, x)
 
 
 class Linear(nn.Linear):
@@ -186,13 +191,8 @@ class SelfAttention(nn.Module):
     def _qkv_bias(self, x: torch.Tensor) -> torch.Tensor:
         """``cat(q_bias, 0, v_bias)``; at inference built once per version of the two biases, in the
         autocast dtype when autocast is on (keyed on the parameters themselves, not on a derived tensor)."""
-        def build():
-            return torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
-        if torch.is_grad_enabled():
-            return build()
-        on = torch.is_autocast_enabled(x.device.type)
-        dtype = torch.get_autocast_dtype(x.device.type) if on else self.q_bias.dtype
-        return inference_cached(self, f"qkv_bias:{dtype}", (self.q_bias, self.v_bias), lambda: build().to(dtype))
+        return inference_param(self, "qkv_bias", (self.q_bias, self.v_bias),
+                               lambda: torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias)), x)
 
     def forward(self, x: torch.Tensor, rotary: Optional[tuple] = None, mask: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None) -> torch.Tensor:

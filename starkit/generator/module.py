@@ -62,8 +62,8 @@ class ScaleWiseGenerator(L.LightningModule):
         attention: training self-attention: "sdpa" (scaled_dot_product_attention with the dense
             block-causal mask) or "flex" (FlexAttention, compiled on CUDA: skips the fully masked
             blocks). Sampling always uses the KV cache without a mask.
-        compile: ``torch.compile`` the transformer blocks for the training step (one graph shared
-            by all blocks; fuses the float32 QK-norm and rotary, LayerNorms, GELU and residual
+        compile: ``torch.compile`` the transformer blocks for the training step (graphs shared by
+            the blocks; fuses the float32 QK-norm and rotary, LayerNorms, GELU and residual
             chains) and, at the start of fitting, the frozen tokenizer's encoder (the VQ encoding
             inside the step). The first steps are slow while compiling; validation and sampling
             stay eager. Not yet measured on a GPU (docs/performance.md).
