@@ -435,12 +435,9 @@ def run_1024(gen, name: str, side: int, args, dev: torch.device, rows: list) -> 
         gen.hparams.token_drop = 651 if not args.tiny else 4
         gen.transformer.activation_checkpointing = True
         if args.search_batch_1024:  # increasing batches until one does not fit: the largest that does is kept
-            for B in [int(b) for b in args.search_batch_1024.split(",") if b]:
-                B = min(B, 2) if args.tiny else B
-                run_guarded(lambda: bench_train(gen, name + " drop+ckpt", B, side, args, dev), rows,
-                            name + " drop+ckpt", "train", B, dev, gen)
-                if "error" in rows[-1]:
-                    break
+            batches = [min(int(b), 2) if args.tiny else int(b) for b in args.search_batch_1024.split(",") if b]
+            rows += search_batches(name + " drop+ckpt", batches,
+                                   lambda B: bench_train(gen, name + " drop+ckpt", B, side, args, dev), dev, gen)
         B = 2 if args.tiny else args.batch_1024
         while B >= 1 and not args.search_batch_1024:
             run_guarded(lambda: bench_train(gen, name + " drop+ckpt", B, side, args, dev), rows,
@@ -483,6 +480,17 @@ def run_guarded(fn, rows: list, name: str, kind: str, batch: int, dev: torch.dev
         rows.append({"config": name, "kind": kind, "batch": batch, "error": error})
         log(f"{name} {kind} b{batch}: {error}")
     free_memory(dev)
+
+
+def search_batches(name: str, batches: list, fn, dev: torch.device, gen=None) -> list:
+    """Training rows of ``fn(B)`` for increasing ``B`` until one runs out of memory (its OOM row
+    included, from :func:`run_guarded`): the last row without an error is the largest batch that fits."""
+    rows: list = []
+    for B in batches:
+        run_guarded(lambda: fn(B), rows, name, "train", B, dev, gen)
+        if "error" in rows[-1]:
+            break
+    return rows
 
 
 def fmt_table(rows: list, device_name: str) -> str:

@@ -44,17 +44,6 @@ SEARCH = {"d16@256": "32,64,96,128", "d30@256": "16,32,48,64", "d30@1024": "4,8,
 TOKEN_DROP_1024 = 651  # 9451 -> 8800, STAR's cap
 
 
-def search(name: str, batches: list, fn, dev: torch.device) -> list:
-    """Time ``fn(B)`` for increasing ``B`` until one runs out of memory; every row (the OOM one too,
-    from ``bench_generator.run_guarded``)."""
-    rows: list = []
-    for B in batches:
-        bg.run_guarded(lambda: fn(B), rows, name, "train", B, dev)
-        if "error" in rows[-1]:
-            break
-    return rows
-
-
 def time_ours(config: str, args, dev, text) -> list:
     tiny = args.tiny
     pn = (TINY_PATCH_NUMS if tiny else PATCH_NUMS)[config]
@@ -88,7 +77,7 @@ def time_ours(config: str, args, dev, text) -> list:
             return row
 
         rows += [dict(r, impl=impl, attention=attention, compiled=compiled == "on")
-                 for r in search(config, batch_list(config, args), one, dev)]
+                 for r in bg.search_batches(config, batch_list(config, args), one, dev)]
     del gen, tok
     bg.free_memory(dev)
     return rows
@@ -110,7 +99,7 @@ def time_official(config: str, args, dev) -> list:
         return {"impl": "official", "config": config, "batch": B, "step_s_median": t, "step_s_all": times,
                 "images_per_s": B / t, "peak_gib": peak}
 
-    return [dict(r, impl="official") for r in search(config, batch_list(config, args), one, dev)]
+    return [dict(r, impl="official") for r in bg.search_batches(config, batch_list(config, args), one, dev)]
 
 
 def batch_list(config: str, args) -> list:
