@@ -23,8 +23,6 @@ measured at the start of the run (8192^3, bf16). The markdown table is printed l
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import shutil
 import statistics
@@ -212,10 +210,7 @@ def main(argv=None) -> None:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "device": device_name,
-                       "torch": torch.__version__, "ceiling_tflops": ceiling, "args": vars(args), "rows": rows},
-                      fh, indent=1, default=str)
+        bg.write_results(args.json, device_name, args, rows, ceiling_tflops=ceiling)
     print()
     print(table(rows, device_name + (" (tiny smoke run)" if args.tiny else ""), ceiling), flush=True)
 

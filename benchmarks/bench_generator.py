@@ -482,6 +482,13 @@ def run_guarded(fn, rows: list, name: str, kind: str, batch: int, dev: torch.dev
     free_memory(dev)
 
 
+def write_results(path: str, device_name: str, args, rows: list, **extra) -> None:
+    """The JSON file of a benchmark run: date (UTC), device, torch, the arguments, the rows and ``extra``."""
+    with open(path, "w") as fh:
+        json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "device": device_name,
+                   "torch": torch.__version__, "args": vars(args), "rows": rows, **extra}, fh, indent=1, default=str)
+
+
 def search_batches(name: str, batches: list, fn, dev: torch.device, gen=None) -> list:
     """Training rows of ``fn(B)`` for increasing ``B`` until one runs out of memory (its OOM row
     included, from :func:`run_guarded`): the last row without an error is the largest batch that fits."""

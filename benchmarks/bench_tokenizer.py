@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import json
 import os
 import statistics
 import sys
@@ -161,10 +159,9 @@ def main(argv=None) -> None:
     t_train = None if args.skip_train else time_train_step(arch, train_pn, train_batch, dev, cuda, amp, args)
     print_table(rows, dev, cuda, args, train_pn[-1] * ours.downsample, train_batch, t_train)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "args": vars(args),
-                       "device": torch.cuda.get_device_name(dev) if cuda else "CPU", "torch": torch.__version__,
-                       "rows": rows, "train_step_s": t_train, "train_batch": train_batch}, fh, indent=1)
+        from bench_generator import write_results
+        write_results(args.json, torch.cuda.get_device_name(dev) if cuda else "CPU", args, rows,
+                      train_step_s=t_train, train_batch=train_batch)
 
 
 def time_train_step(arch, train_pn, train_batch, dev, cuda, amp, args) -> float:

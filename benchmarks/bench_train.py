@@ -24,8 +24,6 @@ MFU against 789 TFLOP/s (the H200's measured bf16 matmul rate), analytic FLOPs (
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import shutil
 import sys
@@ -166,9 +164,7 @@ def main(argv=None) -> None:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "device": device_name,
-                       "torch": torch.__version__, "args": vars(args), "rows": rows}, fh, indent=1, default=str)
+        bg.write_results(args.json, device_name, args, rows)
     print()
     print(table(rows, device_name + (" (tiny smoke run)" if args.tiny else "")), flush=True)
 
