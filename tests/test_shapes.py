@@ -144,6 +144,9 @@ def test_cache_reads_back_the_rendered_samples(tmp_path, monkeypatch):
     fresh = ShapesDataModule(resolution=32, batch_size=4, num_train=10).train_dataloader().dataset[7]
     assert cached["caption"] == fresh["caption"] and cached["objects"] == fresh["objects"]
     assert torch.equal(cached["image"], fresh["image"])
+    import pickle
+    copy = pickle.loads(pickle.dumps(dm.cache))  # what a spawned DataLoader worker receives
+    assert copy.__dict__["_pixels"] is None and np.array_equal(copy.pixels[7], dm.cache.pixels[7])  # reopened
     # another world (seed) gets another folder; a second build reuses the first
     assert ShapesCache(str(tmp_path), ShapesDataModule(32, seed=1).world, "train", 10).folder != dm.cache.folder
     from starkit.data import shapes_cache

@@ -87,6 +87,9 @@ class ShapesCache:
                 raise
         return self
 
+    def __getstate__(self) -> dict:  # DataLoader workers (spawn) reopen the file instead of receiving a copy
+        return {**self.__dict__, "_pixels": None}
+
     @property
     def pixels(self) -> np.ndarray:
         if self._pixels is None:
