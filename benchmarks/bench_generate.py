@@ -6,6 +6,7 @@ GPU, with the ratio: the benchmark of issue 7 (random weights, real architecture
     python benchmarks/bench_generate.py --tiny --official-root /path/to/STAR        # CPU smoke run (~1 min)
     ... --cuda-graphs      # also starkit with generate(cuda_graphs=True): rows "starkit graphs"
     ... --cuda-graphs --compile-decoder   # those rows with the compiled VQ decoder as well
+    ... --compile-head     # and rows with the stable sampler's head compiled (first call compiles, untimed warm-up)
 
 For each config (d16@256, d30@512, d30@1024), sampler (parallel, stable) and batch (1, 16):
   * starkit: ``ScaleWiseGenerator.generate(prompts, cfg, top_k, top_p, seed)`` under bf16 autocast
@@ -80,7 +81,7 @@ def time_ours(config: str, args, dev, text, ceiling) -> list:
     rows = []
     samplers = {"parallel": None, "stable": stable_for(gen, pn, dev)}
     arch = GeneratorArch.from_transformer(gen.transformer, text_len=gen.text_encoder.max_length)
-    for graphs in ([False, True] if args.cuda_graphs else [False]):
+    for graphs in ([True] if args.cuda_graphs and args.skip_eager else [False, True] if args.cuda_graphs else [False]):
         if graphs and args.compile_decoder and dev.type == "cuda":
             tok.optimize_for_inference(channels_last=True)  # the "starkit graphs" rows: compiled VQ decoder too
         for sampler_name in args.samplers.split(","):
@@ -96,6 +97,19 @@ def time_ours(config: str, args, dev, text, ceiling) -> list:
                             dev, generate_flops(arch, B, guided=True), ceiling)
                 row["compiled_decoder"] = bool(graphs and args.compile_decoder and dev.type == "cuda")
                 rows.append(row)
+    if args.compile_head and "stable" in args.samplers.split(","):  # the sampler head's blocks under torch.compile
+        head_sampler = samplers["stable"].with_settings(compile_head=True)
+        for B in batches(args):
+            prompts = [bg.CAPTIONS[i % len(bg.CAPTIONS)] for i in range(B)]
+
+            def call():
+                with torch.no_grad():
+                    gen.generate(prompts, seed=0, sampler=head_sampler, cuda_graphs=args.cuda_graphs, **bg.SAMPLING)
+
+            impl = "starkit graphs, compiled head" if args.cuda_graphs else "starkit, compiled head"
+            row = timed(impl, config, "stable", B, call, args, dev, generate_flops(arch, B, guided=True), ceiling)
+            row["compiled_decoder"] = bool(args.cuda_graphs and args.compile_decoder and dev.type == "cuda")
+            rows.append(row)
     del gen, tok, samplers
     bg.free_memory(dev)
     return rows
@@ -132,7 +146,7 @@ def timed(impl: str, config: str, sampler: str, B: int, call, args, dev, flops, 
         return out
 
     result: list = []
-    if impl == "starkit graphs":  # experimental path: any failure becomes an error row, the run goes on
+    if impl != "starkit":  # experimental paths (graphs, compiled head): any failure becomes an error row, the run goes on
         import traceback
 
         def measure_or_error() -> dict:
@@ -190,6 +204,9 @@ def main(argv=None) -> None:
     ap.add_argument("--compile-decoder", action="store_true",
                     help="with --cuda-graphs: the 'starkit graphs' rows also use tokenizer.optimize_for_inference("
                          "channels_last=True) (compiled VQ decoder)")
+    ap.add_argument("--skip-eager", action="store_true", help="with --cuda-graphs: no rows without graphs")
+    ap.add_argument("--compile-head", action="store_true",
+                    help="also rows with the stable sampler's head under torch.compile (StableSampler(compile_head=True))")
     ap.add_argument("--text", choices=("clip", "random"), default="clip")
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -67,6 +67,7 @@ def main(argv=None) -> None:
                     "nchw (bf16 contiguous), compile (bf16 channels_last + torch.compile of encoder/decoder), "
                     "compile_nchw (bf16 contiguous + torch.compile), compile_max (channels_last + "
                     "torch.compile mode max-autotune-no-cudagraphs)")
+    ap.add_argument("--resolutions", default="256,1024", help="comma list of the cases to time: 256, 1024")
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--json", default=None, help="also write every row as JSON here")
     args = ap.parse_args(argv)
@@ -83,6 +84,8 @@ def main(argv=None) -> None:
         arch = dict(ch=160, z_channels=32, codebook_size=4096)
         cases = [("256", P256, 32), ("1024", P1024, 4)]
         train_batch, train_pn = 16, P256
+    wanted = [r for r in args.resolutions.split(",") if r]
+    cases = [c for c, res in zip(cases, ("256", "1024")) if res in wanted] or cases
     VQVAE = load_official(args.official_root)
     if VQVAE is None:
         print(f"[bench] no VAR checkout at {args.official_root}: measuring ours only")

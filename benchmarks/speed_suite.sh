@@ -7,10 +7,11 @@
 # Stages (each under its own time limit, logs and JSON in the output folder, the tables printed last):
 #   train     : compiled training blocks + VQ encoder against eager and the official trainer, d16 @256
 #   train_d30 : the same at d30 @256 without the official rows (not in the default list)
-#   train_tokens : d16 @256 on pre-tokenized batches (TokenizedDataModule), eager and compiled (not in the default list)
-#   tokenizer : the 1024 px tokenizer with torch.compile's max-autotune against VAR
-#   generate  : d30 @1024 generation with CUDA graphs and the compiled decoder against the official code
-# Pick stages with STAGES="train tokenizer" (default: train tokenizer generate).
+#   train_tokens : d16 @256 on pre-tokenized batches (TokenizedDataModule), compiled, and the official trainer
+#   tokenizer : the 1024 px tokenizer, compiled (TOKENIZER_VARIANTS=compile_max: max-autotune, >200 s), against VAR
+#   generate  : d30 @1024 stable generation with CUDA graphs, the compiled decoder and the compiled sampler head,
+#               against the official code
+# Pick stages with STAGES="train tokenizer" (default: train tokenizer generate); *_LIMIT variables set time limits.
 set -uo pipefail
 out=${1:?usage: speed_suite.sh OUT_DIR}
 mkdir -p "$out" && out=$(cd "$out" && pwd)
@@ -38,18 +39,21 @@ for stage in $stages; do
         --compile off,on --search 64,128 --steps 4 --warmup 2 --profile-dir "$out/prof" --json "$out/train_d16.json"
       ;;
     train_tokens)
-      run train_tokens 150 python "$here/bench_train.py" "${tiny[@]}" --configs d16@256 --compile off,on --search 64 \
-        --pretokenized --steps 4 --warmup 2 --json "$out/train_tokens.json" ;;
+      run train_tokens "${TOKENS_LIMIT:-170}" python "$here/bench_train.py" "${official_star[@]}" "${tiny[@]}" \
+        --configs d16@256 --compile "${TOKENS_COMPILE:-on}" --search 64,128 --pretokenized --steps 4 --warmup 2 \
+        --json "$out/train_tokens.json" ;;
     train_d30)
       run train_d30 150 python "$here/bench_train.py" "${tiny[@]}" --configs d30@256 --compile off,on --search 32 \
         --steps 4 --warmup 2 --json "$out/train_d30.json" ;;
     tokenizer)
-      tok_args=(--official-root .official/VAR --variants cl,compile_max --skip-train --json "$out/tokenizer.json")
+      tok_args=(--official-root .official/VAR --variants "${TOKENIZER_VARIANTS:-compile}" --resolutions 1024 --skip-train
+                --json "$out/tokenizer.json")
       [ -n "${TINY:-}" ] && tok_args=(--tiny --official-root .official/VAR --skip-train --json "$out/tokenizer.json")
-      run tokenizer 200 python "$here/bench_tokenizer.py" "${tok_args[@]}" ;;
+      run tokenizer "${TOKENIZER_LIMIT:-110}" python "$here/bench_tokenizer.py" "${tok_args[@]}" ;;
     generate)
-      run generate_1024 160 python "$here/bench_generate.py" "${official_star[@]}" "${tiny[@]}" --configs d30@1024 \
-        --cuda-graphs --compile-decoder --samplers stable --warmup 1 --repeats 2 --json "$out/generate_1024.json" ;;
+      run generate_1024 "${GENERATE_LIMIT:-270}" python "$here/bench_generate.py" "${official_star[@]}" "${tiny[@]}" \
+        --configs d30@1024 --cuda-graphs --skip-eager --compile-decoder --compile-head --samplers stable --warmup 1 \
+        --repeats 2 --json "$out/generate_1024.json" ;;
     *) echo "unknown stage $stage (train, train_d30, train_tokens, tokenizer, generate)" >&2 ;;
   esac
 done

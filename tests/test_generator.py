@@ -428,3 +428,17 @@ def test_drop_path_rate_survives_dtype_casts():
         assert abs(dropped - p) < 4 * (p * (1 - p) / x.shape[0]) ** 0.5 + 1e-4, (p, dropped)
         assert torch.equal(drop.eval()(x), x)
     assert torch.equal(DropPath(0.0).train()(x), x)
+
+
+@pytest.mark.parametrize("top_k,top_p,temperature", [(3, None, 1.0), (3, 0.7, 0.8), (None, 0.6, 1.0), (None, None, 1.3)])
+def test_draws_among_top_k_candidates_follow_the_filtered_distribution(top_k, top_p, temperature):
+    from starkit.samplers.functional import candidates, draw, filter_logits
+    logits = torch.tensor([[0.3, -1.0, 2.0, 0.5, 1.5, -0.2]])
+    expected = filter_logits(logits, top_k, top_p, temperature).softmax(-1)[0]  # (V,)
+    g = torch.Generator().manual_seed(0)
+    ids, prob = draw(candidates(logits.expand(200000, 6), top_k, top_p, temperature), g)
+    assert ids.shape == prob.shape == (200000,)
+    freq = torch.bincount(ids, minlength=6).float() / ids.numel()
+    assert torch.allclose(freq, expected, atol=0.005)
+    assert torch.allclose(prob, expected[ids])  # the drawn token's probability: STAR's confidence score
+    assert (expected[ids] > 0).all()

@@ -194,3 +194,25 @@ def test_head_ready_follows_loaded_state_without_reading_the_buffer_each_time():
     state["head_trained"] = torch.zeros((), dtype=torch.long)
     sampler.load_state_dict(state)
     assert not sampler.head_ready
+
+
+def test_compiled_head_matches_the_eager_head_at_every_scale_and_draws_the_same_tokens(trained):
+    gen, _ = trained
+    head = gen.sampler.head
+    compiled = head.compiled_forward()
+    pooled = torch.randn(2, 32)
+    with torch.no_grad():
+        for scale, l in ((2, 9), (3, 16), (2, 9)):  # dynamic shapes: one graph for both scales
+            hidden, shown = torch.randn(2, l, 32), torch.randn(2, l, 8)
+            rot = gen.transformer.positional.rotary(slice(0, l))
+            first = gen.transformer.positional.rotary(slice(0, 1))
+            torch.testing.assert_close(compiled(hidden, shown, pooled, scale, first, rot),
+                                       head(hidden, shown, pooled, scale, first, rot), rtol=1e-5, atol=1e-5)
+    assert "_compiled_trunk" in head.__dict__ and "_compiled_trunk" not in dict(head.named_modules())
+    a, ia = gen.generate(PROMPTS, seed=5, return_indices=True)
+    gen.sampler.compile_head = True
+    try:
+        b, ib = gen.generate(PROMPTS, seed=5, return_indices=True)
+    finally:
+        gen.sampler.compile_head = False
+    assert all(torch.equal(x, y) for x, y in zip(ia, ib)) and torch.allclose(a, b)

@@ -102,7 +102,7 @@ def inference_cached(module: nn.Module, name: str, params: Tuple[torch.Tensor, .
     (same storage and version: an optimizer step, ``load_state_dict`` or ``.to()`` rebuilds it).
     Generation calls every layer at every scale: this saves the small kernels that only re-derive
     a parameter (bias concatenations, clamped exponentials). With gradients on, always ``build()``."""
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():  # compiled graphs derive it in the graph
         return build()
     key = version_key(params)
     cache = module.__dict__.setdefault("_inference_cache", {})

@@ -1,7 +1,7 @@
 """Sampling primitives shared by the samplers: guidance, filtering, draws without host sync."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -52,14 +52,54 @@ def _filter_top_k_then_p(logits: torch.Tensor, top_k: int, top_p: Optional[float
     other token has probability 0 after top-k), not by sorting the whole vocabulary. The same
     tokens as the two-pass definition, except that exactly k tokens survive a tie at the k-th value."""
     values, indices = logits.topk(top_k, dim=-1, sorted=True)  # (..., k) descending
-    if top_p is not None and 0 < top_p < 1:
-        probs = values.softmax(dim=-1)
-        # probability of this token and all less likely ones = the ascending cumulative sum
-        tail = probs.flip(-1).cumsum(dim=-1).flip(-1)
-        remove = tail <= (1 - top_p)
-        remove[..., 0] = False  # always keep the most likely token
-        values = values.masked_fill(remove, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter_(-1, indices, values)
+    return torch.full_like(logits, float("-inf")).scatter_(-1, indices, _nucleus(values, top_p))
+
+
+def _nucleus(values: torch.Tensor, top_p: Optional[float]) -> torch.Tensor:
+    """Top-p among logits sorted in descending order ``(..., k)``: -inf on the tail that top-p removes."""
+    if top_p is None or not 0 < top_p < 1:
+        return values
+    probs = values.softmax(dim=-1)
+    # probability of this token and all less likely ones = the ascending cumulative sum
+    tail = probs.flip(-1).cumsum(dim=-1).flip(-1)
+    remove = tail <= (1 - top_p)
+    remove[..., 0] = False  # always keep the most likely token
+    return values.masked_fill(remove, float("-inf"))
+
+
+class Candidates(NamedTuple):
+    """The tokens a draw may pick after filtering: ``probs`` ``(..., n)`` (zeros where filtered out)
+    and their vocabulary ids ``indices`` ``(..., n)``, or None when ``n`` is the whole vocabulary."""
+
+    probs: torch.Tensor
+    indices: Optional[torch.Tensor]
+
+
+def candidates(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None,
+               temperature: float = 1.0) -> Candidates:
+    """Temperature, top-k and top-p as :func:`filter_logits`, but kept among the ``k`` most likely tokens:
+    with top-k the filtered distribution is never scattered back to ``(..., V)``, so every later pass
+    (softmax, draw, the drawn token's probability) reads ``k`` columns instead of ``V`` (600 of 4096
+    at STAR's settings). Without top-k the candidates are the whole vocabulary."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        values, indices = logits.topk(top_k, dim=-1, sorted=True)  # (..., k) descending
+        return Candidates(_nucleus(values, top_p).softmax(dim=-1), indices)
+    return Candidates(filter_logits(logits, None, top_p).softmax(dim=-1), None)
+
+
+def draw(cands: Candidates, generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One draw per row among the candidates -> vocabulary ids ``(...)`` and the probability of each
+    drawn token under the filtered distribution ``(...)`` (STAR's confidence score).
+
+    Exponential race (argmax of p / E, E ~ Exp(1)): exactly the categorical distribution, no host sync."""
+    noise = torch.empty_like(cands.probs).exponential_(1.0, generator=generator)
+    choice = (cands.probs / noise).argmax(dim=-1, keepdim=True)  # (..., 1) position among the candidates
+    prob = cands.probs.gather(-1, choice)[..., 0]
+    ids = choice if cands.indices is None else cands.indices.gather(-1, choice)
+    return ids[..., 0], prob
 
 
 def sample_categorical(logits: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:

@@ -91,14 +91,35 @@ class SamplerHead(nn.Module):
         Returns:
             float32 logits ``(R, l, V)``.
         """
-        R, l, _ = hidden.shape
+        return self.trunk(self.embed_inputs(hidden, revealed, pooled, scale), _cat_rotary(rotary_first, rotary))
+
+    def embed_inputs(self, hidden: torch.Tensor, revealed: torch.Tensor, pooled: torch.Tensor,
+                     scale: int) -> torch.Tensor:
+        """The blocks' input ``proj([prefix; revealed + level] ++ [prefix; hidden])`` ``(R, 1 + l, C)``."""
         prefix = self.encoder_proj(pooled)[:, None, :] + self.pos_start  # (R, 1, C)
         level = self.lvl_embed.weight[scale]  # (C,)
         part = self.word_embed(revealed.to(hidden.dtype)) + level  # (R, l, C)
         x = torch.cat([torch.cat([prefix, part], dim=1),
                        torch.cat([prefix.to(hidden.dtype), hidden], dim=1)], dim=-1)  # (R, 1 + l, 2C)
-        x = self.proj(x)  # (R, 1 + l, C)
-        rot = as_cis(_cat_rotary(rotary_first, rotary))  # complex tables, built once for all head blocks
+        return self.proj(x)  # (R, 1 + l, C)
+
+    def trunk(self, x: torch.Tensor, rotary: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """The blocks, the norm and the logits head: ``(R, 1 + l, C)`` -> float32 logits ``(R, l, V)``.
+        ``rotary``: the (cos, sin) tables of ``[prefix; scale tokens]``, or None."""
+        if not torch.compiler.is_compiling():
+            rotary = as_cis(rotary)  # complex tables, built once for all blocks; compiled code keeps (cos, sin)
         for block in self.blocks:
-            x = block(x, rotary=rot)
+            x = block(x, rotary=rotary)
         return self.head_logits(self.logit_norm(x[:, 1:])).float()  # (R, l, V)
+
+    def compiled_forward(self):
+        """:meth:`forward` with :meth:`trunk` under ``torch.compile`` (dynamic shapes: one graph serves
+        every scale and batch size; it fuses the normalisations, rotary, GELU and residual additions
+        that run as separate kernels in eager mode). Built at the first call, kept with the head."""
+        trunk = self.__dict__.get("_compiled_trunk")  # not a registered submodule
+        if trunk is None:
+            trunk = self.__dict__["_compiled_trunk"] = torch.compile(self.trunk, dynamic=True)
+
+        def forward(hidden, revealed, pooled, scale, rotary_first=None, rotary=None):
+            return trunk(self.embed_inputs(hidden, revealed, pooled, scale), _cat_rotary(rotary_first, rotary))
+        return forward

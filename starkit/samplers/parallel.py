@@ -6,8 +6,8 @@ from typing import Optional
 import torch
 
 from starkit.samplers.base import ScaleSampler, ScaleStep
-from starkit.samplers.functional import (apply_guidance, filter_logits, guidance_weight, gumbel_soft_tokens,
-                                         sample_categorical, validate_settings)
+from starkit.samplers.functional import (apply_guidance, candidates, draw, guidance_weight, gumbel_soft_tokens,
+                                         validate_settings)
 
 
 class ParallelSampler(ScaleSampler):
@@ -49,5 +49,5 @@ class ParallelSampler(ScaleSampler):
             tau = max(0.27 * (1 - ratio * 0.95), 0.005)
             soft = gumbel_soft_tokens(logits * (1 + ratio), step.codebook, tau, step.generator)
             return soft, logits.argmax(dim=-1)
-        idx = sample_categorical(filter_logits(logits, self.top_k, self.top_p, self.temperature), step.generator)
+        idx, _ = draw(candidates(logits, self.top_k, self.top_p, self.temperature), step.generator)
         return step.embed(idx), idx  # (B, l, Cvae), (B, l)

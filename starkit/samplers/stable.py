@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from starkit.samplers.base import HeadTrainingBatch, ScaleSampler, ScaleStep
-from starkit.samplers.functional import (apply_guidance, filter_logits, guidance_weight, sample_categorical,
-                                         validate_settings)
+from starkit.samplers.functional import apply_guidance, candidates, draw, guidance_weight, validate_settings
 
 SCHEDULES = ("arccos", "cosine", "linear", "root", "square")
 
@@ -91,6 +90,9 @@ class StableSampler(ScaleSampler):
         schedule: reveal schedule (MaskGIT): "arccos" (STAR), "cosine", "linear", "root", "square".
         head_depth: blocks of the sampler head (STAR: 3).
         use_head: predict with the sampler head; False: causal reveal on the generator's logits.
+        compile_head: run the head's blocks under ``torch.compile`` when sampling (dynamic shapes:
+            one graph for every scale and batch size). The first sampling call compiles (tens of
+            seconds on a GPU); later calls fuse the head's normalisations, rotary and GELU.
     """
 
     has_weights = True
@@ -98,16 +100,16 @@ class StableSampler(ScaleSampler):
     def __init__(self, cfg: float = 4.0, cfg_schedule: str = "linear", top_k: Optional[int] = 600,
                  top_p: Optional[float] = 0.8, temperature: float = 1.0, causal_scales: int = 5, steps: int = 8,
                  steps_last: int = 15, random_steps: int = 5, schedule: str = "arccos", head_depth: int = 3,
-                 use_head: bool = True) -> None:
+                 use_head: bool = True, compile_head: bool = False) -> None:
         super().__init__()
         self.cfg, self.cfg_schedule = cfg, cfg_schedule
         self.top_k, self.top_p, self.temperature = top_k, top_p, temperature
         self.causal_scales, self.steps, self.steps_last = causal_scales, steps, steps_last
         self.random_steps, self.schedule = random_steps, schedule
-        self.head_depth, self.use_head = head_depth, use_head
+        self.head_depth, self.use_head, self.compile_head = head_depth, use_head, compile_head
         self.validate()
         self.save_hyperparameters("cfg", "cfg_schedule", "top_k", "top_p", "temperature", "causal_scales", "steps",
-                                  "steps_last", "random_steps", "schedule", "head_depth", "use_head")
+                                  "steps_last", "random_steps", "schedule", "head_depth", "use_head", "compile_head")
         self.head = None
         # 1 once the head has been trained or loaded (saved with the weights)
         self.register_buffer("head_trained", torch.zeros((), dtype=torch.long))
@@ -148,15 +150,19 @@ class StableSampler(ScaleSampler):
         self._trained_host = None  # the buffer may change: read it again when next asked
         return super()._load_from_state_dict(*args, **kwargs)
 
+    def _head_forward(self, device: torch.device):
+        """The head's forward for sampling: compiled (:meth:`SamplerHead.compiled_forward`) with ``compile_head``."""
+        return self.head.compiled_forward() if self.compile_head and self.head is not None else self.head
+
     def causal_scale_ids(self, num_scales: int) -> range:
         return range(max(num_scales - self.causal_scales, 0), num_scales)
 
     # ------------------------------------------------------------------ sampling
-    def _draw(self, logits: torch.Tensor, generator) -> torch.Tensor:
-        return sample_categorical(filter_logits(logits, self.top_k, self.top_p, self.temperature), generator)
+    def _candidates(self, logits: torch.Tensor, t: float, guided: bool):
+        return candidates(apply_guidance(logits, t, guided), self.top_k, self.top_p, self.temperature)
 
     def _parallel(self, step: ScaleStep, t: float):
-        idx = self._draw(apply_guidance(step.logits, t, step.guided), step.generator)  # (B, l)
+        idx, _ = draw(self._candidates(step.logits, t, step.guided), step.generator)  # (B, l)
         return step.embed(idx), idx
 
     def sample_scale(self, step: ScaleStep):
@@ -181,24 +187,23 @@ class StableSampler(ScaleSampler):
         idx = torch.zeros(B, l, dtype=torch.long, device=device)
         revealed = torch.zeros(B, l, dtype=torch.bool, device=device)
         shown = torch.zeros(B, l, step.codebook.shape[-1], device=device)  # (B, l, Cvae), zeros where hidden
-        n_revealed, filtered = 0, None
+        n_revealed, cands = 0, None
+        head = self._head_forward(device)
         for s, count in enumerate(counts):
             if self.use_head:
                 rows = torch.cat([shown, shown], dim=0) if step.guided else shown  # both halves share the tokens
-                logits = self.head(step.hidden, rows, step.pooled_text, step.scale, step.rotary_first, step.rotary)
-                filtered = filter_logits(apply_guidance(logits, t, step.guided), self.top_k, self.top_p,
-                                         self.temperature)  # (B, l, V)
-            elif filtered is None:  # the generator's logits do not change within the scale
-                filtered = filter_logits(apply_guidance(step.logits, t, step.guided), self.top_k, self.top_p,
-                                         self.temperature)
-            drawn = sample_categorical(filtered, gen)  # (B, l)
+                logits = head(step.hidden, rows, step.pooled_text, step.scale, step.rotary_first, step.rotary)
+                cands = self._candidates(logits, t, step.guided)  # (B, l, top_k)
+            elif cands is None:  # the generator's logits do not change within the scale
+                cands = self._candidates(step.logits, t, step.guided)
+            drawn, confidence = draw(cands, gen)  # (B, l) each: token ids, probability of the drawn token
             if n_revealed + count >= l:  # reveal everything left: no choice to make, no random draw
                 new = ~revealed
             else:
                 if s < self.random_steps:
                     score = torch.rand(B, l, device=device, generator=gen)
-                else:  # confidence: probability of the drawn token
-                    score = filtered.softmax(dim=-1).gather(-1, drawn[..., None])[..., 0]  # (B, l)
+                else:
+                    score = confidence
                 score = score.masked_fill(revealed, -float("inf"))
                 pick = score.topk(count, dim=-1).indices  # (B, count)
                 new = torch.zeros_like(revealed).scatter_(1, pick, True)

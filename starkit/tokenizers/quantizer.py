@@ -25,6 +25,8 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import nn
 
+from .resize import resize
+
 
 def phi_ticks(num_phi: int) -> np.ndarray:
     """Positions in [0, 1] of ``num_phi`` shared phis (VAR's rule)."""
@@ -143,7 +145,7 @@ class MultiScaleQuantizer(nn.Module):
         """phi_k(bicubic_upsample(h, side)); no resize at the last scale. Runs in fp32."""
         K = len(self.patch_nums)
         if scale != K - 1:
-            h_BChw = F.interpolate(h_BChw, size=(side, side), mode="bicubic", align_corners=False)
+            h_BChw = resize(h_BChw, (side, side), "bicubic")  # (B, C, side, side)
         return self.quant_resi.get(scale, K)(h_BChw)  # (B, C, side, side)
 
     # ------------------------------------------------------------------ quantization
