@@ -98,12 +98,13 @@ def test_command_line_and_fit_through_the_cli(tmp_path, images):
     cli(["tokenize", "--tokenizer", str(tok_dir), "--root", str(images), "--resolution", str(R), "--out",
          str(tmp_path / "tokens"), "--num-workers", "0", "--batch-size", "4", "--device", "cpu"])
     assert read_meta(str(tmp_path / "tokens"))["count"] == 6
-    cli(["fit", "--config", os.path.join(REPO, "recipes/generator/tiny.yaml"),
-         "--config", os.path.join(REPO, "tests/conf/tiny_generator_overrides.yaml"),
-         f"--model.init_args.tokenizer.init_args.pretrained={tok_dir}",
-         "--data=starkit.data.TokenizedDataModule", f"--data.init_args.root={tmp_path / 'tokens'}",
-         "--data.init_args.batch_size=2", "--data.init_args.num_workers=0", "--data.init_args.val_size=2",
-         "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}"])
+    for recipe in ("recipes/generator/tiny.yaml", "recipes/generator/star_d16_256_pretokenized.yaml"):
+        cli(["fit", "--config", os.path.join(REPO, recipe),
+             "--config", os.path.join(REPO, "tests/conf/tiny_generator_overrides.yaml"),
+             f"--model.init_args.tokenizer.init_args.pretrained={tok_dir}",
+             "--data=starkit.data.TokenizedDataModule", f"--data.init_args.root={tmp_path / 'tokens'}",
+             "--data.init_args.batch_size=2", "--data.init_args.num_workers=0", "--data.init_args.val_size=2",
+             "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}"])
 
 
 def test_a_failed_or_empty_run_leaves_no_partial_files_and_workers_reopen_the_file(tmp_path, images):

@@ -66,7 +66,8 @@ class ScaleWiseGenerator(L.LightningModule):
             the blocks; fuses the float32 QK-norm and rotary, LayerNorms, GELU and residual
             chains) and, at the start of fitting, the frozen tokenizer's encoder (the VQ encoding
             inside the step). The first steps are slow while compiling; validation and sampling
-            stay eager. Not yet measured on a GPU (docs/performance.md).
+            stay eager. On an H200 (docs/performance.md): d16 @256 1.58x the eager step, d30
+            @256 1.56x the official trainer; not measured at 512/1024 px.
         init_from: a starkit checkpoint or model directory whose transformer initialises
             this one (progressive resolution: scales may differ).
         stage: "generator" trains the transformer; "sampler_head" freezes it and trains only
