@@ -7,6 +7,10 @@
 # Stages (each under its own time limit, logs and JSON in the output folder, the tables printed last):
 #   train     : compiled training blocks + VQ encoder against eager and the official trainer, d16 @256
 #   train_d30 : the same at d30 @256 without the official rows (not in the default list)
+#   train_images : d16 @256 compiled, images encoded inside the step, and the official trainer (not in the default list)
+#   train_1024 : d30 @1024 FlexAttention, eager and compiled at batch 32, and the official trainer (not in the default list)
+#   generate_small : d16 @256 and d30 @512 generation with CUDA graphs, both samplers, against the official code
+#               (not in the default list)
 #   train_tokens : d16 @256 on pre-tokenized batches (TokenizedDataModule), compiled, and the official trainer
 #   tokenizer : the 1024 px tokenizer, compiled (TOKENIZER_VARIANTS=compile_max: max-autotune, >200 s), against VAR
 #   generate  : d30 @1024 stable generation with CUDA graphs, the compiled decoder and the compiled sampler head,
@@ -45,6 +49,17 @@ for stage in $stages; do
     train_d30)
       run train_d30 150 python "$here/bench_train.py" "${tiny[@]}" --configs d30@256 --compile off,on --search 32 \
         --steps 4 --warmup 2 --json "$out/train_d30.json" ;;
+    train_images)
+      run train_images "${IMAGES_LIMIT:-200}" python "$here/bench_train.py" "${official_star[@]}" "${tiny[@]}" \
+        --configs d16@256 --compile on --search 64,128 --steps 4 --warmup 2 --json "$out/train_images.json" ;;
+    train_1024)
+      run train_1024 "${T1024_LIMIT:-420}" python "$here/bench_train.py" "${official_star[@]}" "${tiny[@]}" \
+        --configs d30@1024 --attentions flex --compile off,on --search "${T1024_BATCH:-2,32}" --steps 3 --warmup 1 \
+        --json "$out/train_1024.json" ;;
+    generate_small)
+      run generate_small "${SMALL_LIMIT:-300}" python "$here/bench_generate.py" "${official_star[@]}" "${tiny[@]}" \
+        --configs d16@256,d30@512 --cuda-graphs --skip-eager --compile-decoder --warmup 2 --repeats 3 \
+        --json "$out/generate_small.json" ;;
     tokenizer)
       tok_args=(--official-root .official/VAR --variants "${TOKENIZER_VARIANTS:-compile}" --resolutions 1024 --skip-train
                 --json "$out/tokenizer.json")
@@ -54,7 +69,8 @@ for stage in $stages; do
       run generate_1024 "${GENERATE_LIMIT:-270}" python "$here/bench_generate.py" "${official_star[@]}" "${tiny[@]}" \
         --configs d30@1024 --cuda-graphs --skip-eager --compile-decoder --compile-head --samplers stable --warmup 1 \
         --repeats 2 --json "$out/generate_1024.json" ;;
-    *) echo "unknown stage $stage (train, train_d30, train_tokens, tokenizer, generate)" >&2 ;;
+    *) echo "unknown stage $stage (train, train_d30, train_tokens, train_images, train_1024, tokenizer, generate," \
+            "generate_small)" >&2 ;;
   esac
 done
 echo

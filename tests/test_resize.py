@@ -50,3 +50,15 @@ def test_fp32_under_autocast_and_matrices_built_in_inference_mode():
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="mode"):
         resize(torch.zeros(1, 1, 2, 2), (4, 4), "bilinear")
+
+
+def test_tracing_with_fake_tensors_leaves_the_cache_usable():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from starkit.tokenizers.resize import resize, resize_matrix
+    resize_matrix.cache_clear()
+    with FakeTensorMode():
+        out = resize(torch.randn(2, 3, 5, 5), (11, 11), "bicubic")
+        assert out.shape == (2, 3, 11, 11)
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(resize(x, (11, 11), "bicubic"),
+                               F.interpolate(x, size=(11, 11), mode="bicubic", align_corners=False), rtol=0, atol=1e-5)

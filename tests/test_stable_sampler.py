@@ -208,7 +208,15 @@ def test_compiled_head_matches_the_eager_head_at_every_scale_and_draws_the_same_
             first = gen.transformer.positional.rotary(slice(0, 1))
             torch.testing.assert_close(compiled(hidden, shown, pooled, scale, first, rot),
                                        head(hidden, shown, pooled, scale, first, rot), rtol=1e-5, atol=1e-5)
-    assert "_compiled_trunk" in head.__dict__ and "_compiled_trunk" not in dict(head.named_modules())
+    copy = __import__("copy").deepcopy(head)  # a copy after compiled sampling runs its own weights
+    with torch.no_grad():
+        for p in copy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        hidden, shown = torch.randn(2, 9, 32), torch.randn(2, 9, 8)
+        rot, first = gen.transformer.positional.rotary(slice(0, 9)), gen.transformer.positional.rotary(slice(0, 1))
+        torch.testing.assert_close(copy.compiled_forward()(hidden, shown, pooled, 2, first, rot),
+                                   copy(hidden, shown, pooled, 2, first, rot), rtol=1e-5, atol=1e-5)
+    __import__("pickle").dumps(head)  # nothing unpicklable is attached to the head
     a, ia = gen.generate(PROMPTS, seed=5, return_indices=True)
     gen.sampler.compile_head = True
     try:

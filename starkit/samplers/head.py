@@ -114,12 +114,21 @@ class SamplerHead(nn.Module):
 
     def compiled_forward(self):
         """:meth:`forward` with :meth:`trunk` under ``torch.compile`` (dynamic shapes: one graph serves
-        every scale and batch size; it fuses the normalisations, rotary, GELU and residual additions
-        that run as separate kernels in eager mode). Built at the first call, kept with the head."""
-        trunk = self.__dict__.get("_compiled_trunk")  # not a registered submodule
-        if trunk is None:
-            trunk = self.__dict__["_compiled_trunk"] = torch.compile(self.trunk, dynamic=True)
-
+        every scale and batch size, plus one for a single row; it fuses the normalisations, rotary,
+        GELU and residual additions that run as separate kernels in eager mode). The compiled
+        function is the class's, shared by all heads and holding none of them: copies and pickles
+        of a head are unaffected, and each head runs with its own weights."""
         def forward(hidden, revealed, pooled, scale, rotary_first=None, rotary=None):
-            return trunk(self.embed_inputs(hidden, revealed, pooled, scale), _cat_rotary(rotary_first, rotary))
+            return _compiled_trunk()(self, self.embed_inputs(hidden, revealed, pooled, scale),
+                                     _cat_rotary(rotary_first, rotary))
         return forward
+
+
+_COMPILED_TRUNK = []
+
+
+def _compiled_trunk():
+    """``torch.compile(SamplerHead.trunk)`` (the unbound function: the head is an argument), built once."""
+    if not _COMPILED_TRUNK:
+        _COMPILED_TRUNK.append(torch.compile(SamplerHead.trunk, dynamic=True))
+    return _COMPILED_TRUNK[0]

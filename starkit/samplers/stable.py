@@ -91,8 +91,9 @@ class StableSampler(ScaleSampler):
         head_depth: blocks of the sampler head (STAR: 3).
         use_head: predict with the sampler head; False: causal reveal on the generator's logits.
         compile_head: run the head's blocks under ``torch.compile`` when sampling (dynamic shapes:
-            one graph for every scale and batch size). The first sampling call compiles (tens of
-            seconds on a GPU); later calls fuse the head's normalisations, rotary and GELU.
+            one graph for every scale and batch size, one more for a single row). The first sampling
+            call compiles (tens of seconds on a GPU); later calls fuse the head's normalisations,
+            rotary and GELU. H200, d30 @1024: 6% faster at batch 16, no change at batch 1.
     """
 
     has_weights = True
@@ -150,7 +151,7 @@ class StableSampler(ScaleSampler):
         self._trained_host = None  # the buffer may change: read it again when next asked
         return super()._load_from_state_dict(*args, **kwargs)
 
-    def _head_forward(self, device: torch.device):
+    def _head_forward(self):
         """The head's forward for sampling: compiled (:meth:`SamplerHead.compiled_forward`) with ``compile_head``."""
         return self.head.compiled_forward() if self.compile_head and self.head is not None else self.head
 
@@ -188,7 +189,7 @@ class StableSampler(ScaleSampler):
         revealed = torch.zeros(B, l, dtype=torch.bool, device=device)
         shown = torch.zeros(B, l, step.codebook.shape[-1], device=device)  # (B, l, Cvae), zeros where hidden
         n_revealed, cands = 0, None
-        head = self._head_forward(device)
+        head = self._head_forward()
         for s, count in enumerate(counts):
             if self.use_head:
                 rows = torch.cat([shown, shown], dim=0) if step.guided else shown  # both halves share the tokens

@@ -159,7 +159,8 @@ class MultiScaleQuantizer(nn.Module):
 
         Returns:
             ``f_hat`` (straight-through when ``compute_loss``), the K index tensors
-            ``(B, pn_k**2)``, the VQ loss (0 when not computed) and the K hit counts ``(V,)``.
+            ``(B, pn_k**2)``, the VQ loss (0 when not computed) and the K hit counts ``(V,)``
+            (empty without ``compute_loss``: only training tracks code usage).
         """
         with torch.autocast(device_type=f_BChw.device.type, enabled=False):
             f = f_BChw.float()
@@ -176,7 +177,9 @@ class MultiScaleQuantizer(nn.Module):
             for k, pn in enumerate(self.patch_nums):
                 z = rest if k == K - 1 else F.interpolate(rest, size=(pn, pn), mode="area")  # (B, C, pn, pn)
                 idx_N = self.nearest(z.permute(0, 2, 3, 1).reshape(-1, C))  # (B*pn*pn,)
-                hits.append(idx_N.bincount(minlength=self.codebook_size).float())
+                if compute_loss:  # a scatter, not bincount: bincount waits on the GPU for the max index
+                    hits.append(torch.zeros(self.codebook_size, device=f.device).index_add_(
+                        0, idx_N, torch.ones_like(idx_N, dtype=torch.float32)))
                 e = self.embedding(idx_N.view(B, pn, pn)).permute(0, 3, 1, 2)  # (B, C, pn, pn)
                 h = self.upsample_refine(e, k, H)  # (B, C, H, W)
                 f_hat = f_hat + h

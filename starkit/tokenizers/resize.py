@@ -18,13 +18,20 @@ from typing import Tuple
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 MODES = ("bicubic", "area")
 
 
 @functools.lru_cache(maxsize=None)
 def resize_matrix(n_in: int, n_out: int, mode: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The 1-D matrix ``(n_out, n_in)`` of ``F.interpolate(mode=mode)`` from ``n_in`` to ``n_out`` samples."""
+    """The 1-D matrix ``(n_out, n_in)`` of ``F.interpolate(mode=mode)`` from ``n_in`` to ``n_out`` samples,
+    cached per arguments (:func:`build_resize_matrix` uncached)."""
+    return build_resize_matrix(n_in, n_out, mode, device, dtype)
+
+
+def build_resize_matrix(n_in: int, n_out: int, mode: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`resize_matrix` without the cache (while tracing: fake tensors must not enter the cache)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     kwargs = {"align_corners": False} if mode == "bicubic" else {}
@@ -36,11 +43,19 @@ def resize_matrix(n_in: int, n_out: int, mode: str, device: torch.device, dtype:
 
 def resize(x: torch.Tensor, size: Tuple[int, int], mode: str) -> torch.Tensor:
     """``F.interpolate(x, size, mode)`` (bicubic with ``align_corners=False``, or area) as two matmuls,
-    computed in fp32 (or fp64) with autocast off. ``x`` ``(B, C, h, w)`` -> ``(B, C, H, W)``."""
+    computed in fp32 (or fp64) with autocast off. ``x`` ``(B, C, h, w)`` -> ``(B, C, H, W)``.
+
+    On a GPU whose float32 matmuls may run in TF32 (``allow_tf32`` or a matmul precision other than
+    "highest", as Lightning suggests and VAR's code sets), the products run in float64 instead, so
+    the result stays aten's fp32 interpolation up to rounding (TF32 would err by ~1e-3)."""
     (h, w), (H, W) = x.shape[-2:], size
     dtype = torch.promote_types(x.dtype, torch.float32)
+    if x.is_cuda and dtype == torch.float32 and (torch.backends.cuda.matmul.allow_tf32
+                                                 or torch.get_float32_matmul_precision() != "highest"):
+        dtype = torch.float64
+    matrix = build_resize_matrix if torch.compiler.is_compiling() or is_fake(x) else resize_matrix
     with torch.autocast(device_type=x.device.type, enabled=False):
-        A_h = resize_matrix(h, H, mode, x.device, dtype)  # (H, h)
-        A_w = resize_matrix(w, W, mode, x.device, dtype)  # (W, w)
+        A_h = matrix(h, H, mode, x.device, dtype)  # (H, h)
+        A_w = matrix(w, W, mode, x.device, dtype)  # (W, w)
         out = A_h @ (x.to(dtype) @ A_w.t())  # (B, C, h, W) -> (B, C, H, W)
     return out.to(x.dtype)
