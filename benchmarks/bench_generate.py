@@ -7,6 +7,7 @@ GPU, with the ratio: the benchmark of issue 7 (random weights, real architecture
     ... --cuda-graphs      # also starkit with generate(cuda_graphs=True): rows "starkit graphs"
     ... --cuda-graphs --compile-decoder   # those rows with the compiled VQ decoder as well
     ... --compile-head     # and rows with the stable sampler's head compiled (first call compiles, untimed warm-up)
+    ... --compile-blocks   # and rows with generate(compile_blocks=True): the blocks' element-wise work compiled
 
 For each config (d16@256, d30@512, d30@1024), sampler (parallel, stable) and batch (1, 16):
   * starkit: ``ScaleWiseGenerator.generate(prompts, cfg, top_k, top_p, seed)`` under bf16 autocast
@@ -97,19 +98,32 @@ def time_ours(config: str, args, dev, text, ceiling) -> list:
                             dev, generate_flops(arch, B, guided=True), ceiling)
                 row["compiled_decoder"] = bool(graphs and args.compile_decoder and dev.type == "cuda")
                 rows.append(row)
-    if args.compile_head and "stable" in args.samplers.split(","):  # the sampler head's blocks under torch.compile
-        head_sampler = samplers["stable"].with_settings(compile_head=True)
-        for B in batches(args):
-            prompts = [bg.CAPTIONS[i % len(bg.CAPTIONS)] for i in range(B)]
+    # extra rows: the stable sampler's head compiled (StableSampler(compile_head=True)) and/or the blocks'
+    # element-wise work compiled (generate(compile_blocks=True)), with or without graphs as asked
+    variants = [("compiled head", True, False)] if args.compile_head else []
+    variants += [("compiled blocks", args.compile_head, True)] if args.compile_blocks else []
+    for label, head, blocks in variants:
+        for sampler_name in args.samplers.split(","):
+            if sampler_name != "stable" and not blocks:
+                continue
+            sampler = samplers[sampler_name]
+            name = label
+            if head and sampler_name == "stable":
+                sampler = sampler.with_settings(compile_head=True)
+                name = "compiled blocks and head" if blocks else label
+            for B in batches(args):
+                prompts = [bg.CAPTIONS[i % len(bg.CAPTIONS)] for i in range(B)]
 
-            def call():
-                with torch.no_grad():
-                    gen.generate(prompts, seed=0, sampler=head_sampler, cuda_graphs=args.cuda_graphs, **bg.SAMPLING)
+                def call():
+                    with torch.no_grad():
+                        gen.generate(prompts, seed=0, sampler=sampler, cuda_graphs=args.cuda_graphs,
+                                     compile_blocks=blocks, **bg.SAMPLING)
 
-            impl = "starkit graphs, compiled head" if args.cuda_graphs else "starkit, compiled head"
-            row = timed(impl, config, "stable", B, call, args, dev, generate_flops(arch, B, guided=True), ceiling)
-            row["compiled_decoder"] = bool(args.cuda_graphs and args.compile_decoder and dev.type == "cuda")
-            rows.append(row)
+                impl = ("starkit graphs, " if args.cuda_graphs else "starkit, ") + name
+                row = timed(impl, config, sampler_name, B, call, args, dev, generate_flops(arch, B, guided=True),
+                            ceiling)
+                row["compiled_decoder"] = bool(args.cuda_graphs and args.compile_decoder and dev.type == "cuda")
+                rows.append(row)
     del gen, tok, samplers
     bg.free_memory(dev)
     return rows
@@ -207,6 +221,8 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-eager", action="store_true", help="with --cuda-graphs: no rows without graphs")
     ap.add_argument("--compile-head", action="store_true",
                     help="also rows with the stable sampler's head under torch.compile (StableSampler(compile_head=True))")
+    ap.add_argument("--compile-blocks", action="store_true",
+                    help="also rows with generate(compile_blocks=True) (with the compiled head too under --compile-head)")
     ap.add_argument("--text", choices=("clip", "random"), default="clip")
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -13,8 +13,8 @@
 #               (not in the default list)
 #   train_tokens : d16 @256 on pre-tokenized batches (TokenizedDataModule), compiled, and the official trainer
 #   tokenizer : the 1024 px tokenizer, compiled (TOKENIZER_VARIANTS=compile_max: max-autotune, >200 s), against VAR
-#   generate  : d30 @1024 stable generation with CUDA graphs, the compiled decoder and the compiled sampler head,
-#               against the official code
+#   generate  : d30 @1024 stable generation with CUDA graphs, the compiled decoder, the compiled sampler head and
+#               the compiled block regions (generate(compile_blocks=True)), against the official code
 # Pick stages with STAGES="train tokenizer" (default: train tokenizer generate); *_LIMIT variables set time limits.
 set -uo pipefail
 out=${1:?usage: speed_suite.sh OUT_DIR}
@@ -58,7 +58,7 @@ for stage in $stages; do
         --json "$out/train_1024.json" ;;
     generate_small)
       run generate_small "${SMALL_LIMIT:-300}" python "$here/bench_generate.py" "${official_star[@]}" "${tiny[@]}" \
-        --configs d16@256,d30@512 --cuda-graphs --skip-eager --compile-decoder --warmup 2 --repeats 3 \
+        --configs d16@256,d30@512 --cuda-graphs --skip-eager --compile-decoder --compile-blocks --warmup 2 --repeats 3 \
         --json "$out/generate_small.json" ;;
     tokenizer)
       tok_args=(--official-root .official/VAR --variants "${TOKENIZER_VARIANTS:-compile}" --resolutions 1024 --skip-train
@@ -66,9 +66,9 @@ for stage in $stages; do
       [ -n "${TINY:-}" ] && tok_args=(--tiny --official-root .official/VAR --skip-train --json "$out/tokenizer.json")
       run tokenizer "${TOKENIZER_LIMIT:-110}" python "$here/bench_tokenizer.py" "${tok_args[@]}" ;;
     generate)
-      run generate_1024 "${GENERATE_LIMIT:-270}" python "$here/bench_generate.py" "${official_star[@]}" "${tiny[@]}" \
-        --configs d30@1024 --cuda-graphs --skip-eager --compile-decoder --compile-head --samplers stable --warmup 1 \
-        --repeats 2 --json "$out/generate_1024.json" ;;
+      run generate_1024 "${GENERATE_LIMIT:-360}" python "$here/bench_generate.py" "${official_star[@]}" "${tiny[@]}" \
+        --configs d30@1024 --cuda-graphs --skip-eager --compile-decoder --compile-head --compile-blocks \
+        --samplers stable --warmup 1 --repeats 2 --json "$out/generate_1024.json" ;;
     *) echo "unknown stage $stage (train, train_d30, train_tokens, train_images, train_1024, tokenizer, generate," \
             "generate_small)" >&2 ;;
   esac

@@ -175,7 +175,7 @@ class StarPipeline:
     def __call__(self, prompts: Union[str, Sequence[str]], seed: Optional[int] = None, cfg: Optional[float] = None,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, temperature: Optional[float] = None,
                  num_images_per_prompt: int = 1, sampler=None, batch_size: int = 16,
-                 cuda_graphs: bool = False) -> List[Image.Image]:
+                 cuda_graphs: bool = False, compile_blocks: bool = False) -> List[Image.Image]:
         """Generate images; settings left as None use the model's sampler defaults.
 
         Args:
@@ -187,6 +187,8 @@ class StarPipeline:
             batch_size: prompts generated together (batch b uses ``seed + b``).
             cuda_graphs: replay the per-scale steps from CUDA graphs (on the GPU, 2-8x faster at
                 batch 1; see :meth:`ScaleWiseGenerator.generate`).
+            compile_blocks: the blocks' element-wise work as compiled regions (see
+                :meth:`ScaleWiseGenerator.generate`).
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -198,7 +200,7 @@ class StarPipeline:
             images = self.generator.generate(
                 prompts[start:start + batch_size], cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature,
                 seed=None if seed is None else seed + b, num_images_per_prompt=num_images_per_prompt, sampler=sampler,
-                cuda_graphs=cuda_graphs)
+                cuda_graphs=cuda_graphs, compile_blocks=compile_blocks)
             out.extend(images_to_pil(images))
         return out
 

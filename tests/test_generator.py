@@ -442,3 +442,35 @@ def test_draws_among_top_k_candidates_follow_the_filtered_distribution(top_k, to
     assert torch.allclose(freq, expected, atol=0.005)
     assert torch.allclose(prob, expected[ids])  # the drawn token's probability: STAR's confidence score
     assert (expected[ids] > 0).all()
+
+
+def test_compiled_block_regions_give_the_eager_images_with_and_without_static_steps():
+    """generate(compile_blocks=True): the blocks' element-wise work in torch.compile'd regions
+    (starkit.generator.fused) gives the eager hidden states and the same tokens, also on static steps."""
+    from starkit.generator.fused import fused_block
+    gen = make_tiny_generator().eval()
+    net = gen.transformer
+    text = gen.text_encoder.encode(["a red circle", "two blue squares"])
+    with torch.no_grad():
+        kvs = net.text_kv(text.tokens)
+        from starkit.generator.blocks import key_padding_bias
+        bias = key_padding_bias(text.mask)
+        x = net.start_tokens(text.pooled)
+        for k in range(2):  # two scales: dynamic shapes, one graph per region
+            eager_caches, fused_caches = net.new_caches(2, "cpu", torch.float32), net.new_caches(2, "cpu", torch.float32)
+            for caches in (eager_caches, fused_caches):
+                for scale in range(k):
+                    xs = torch.randn(2, net.patch_nums[scale] ** 2, net.width, generator=torch.Generator().manual_seed(scale))
+                    net.forward_scale(xs if scale else x, scale, caches, kvs, bias)
+            xk = x if k == 0 else torch.randn(2, net.patch_nums[k] ** 2, net.width)
+            a = net.forward_scale(xk, k, eager_caches, kvs, bias)
+            b = net.forward_scale(xk, k, fused_caches, kvs, bias, fused=True)
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+            assert fused_caches[0].length == eager_caches[0].length
+    assert callable(fused_block)
+    a, ia = gen.generate(["a red circle", "two blue squares"], seed=1, return_indices=True)
+    b, ib = gen.generate(["a red circle", "two blue squares"], seed=1, return_indices=True, compile_blocks=True)
+    c, ic = gen.generate(["a red circle", "two blue squares"], seed=1, return_indices=True, compile_blocks=True,
+                         cuda_graphs=True)  # static steps (eager calls on the CPU)
+    assert all(torch.equal(x, y) and torch.equal(x, z) for x, y, z in zip(ia, ib, ic))
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)

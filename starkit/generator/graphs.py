@@ -38,15 +38,16 @@ class StaticScaleSteps:
         text_kvs: a first call's per-block text keys/values (shapes and dtype of the static copies).
         text_bias: its padding bias ``(rows, 1, 1, T)``.
         dtype: KV-cache dtype.
+        fused: run the blocks with their element-wise work compiled (:mod:`starkit.generator.fused`).
     """
 
     def __init__(self, net: ScaleTransformer, rows: int, text_kvs: Optional[List[tuple]],
-                 text_bias: Optional[torch.Tensor], dtype: torch.dtype) -> None:
+                 text_bias: Optional[torch.Tensor], dtype: torch.dtype, fused: bool = False) -> None:
         if net.adaln:
             raise NotImplementedError("cuda_graphs=True does not support AdaLN (VAR) transformers yet: their "
                                       "condition vector is not in a static buffer. Generate with cuda_graphs=False.")
         device = net.pos_start.device
-        self.net, self.rows, self.device = net, rows, device
+        self.net, self.rows, self.device, self.fused = net, rows, device, fused
         self.fingerprint = weights_fingerprint(net)
         self.caches = net.new_caches(rows, device, dtype)
         self.inputs: List[Optional[torch.Tensor]] = [None] * len(net.patch_nums)  # (rows, pn*pn, C), x's dtype
@@ -57,18 +58,20 @@ class StaticScaleSteps:
         self.graphs: List[Optional["torch.cuda.CUDAGraph"]] = [None] * len(net.patch_nums)
         self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
 
-    def matches(self, net: ScaleTransformer, rows: int, text_kvs, dtype: torch.dtype) -> bool:
+    def matches(self, net: ScaleTransformer, rows: int, text_kvs, dtype: torch.dtype, fused: bool = False) -> bool:
         """Whether this set of buffers serves a call of that shape with the current weights."""
         same_text = (self.text_kvs is None) == (not text_kvs) and (
             not text_kvs or (self.text_kvs[0][0].shape == text_kvs[0][0].shape
                              and self.text_kvs[0][0].dtype == text_kvs[0][0].dtype))
         return (net is self.net and rows == self.rows and same_text and self.caches[0].k.dtype == dtype
+                and fused == self.fused
                 and weights_fingerprint(net) == self.fingerprint)
 
     def _step(self, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
         for cache in self.caches:
             cache.length = self.starts[k]
-        hidden = self.net.forward_scale(self.inputs[k], k, self.caches, self.text_kvs, self.text_bias)
+        hidden = self.net.forward_scale(self.inputs[k], k, self.caches, self.text_kvs, self.text_bias,
+                                        fused=self.fused)
         return hidden, self.net.logits(hidden)  # (rows, l, C), (rows, l, V)
 
     def _capture(self, k: int) -> None:

@@ -375,7 +375,8 @@ class ScaleWiseGenerator(L.LightningModule):
     def generate(self, prompts: Union[str, Sequence[str]], cfg: Optional[float] = None, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, temperature: Optional[float] = None, seed: Optional[int] = None,
                  num_images_per_prompt: int = 1, sampler: Optional[ScaleSampler] = None,
-                 use_ema: bool = True, return_indices: bool = False, cuda_graphs: bool = False):
+                 use_ema: bool = True, return_indices: bool = False, cuda_graphs: bool = False,
+                 compile_blocks: bool = False):
         """Generate images for prompts with a KV cache and batched classifier-free guidance.
 
         Args:
@@ -393,6 +394,10 @@ class ScaleWiseGenerator(L.LightningModule):
                 docs/performance.md. The static buffers (KV caches included) stay
                 allocated between calls
                 (:meth:`release_cuda_graphs` frees them).
+            compile_blocks: run each block's element-wise work (LayerNorms, QK-norm, rotary, GELU,
+                residuals) as ``torch.compile``'d regions between the matrix products and attentions
+                (:mod:`starkit.generator.fused`; dynamic shapes, the first call compiles). Combines with
+                ``cuda_graphs``. Not yet measured on a GPU.
 
         Returns:
             images ``(N, 3, H, W)`` float in [0, 1] (and the list of indices if asked).
@@ -405,7 +410,7 @@ class ScaleWiseGenerator(L.LightningModule):
         net = self.ema if (use_ema and self.ema is not None) else self.transformer
         static = self.__dict__.setdefault("_static_steps", {}) if cuda_graphs else None
         images, indices = run_sampling(net, self.tokenizer, self.text_encoder, sampler, prompts, seed, self.device,
-                                       static_steps=static)
+                                       static_steps=static, fused=compile_blocks)
         return (images, indices) if return_indices else images
 
     def release_cuda_graphs(self) -> None:

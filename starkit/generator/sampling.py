@@ -33,12 +33,13 @@ def encode_with_guidance(text_encoder: TextEncoder, prompts: Sequence[str], guid
 
 @torch.no_grad()
 def run_sampling(net: ScaleTransformer, tokenizer: ScaleTokenizer, text_encoder: TextEncoder, sampler: ScaleSampler,
-                 prompts: Sequence[str], seed: Optional[int], device, static_steps: Optional[dict] = None
-                 ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+                 prompts: Sequence[str], seed: Optional[int], device, static_steps: Optional[dict] = None,
+                 fused: bool = False) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """Generate one image per prompt. Returns images ``(B, 3, H, W)`` in [0, 1] and the K index maps.
 
     ``static_steps``: a dict kept by the caller between calls; given, the scale steps run on static
-    buffers (:class:`~starkit.generator.graphs.StaticScaleSteps`), replayed from CUDA graphs on the GPU."""
+    buffers (:class:`~starkit.generator.graphs.StaticScaleSteps`), replayed from CUDA graphs on the GPU.
+    ``fused``: the blocks' element-wise work in compiled regions (:mod:`starkit.generator.fused`)."""
     device = torch.device(device)
     if tuple(tokenizer.patch_nums) != tuple(net.patch_nums):
         raise ValueError(f"tokenizer patch_nums {tokenizer.patch_nums} differ from the generator's {net.patch_nums}.")
@@ -56,9 +57,9 @@ def run_sampling(net: ScaleTransformer, tokenizer: ScaleTokenizer, text_encoder:
         if static_steps is not None:
             from starkit.generator.graphs import StaticScaleSteps
             steps = static_steps.get("steps")
-            if steps is None or not steps.matches(net, rows, text_kvs, cache_dtype):
+            if steps is None or not steps.matches(net, rows, text_kvs, cache_dtype, fused):
                 static_steps.clear()  # frees the old graphs and buffers first
-                steps = static_steps["steps"] = StaticScaleSteps(net, rows, text_kvs, text_bias, cache_dtype)
+                steps = static_steps["steps"] = StaticScaleSteps(net, rows, text_kvs, text_bias, cache_dtype, fused)
         caches = net.new_caches(rows, device, cache_dtype) if steps is None else None
         x = net.start_tokens(text.pooled)  # (rows, first_l, C)
         f_hat = tokenizer.empty_latent(B, device=device)
@@ -67,7 +68,7 @@ def run_sampling(net: ScaleTransformer, tokenizer: ScaleTokenizer, text_encoder:
         start = 0
         for k, pn in enumerate(net.patch_nums):
             if steps is None:
-                hidden = net.forward_scale(x, k, caches, text_kvs, text_bias)  # (rows, pn*pn, C)
+                hidden = net.forward_scale(x, k, caches, text_kvs, text_bias, fused=fused)  # (rows, pn*pn, C)
                 logits = net.logits(hidden)  # (rows, pn*pn, V)
             else:
                 hidden, logits = steps.run(k, x, text_kvs, text_bias)

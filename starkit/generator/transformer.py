@@ -288,10 +288,17 @@ class ScaleTransformer(nn.Module):
         return [KVCache(batch, self.num_heads, self.seq_len, head_dim, device, dtype) for _ in self.blocks]
 
     def forward_scale(self, x: torch.Tensor, scale: int, caches: List[KVCache], text_kvs=None,
-                      text_bias=None, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      text_bias=None, cond: Optional[torch.Tensor] = None, fused: bool = False) -> torch.Tensor:
         """One scale of cached sampling: ``x`` ``(B, pn**2, C)`` -> hidden ``(B, pn**2, C)``
-        (``cond``: AdaLN only; default the pooled vector given to :meth:`start_tokens`)."""
+        (``cond``: AdaLN only; default the pooled vector given to :meth:`start_tokens`).
+        ``fused``: the blocks' element-wise work in compiled regions (:mod:`starkit.generator.fused`)."""
         start = sum(p * p for p in self.patch_nums[:scale])
+        if fused and not self.adaln:
+            from starkit.generator.fused import fused_block
+            rotary = self.positional.rotary(slice(start, start + x.shape[1]))  # (cos, sin) or None
+            for i, block in enumerate(self.blocks):
+                x = fused_block(block, x, rotary, text_kvs[i] if text_kvs else None, text_bias, caches[i])
+            return x
         rotary = as_cis(self.positional.rotary(slice(start, start + x.shape[1])))
         extra = self._block_kwargs(self._adaln_cond(cond))
         for i, block in enumerate(self.blocks):

@@ -1,0 +1,110 @@
+"""A block's sampling step with its element-wise work fused by ``torch.compile``.
+
+In eager mode a block of the generator runs about thirty element-wise passes over its activations
+besides the matrix products and attention: three LayerNorms and their casts, the float32 QK L2-norm
+and rotary of queries and keys (and of the cross-attention queries), GELU and the residual
+additions. At d30 @1024 with batch 16 each pass over the last scale moves 0.5-1 GB. Here those
+passes are three compiled regions per block, cut around what must stay outside them (the KV-cache
+write and the two attentions)::
+
+    attention_inputs     LayerNorm -> qkv -> QK-norm, rotary -> q, k, v
+    (eager)              KV-cache append, self-attention
+    cross_inputs         x + proj(out) -> LayerNorm -> q -> QK-norm            (blocks with text)
+    (eager)              cross-attention to the text keys/values
+    output_and_ffn       x + proj(out) -> LayerNorm -> fc1 -> GELU -> fc2 -> x + ...
+
+The regions are plain functions of tensors: the weights come in already cast to the autocast dtype
+(:func:`~starkit.generator.blocks.autocast_weight`, once per weight version), so no cast runs
+inside them. ``dynamic=True``: one graph per region for every scale and batch size. The results
+equal the eager block's up to floating-point rounding (tests/test_generator.py); AdaLN (VAR)
+blocks and training always run eagerly.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from starkit.generator.blocks import Block, KVCache, autocast_weight
+from starkit.positional import rotate_float32
+
+
+def attention_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, q_scale: torch.Tensor,
+                     rotary: Optional[Tuple[torch.Tensor, torch.Tensor]], num_heads: int, eps: float):
+    """``x`` ``(B, l, C)`` -> normalised, rotated queries and keys and the values, ``(B, H, l, d)`` each."""
+    B, l, C = x.shape
+    h = F.layer_norm(x.float(), (C,), eps=eps).to(weight.dtype)  # (B, l, C)
+    qkv = F.linear(h, weight, bias).view(B, l, 3, num_heads, C // num_heads)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, l, d)
+    qf = F.normalize(q.float(), dim=-1).mul(q_scale)
+    kf = F.normalize(k.float(), dim=-1)
+    if rotary is not None:
+        qf, kf = rotate_float32(qf, rotary), rotate_float32(kf, rotary)
+    return qf.to(v.dtype), kf.to(v.dtype), v
+
+
+def _project(out: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    B, H, l, d = out.shape
+    return F.linear(out.transpose(1, 2).reshape(B, l, H * d), weight, bias)  # (B, l, C)
+
+
+def cross_inputs(x: torch.Tensor, out: torch.Tensor, proj_w: torch.Tensor, proj_b: torch.Tensor,
+                 q_w: torch.Tensor, q_b: torch.Tensor, q_scale: torch.Tensor, eps: float):
+    """The self-attention's residual, then the cross-attention's queries ``(B, H, l, d)``."""
+    x = x + _project(out, proj_w, proj_b)  # (B, l, C)
+    B, l, C = x.shape
+    H = out.shape[1]
+    h = F.layer_norm(x.float(), (C,), eps=eps).to(q_w.dtype)
+    q = F.linear(h, q_w, q_b).view(B, l, H, C // H).transpose(1, 2)  # (B, H, l, d)
+    return x, F.normalize(q.float(), dim=-1).mul(q_scale).to(out.dtype)
+
+
+def output_and_ffn(x: torch.Tensor, out: torch.Tensor, proj_w: torch.Tensor, proj_b: torch.Tensor,
+                   fc1_w: torch.Tensor, fc1_b: torch.Tensor, fc2_w: torch.Tensor, fc2_b: torch.Tensor,
+                   eps: float) -> torch.Tensor:
+    """The last attention's residual, then the FFN's: the block's output ``(B, l, C)``."""
+    x = x + _project(out, proj_w, proj_b)
+    h = F.layer_norm(x.float(), (x.shape[-1],), eps=eps).to(fc1_w.dtype)
+    return x + F.linear(F.gelu(F.linear(h, fc1_w, fc1_b), approximate="tanh"), fc2_w, fc2_b)
+
+
+_COMPILED = {}
+
+
+def compiled(fn):
+    """``torch.compile(fn, dynamic=True)``, built once per function."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
+
+
+def _weights(linear, x):
+    return autocast_weight(linear, "weight", linear.weight, x), autocast_weight(linear, "bias", linear.bias, x)
+
+
+def fused_block(block: Block, x: torch.Tensor, rotary: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                text_kv=None, text_bias: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None
+                ) -> torch.Tensor:
+    """``block(x, rotary=..., text_kv=..., text_bias=..., cache=...)`` at inference with the compiled
+    regions. ``rotary``: the real ``(cos, sin)`` tables of the tokens (not the complex form), or None."""
+    attn, eps = block.attn, block.norm.eps
+    qkv_w = autocast_weight(attn.mat_qkv, "weight", attn.mat_qkv.weight, x)
+    q, k, v = compiled(attention_inputs)(x, qkv_w, attn._qkv_bias(x), attn.qk_norm.scale(), rotary,
+                                         attn.num_heads, eps)
+    if cache is not None:
+        k, v = cache.append(k, v)
+    out = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # (B, H, l, d)
+    proj_w, proj_b = _weights(attn.proj, x)
+    cross = block.cross_attn
+    if cross is not None and text_kv is not None:
+        q_w = autocast_weight(cross.mat_q, "weight", cross.mat_q.weight, x)
+        q_b = autocast_weight(cross, "q_bias", cross.q_bias, x)
+        x, q = compiled(cross_inputs)(x, out, proj_w, proj_b, q_w, q_b, cross.qk_norm.scale(), eps)
+        text_k, text_v = text_kv
+        out = F.scaled_dot_product_attention(q, text_k.to(text_v.dtype), text_v, attn_mask=text_bias.to(text_v.dtype),
+                                             scale=1.0)
+        proj_w, proj_b = _weights(cross.proj, x)
+    fc1_w, fc1_b = _weights(block.ffn.fc1, x)
+    fc2_w, fc2_b = _weights(block.ffn.fc2, x)
+    return compiled(output_and_ffn)(x, out, proj_w, proj_b, fc1_w, fc1_b, fc2_w, fc2_b, eps)
