@@ -8,6 +8,7 @@ GPU, with the ratio: the benchmark of issue 7 (random weights, real architecture
     ... --cuda-graphs --compile-decoder   # those rows with the compiled VQ decoder as well
     ... --compile-head     # and rows with the stable sampler's head compiled (first call compiles, untimed warm-up)
     ... --compile-blocks   # and rows with generate(compile_blocks=True): the blocks' element-wise work compiled
+    ... --compile-text     # and rows with the CLIP text encoder compiled (with --compile-blocks: also combined)
 
 For each config (d16@256, d30@512, d30@1024), sampler (parallel, stable) and batch (1, 16):
   * starkit: ``ScaleWiseGenerator.generate(prompts, cfg, top_k, top_p, seed)`` under bf16 autocast
@@ -98,19 +99,23 @@ def time_ours(config: str, args, dev, text, ceiling) -> list:
                             dev, generate_flops(arch, B, guided=True), ceiling)
                 row["compiled_decoder"] = bool(graphs and args.compile_decoder and dev.type == "cuda")
                 rows.append(row)
-    # extra rows: the stable sampler's head compiled (StableSampler(compile_head=True)) and/or the blocks'
-    # element-wise work compiled (generate(compile_blocks=True)), with or without graphs as asked
-    variants = [("compiled head", True, False)] if args.compile_head else []
-    variants += [("compiled blocks", args.compile_head, True)] if args.compile_blocks else []
-    for label, head, blocks in variants:
+    # extra rows, with or without graphs as asked: the text encoder compiled (HFTextEncoder(compile=True)),
+    # the stable sampler's head compiled (StableSampler(compile_head=True)), the blocks' element-wise work
+    # compiled (generate(compile_blocks=True)), and all of them together
+    variants = [("compiled text", False, False, True)] if args.compile_text else []
+    variants += [("compiled head", True, False, False)] if args.compile_head else []
+    variants += [("compiled blocks", args.compile_head, True, args.compile_text)] if args.compile_blocks else []
+    for label, head, blocks, compile_text in variants:
         for sampler_name in args.samplers.split(","):
-            if sampler_name != "stable" and not blocks:
+            if sampler_name != "stable" and not (blocks or compile_text):
                 continue
             sampler = samplers[sampler_name]
-            name = label
+            name = label + (" and text" if blocks and compile_text else "")
             if head and sampler_name == "stable":
                 sampler = sampler.with_settings(compile_head=True)
-                name = "compiled blocks and head" if blocks else label
+                name = "compiled blocks, head" + (" and text" if compile_text else "") if blocks else label
+            if hasattr(text, "compile_model"):  # an HFTextEncoder (the random encoder has nothing to compile)
+                text.compile_model = compile_text
             for B in batches(args):
                 prompts = [bg.CAPTIONS[i % len(bg.CAPTIONS)] for i in range(B)]
 
@@ -124,6 +129,8 @@ def time_ours(config: str, args, dev, text, ceiling) -> list:
                             ceiling)
                 row["compiled_decoder"] = bool(args.cuda_graphs and args.compile_decoder and dev.type == "cuda")
                 rows.append(row)
+            if hasattr(text, "compile_model"):
+                text.compile_model = False
     del gen, tok, samplers
     bg.free_memory(dev)
     return rows
@@ -221,6 +228,8 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-eager", action="store_true", help="with --cuda-graphs: no rows without graphs")
     ap.add_argument("--compile-head", action="store_true",
                     help="also rows with the stable sampler's head under torch.compile (StableSampler(compile_head=True))")
+    ap.add_argument("--compile-text", action="store_true",
+                    help="also rows with the CLIP text encoder compiled (HFTextEncoder(compile=True))")
     ap.add_argument("--compile-blocks", action="store_true",
                     help="also rows with generate(compile_blocks=True) (with the compiled head too under --compile-head)")
     ap.add_argument("--text", choices=("clip", "random"), default="clip")

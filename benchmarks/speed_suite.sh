@@ -58,7 +58,7 @@ for stage in $stages; do
         --json "$out/train_1024.json" ;;
     generate_small)
       run generate_small "${SMALL_LIMIT:-300}" python "$here/bench_generate.py" "${official_star[@]}" "${tiny[@]}" \
-        --configs d16@256,d30@512 --cuda-graphs --skip-eager --compile-decoder --compile-blocks --warmup 2 --repeats 3 \
+        --configs d16@256,d30@512 --cuda-graphs --skip-eager --compile-decoder --compile-blocks --compile-text --warmup 2 --repeats 3 \
         --json "$out/generate_small.json" ;;
     tokenizer)
       tok_args=(--official-root .official/VAR --variants "${TOKENIZER_VARIANTS:-compile}" --resolutions 1024 --skip-train
@@ -67,7 +67,7 @@ for stage in $stages; do
       run tokenizer "${TOKENIZER_LIMIT:-110}" python "$here/bench_tokenizer.py" "${tok_args[@]}" ;;
     generate)
       run generate_1024 "${GENERATE_LIMIT:-360}" python "$here/bench_generate.py" "${official_star[@]}" "${tiny[@]}" \
-        --configs d30@1024 --cuda-graphs --skip-eager --compile-decoder --compile-head --compile-blocks \
+        --configs d30@1024 --cuda-graphs --skip-eager --compile-decoder --compile-head --compile-blocks --compile-text \
         --samplers stable --warmup 1 --repeats 2 --json "$out/generate_1024.json" ;;
     *) echo "unknown stage $stage (train, train_d30, train_tokens, train_images, train_1024, tokenizer, generate," \
             "generate_small)" >&2 ;;

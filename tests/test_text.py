@@ -134,7 +134,7 @@ def test_config_and_hparams(clip_dir):
     cfg = enc.config()
     assert cfg["class_path"] == "starkit.text.HFTextEncoder"
     assert cfg["init_args"] == {"name_or_path": clip_dir, "kind": "auto", "max_length": 20, "dtype": "bfloat16",
-                                "frozen": True, "local_files_only": True}
+                                "frozen": True, "local_files_only": True, "compile": False}
     assert next(enc.model.parameters()).dtype == torch.bfloat16
     out = enc.encode(["cat"])
     assert out.tokens.dtype == torch.float32 and out.tokens.shape == (1, 20, 32)
@@ -279,3 +279,15 @@ def test_t5_encoder_masked_mean_pooling(t5_dir):
     m = out.mask[0]
     torch.testing.assert_close(out.pooled[0], out.tokens[0][m].mean(0))
     assert torch.isfinite(out.tokens).all() and not any(p.requires_grad for p in enc.parameters())
+
+
+def test_compiled_clip_encodes_like_the_eager_one_and_keeps_the_state_dict(clip_dir):
+    eager = HFTextEncoder(clip_dir)
+    fast = HFTextEncoder(clip_dir, compile=True)
+    prompts = ["red cat", "a photo of the dog on the mat"]
+    a, b = eager.encode(prompts), fast.encode(prompts)
+    torch.testing.assert_close(b.tokens, a.tokens, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(b.pooled, a.pooled, atol=1e-4, rtol=1e-4)
+    assert torch.equal(a.mask, b.mask)
+    assert "_compiled_model" in fast.__dict__ and list(fast.state_dict()) == list(eager.state_dict())
+    assert fast.config()["init_args"]["compile"] is True

@@ -65,10 +65,15 @@ class HFTextEncoder(TextEncoder):
         dtype: weights' dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``. Outputs are float32.
         frozen: no gradients and always in eval mode.
         local_files_only: never download (the default); set False to allow hub downloads.
+        compile: run the model under ``torch.compile`` at inference (one graph instead of the
+            Python of dozens of small modules: the eager CLIP tower of SD-2.1's size took 17 ms of a
+            41 ms batch-1 generation at d16 @256 on an H200, mostly host time). The first encode of
+            each batch size compiles. Not yet measured on a GPU.
     """
 
     def __init__(self, name_or_path: str, kind: str = "auto", max_length: Optional[int] = None,
-                 dtype: str = "float32", frozen: bool = True, local_files_only: bool = True) -> None:
+                 dtype: str = "float32", frozen: bool = True, local_files_only: bool = True,
+                 compile: bool = False) -> None:
         super().__init__(frozen=frozen)
         self.save_hyperparameters()
         if kind not in _KINDS:
@@ -99,7 +104,7 @@ class HFTextEncoder(TextEncoder):
             self.tokenizer = AutoTokenizer.from_pretrained(source, subfolder=tok_sub, config=cfg, **common)
         except OSError as e:
             raise self._not_found(name_or_path, source, local_files_only, e) from e
-        self.kind = kind
+        self.kind, self.compile_model = kind, bool(compile)  # not "compile": nn.Module.compile is a method
         self.model.eval()
         mcfg = self.model.config
         self.dim = int(getattr(mcfg, "hidden_size", None) or mcfg.d_model)
@@ -170,6 +175,16 @@ class HFTextEncoder(TextEncoder):
                           f"encoder {self.hparams.name_or_path!r} (warned once per encoder).",
                           PromptTruncationWarning, stacklevel=4)
 
+    def _forward_model(self):
+        """The model, or its ``torch.compile`` wrapper (kept outside the registered modules, so the
+        state dict and checkpoints do not change) when ``compile`` is on and gradients are off."""
+        if not self.compile_model or torch.is_grad_enabled():
+            return self.model
+        wrapped = self.__dict__.get("_compiled_model")
+        if wrapped is None or wrapped[0] is not self.model:
+            wrapped = self.__dict__["_compiled_model"] = (self.model, torch.compile(self.model))
+        return wrapped[1]
+
     def _encode(self, prompts: List[str]) -> TextEmbedding:
         device = next(self.model.parameters()).device
         padding = "max_length" if self.kind == "clip" else "longest"
@@ -180,7 +195,7 @@ class HFTextEncoder(TextEncoder):
         inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
         if "token_type_ids" in batch and self.kind == "bert":
             inputs["token_type_ids"] = batch["token_type_ids"].to(device)
-        out = self.model(**inputs)
+        out = self._forward_model()(**inputs)
         tokens = out.last_hidden_state.float()  # (B, T, D)
         mask = inputs["attention_mask"].bool()  # (B, T)
         if self.kind == "clip":
