@@ -5,6 +5,7 @@
 #       && export PYTHONPATH=$d:$PWD && bash benchmarks/speed_suite.sh $OUT
 #   TINY=1 bash benchmarks/speed_suite.sh /tmp/suite   # CPU smoke run of the same commands (tiny models)
 # Stages (each under its own time limit, logs and JSON in the output folder, the tables printed last):
+#   check     : benchmarks/check_gpu_paths.py: the compiled inference paths give the eager results (~1 min)
 #   train     : compiled training blocks + VQ encoder against eager and the official trainer, d16 @256
 #   train_d30 : the same at d30 @256 without the official rows (not in the default list)
 #   train_images : d16 @256 compiled, images encoded inside the step, and the official trainer (not in the default list)
@@ -49,6 +50,10 @@ for stage in $stages; do
     train_d30)
       run train_d30 150 python "$here/bench_train.py" "${tiny[@]}" --configs d30@256 --compile off,on --search 32 \
         --steps 4 --warmup 2 --json "$out/train_d30.json" ;;
+    check)
+      check_args=()
+      [ -n "${TINY:-}" ] && check_args=(--tiny)
+      run check "${CHECK_LIMIT:-150}" python "$here/check_gpu_paths.py" "${check_args[@]}" ;;
     train_images)
       run train_images "${IMAGES_LIMIT:-200}" python "$here/bench_train.py" "${official_star[@]}" "${tiny[@]}" \
         --configs d16@256 --compile on --search 64,128 --steps 4 --warmup 2 --json "$out/train_images.json" ;;
@@ -69,12 +74,12 @@ for stage in $stages; do
       run generate_1024 "${GENERATE_LIMIT:-360}" python "$here/bench_generate.py" "${official_star[@]}" "${tiny[@]}" \
         --configs d30@1024 --cuda-graphs --skip-eager --compile-decoder --compile-head --compile-blocks --compile-text \
         --samplers stable --warmup 1 --repeats 2 --json "$out/generate_1024.json" ;;
-    *) echo "unknown stage $stage (train, train_d30, train_tokens, train_images, train_1024, tokenizer, generate," \
+    *) echo "unknown stage $stage (check, train, train_d30, train_tokens, train_images, train_1024, tokenizer, generate," \
             "generate_small)" >&2 ;;
   esac
 done
 echo
 for log in "$out"/*.log; do
   echo "== $(basename "$log")"
-  grep -E '^\||^- |^### |^variants' "$log" | tail -20
+  grep -E '^\||^- |^### |^variants' "$log" | tail -24
 done

@@ -40,3 +40,11 @@ def test_speed_suite_runs_a_stage_and_prints_its_table(tmp_path):
     assert "unknown stage nonsense" in result.stderr
     assert "train_d30 exit 0" in result.stdout and "== train_d30.log" in result.stdout
     assert "starkit compiled" in result.stdout and (tmp_path / "train_d30.json").exists()
+
+
+def test_check_gpu_paths_agrees_on_the_cpu(capsys):
+    """benchmarks/check_gpu_paths.py (run first on the GPU): every compiled inference path gives the eager result."""
+    import check_gpu_paths
+    check_gpu_paths.main(["--tiny"])
+    out = capsys.readouterr().out
+    assert out.count("| yes |") == 5 and "| NO |" not in out

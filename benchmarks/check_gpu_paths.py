@@ -1,0 +1,109 @@
+"""Do the compiled inference paths give the eager results on this GPU? A quick check (about a minute on
+an H200) to run before timing them: d16 @256 with random weights, bf16 autocast as generate() runs.
+
+    python benchmarks/check_gpu_paths.py            # on the GPU machine
+    python benchmarks/check_gpu_paths.py --tiny     # CPU smoke run
+
+Checks (the table is printed last; "ok" compares against the bf16 tolerance given):
+  * compile_blocks: every scale's hidden states, fused regions vs eager blocks, same inputs and caches;
+  * compile_blocks + cuda_graphs: the same tokens as compile_blocks alone (the same kernels, replayed);
+  * cuda_graphs: the same tokens as the eager loop (issue 7's first check, kept here);
+  * compile_head: the stable sampler head's logits, compiled trunk vs eager;
+  * compile text: the CLIP tower's pooled features, compiled vs eager (a random CLIP of SD-2.1's size).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+import bench_generator as bg  # noqa: E402
+from bench_generate import stable_for  # noqa: E402
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |a|, in float32."""
+    a, b = a.float(), b.float()
+    return float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--tolerance", type=float, default=0.05, help="largest relative difference called ok (bf16)")
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    workdir = tempfile.mkdtemp(prefix="check_gpu_paths_")
+    rows = []
+    try:
+        pn = bg.TINY_P256 if args.tiny else bg.P256
+        text, _ = bg.build_text_encoder("random", args.tiny, dev, workdir)
+        tok = bg.build_tokenizer(args.tiny, pn, dev)
+        gen = bg.build_generator("d16", args.tiny, pn, tok, text, dev).eval()
+        net = gen.transformer
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+        prompts = [bg.CAPTIONS[i] for i in range(2)]
+        with torch.no_grad(), amp:
+            emb = gen.text_encoder.encode(prompts).to(dev)
+            kvs = net.text_kv(emb.tokens)
+            from starkit.generator.blocks import key_padding_bias
+            bias = key_padding_bias(emb.mask).to(kvs[0][1].dtype)
+            dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+            caches = [net.new_caches(2, dev, dtype), net.new_caches(2, dev, dtype)]
+            worst = 0.0
+            g = torch.Generator(dev).manual_seed(0)
+            for k, p in enumerate(net.patch_nums):
+                x = net.start_tokens(emb.pooled) if k == 0 else torch.randn(2, p * p, net.width, device=dev, generator=g)
+                eager = net.forward_scale(x, k, caches[0], kvs, bias)
+                fused = net.forward_scale(x, k, caches[1], kvs, bias, fused=True)
+                worst = max(worst, rel_diff(eager, fused))
+        rows.append(("compile_blocks: hidden states, all scales (max rel. diff)", f"{worst:.2e}", worst <= args.tolerance))
+
+        def tokens(**kw):
+            _, idx = gen.generate(prompts, seed=0, return_indices=True, **kw)
+            return torch.cat([i.flatten() for i in idx])
+
+        plain, graphs = tokens(), tokens(cuda_graphs=True)
+        rows.append(("cuda_graphs: tokens equal to the eager loop", f"{(plain == graphs).float().mean():.1%} equal",
+                     bool(torch.equal(plain, graphs))))
+        fused, fused_graphs = tokens(compile_blocks=True), tokens(compile_blocks=True, cuda_graphs=True)
+        rows.append(("compile_blocks + cuda_graphs: tokens equal to compile_blocks",
+                     f"{(fused == fused_graphs).float().mean():.1%} equal", bool(torch.equal(fused, fused_graphs))))
+        gen.release_cuda_graphs()
+
+        sampler = stable_for(gen, pn, dev)
+        head, C = sampler.head, net.width
+        l = pn[-1] ** 2
+        with torch.no_grad(), amp:
+            hidden = torch.randn(2, l, C, device=dev)
+            shown = torch.randn(2, l, tok.embed_dim, device=dev)
+            pooled = torch.randn(2, gen.text_encoder.dim, device=dev)
+            rot, first = net.positional.rotary(slice(0, l)), net.positional.rotary(slice(0, 1))
+            d = rel_diff(head(hidden, shown, pooled, len(pn) - 1, first, rot),
+                         head.compiled_forward()(hidden, shown, pooled, len(pn) - 1, first, rot))
+        rows.append(("compile_head: head logits (max rel. diff)", f"{d:.2e}", d <= args.tolerance))
+
+        clip, _ = bg.build_text_encoder("clip", args.tiny, dev, workdir)
+        a = clip.encode(prompts)
+        clip.compile_model = True
+        b = clip.encode(prompts)
+        d = rel_diff(a.pooled, b.pooled)
+        rows.append(("compile text: CLIP pooled features (max rel. diff)", f"{d:.2e}", d <= args.tolerance))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    print(f"\n### Compiled inference paths against eager ({name}, torch {torch.__version__})\n")
+    print("| check | result | ok |\n|---|---|---|")
+    for check, result, ok in rows:
+        print(f"| {check} | {result} | {'yes' if ok else 'NO'} |")
+
+
+if __name__ == "__main__":
+    main()
