@@ -60,7 +60,10 @@ def time_ours(config: str, args, dev, text) -> list:
         gen.transformer.compile_blocks = compiled == "on"  # ScaleWiseGenerator(compile=True)
         if compiled == "on":
             gen.compile_tokenizer_encoder()
+        if hasattr(text, "compile_model"):  # HFTextEncoder(compile=True) on the compiled rows, if asked
+            text.compile_model = args.compile_text and compiled == "on"
         impl = ("starkit" if attention == "sdpa" else f"starkit {attention}") + (" compiled" if compiled == "on" else "")
+        impl += " + text" if getattr(text, "compile_model", False) else ""
         impl += " pretokenized" if args.pretokenized else ""
 
         def one(B: int) -> dict:
@@ -138,6 +141,8 @@ def main(argv=None) -> None:
     ap.add_argument("--attentions", default="sdpa", help="training attention(s) of starkit: sdpa, flex or sdpa,flex")
     ap.add_argument("--compile", default="off", help="off, on or off,on: ScaleWiseGenerator(compile=True) rows "
                     "('compiled': torch.compile'd blocks in the training pass and VQ encoder); 'on' after 'off'")
+    ap.add_argument("--compile-text", action="store_true",
+                    help="the compiled rows also compile the CLIP text encoder (HFTextEncoder(compile=True))")
     ap.add_argument("--pretokenized", action="store_true",
                     help="starkit rows train on token rows (starkit.data.TokenizedDataModule): no VQ encode in "
                          "the step (the official rows still encode: their ratio is then not like for like)")

@@ -12,7 +12,8 @@
 #   train_1024 : d30 @1024 FlexAttention, eager and compiled at batch 32, and the official trainer (not in the default list)
 #   generate_small : d16 @256 and d30 @512 generation with CUDA graphs, both samplers, against the official code
 #               (not in the default list)
-#   train_tokens : d16 @256 on pre-tokenized batches (TokenizedDataModule), compiled, and the official trainer
+#   train_tokens : d16 @256 on pre-tokenized batches (TokenizedDataModule), compiled with the compiled CLIP, and the
+#               official trainer
 #   tokenizer : the 1024 px tokenizer, compiled (TOKENIZER_VARIANTS=compile_max: max-autotune, >200 s), against VAR
 #   generate  : d30 @1024 stable generation with CUDA graphs, the compiled decoder, the compiled sampler head and
 #               the compiled block regions (generate(compile_blocks=True)), against the official code
@@ -45,7 +46,7 @@ for stage in $stages; do
       ;;
     train_tokens)
       run train_tokens "${TOKENS_LIMIT:-170}" python "$here/bench_train.py" "${official_star[@]}" "${tiny[@]}" \
-        --configs d16@256 --compile "${TOKENS_COMPILE:-on}" --search 64,128 --pretokenized --steps 4 --warmup 2 \
+        --configs d16@256 --compile "${TOKENS_COMPILE:-on}" --search 64,128 --pretokenized --compile-text --steps 4 --warmup 2 \
         --json "$out/train_tokens.json" ;;
     train_d30)
       run train_d30 150 python "$here/bench_train.py" "${tiny[@]}" --configs d30@256 --compile off,on --search 32 \
