@@ -8,7 +8,7 @@ GPU, with the ratio: the benchmark of issue 7 (random weights, real architecture
     ... --cuda-graphs --compile-decoder   # those rows with the compiled VQ decoder as well
     ... --compile-head     # and rows with the stable sampler's head compiled (first call compiles, untimed warm-up)
     ... --compile-blocks   # and rows with generate(compile_blocks=True): the blocks' element-wise work compiled
-    ... --compile-text     # and rows with the CLIP text encoder compiled (with --compile-blocks: also combined)
+    ... --compile-text     # and rows with the CLIP text encoder compiled; with two or more --compile-*: all together
 
 For each config (d16@256, d30@512, d30@1024), sampler (parallel, stable) and batch (1, 16):
   * starkit: ``ScaleWiseGenerator.generate(prompts, cfg, top_k, top_p, seed)`` under bf16 autocast
@@ -99,22 +99,23 @@ def time_ours(config: str, args, dev, text, ceiling) -> list:
                             dev, generate_flops(arch, B, guided=True), ceiling)
                 row["compiled_decoder"] = bool(graphs and args.compile_decoder and dev.type == "cuda")
                 rows.append(row)
-    # extra rows, with or without graphs as asked: the text encoder compiled (HFTextEncoder(compile=True)),
-    # the stable sampler's head compiled (StableSampler(compile_head=True)), the blocks' element-wise work
-    # compiled (generate(compile_blocks=True)), and all of them together
-    variants = [("compiled text", False, False, True)] if args.compile_text else []
-    variants += [("compiled head", True, False, False)] if args.compile_head else []
-    variants += [("compiled blocks", args.compile_head, True, args.compile_text)] if args.compile_blocks else []
+    # extra rows, with or without graphs as asked: each compiled path alone (the text encoder,
+    # HFTextEncoder(compile=True); the stable sampler's head, StableSampler(compile_head=True); the blocks'
+    # element-wise work, generate(compile_blocks=True)), then all the asked ones together
+    text_ok = args.compile_text and hasattr(text, "compile_model")  # a random text encoder has nothing to compile
+    variants = [(name, h, b, t) for name, h, b, t, on in (
+        ("compiled text", False, False, True, text_ok), ("compiled head", True, False, False, args.compile_head),
+        ("compiled blocks", False, True, False, args.compile_blocks)) if on]
+    if len(variants) > 1:
+        variants.append(("all compiled", args.compile_head, args.compile_blocks, text_ok))
     for label, head, blocks, compile_text in variants:
         for sampler_name in args.samplers.split(","):
             if sampler_name != "stable" and not (blocks or compile_text):
-                continue
+                continue  # the head exists only in the stable sampler
             sampler = samplers[sampler_name]
-            name = label + (" and text" if blocks and compile_text else "")
             if head and sampler_name == "stable":
                 sampler = sampler.with_settings(compile_head=True)
-                name = "compiled blocks, head" + (" and text" if compile_text else "") if blocks else label
-            if hasattr(text, "compile_model"):  # an HFTextEncoder (the random encoder has nothing to compile)
+            if hasattr(text, "compile_model"):
                 text.compile_model = compile_text
             for B in batches(args):
                 prompts = [bg.CAPTIONS[i % len(bg.CAPTIONS)] for i in range(B)]
@@ -124,10 +125,12 @@ def time_ours(config: str, args, dev, text, ceiling) -> list:
                         gen.generate(prompts, seed=0, sampler=sampler, cuda_graphs=args.cuda_graphs,
                                      compile_blocks=blocks, **bg.SAMPLING)
 
-                impl = ("starkit graphs, " if args.cuda_graphs else "starkit, ") + name
+                impl = ("starkit graphs, " if args.cuda_graphs else "starkit, ") + label
                 row = timed(impl, config, sampler_name, B, call, args, dev, generate_flops(arch, B, guided=True),
                             ceiling)
-                row["compiled_decoder"] = bool(args.cuda_graphs and args.compile_decoder and dev.type == "cuda")
+                row.update(compiled_decoder=bool(args.cuda_graphs and args.compile_decoder and dev.type == "cuda"),
+                           compiled_text=compile_text, compiled_head=head and sampler_name == "stable",
+                           compiled_blocks=blocks)
                 rows.append(row)
             if hasattr(text, "compile_model"):
                 text.compile_model = False

@@ -1,5 +1,5 @@
-"""Do the compiled inference paths give the eager results on this GPU? A quick check (about a minute on
-an H200) to run before timing them: d16 @256 with random weights, bf16 autocast as generate() runs.
+"""Do the compiled inference paths give the eager results on this GPU? A quick check (an estimated minute or two on
+an H200, not yet timed) to run before timing them: d16 @256 with random weights, bf16 autocast as generate() runs.
 
     python benchmarks/check_gpu_paths.py            # on the GPU machine
     python benchmarks/check_gpu_paths.py --tiny     # CPU smoke run
@@ -28,6 +28,14 @@ import bench_generator as bg  # noqa: E402
 from bench_generate import stable_for  # noqa: E402
 
 
+class PrintedRows(list):
+    """A list of (check, result, ok) rows that prints each row when it is appended."""
+
+    def append(self, row) -> None:
+        super().append(row)
+        print(f"[check] {row[0]}: {row[1]} ({'ok' if row[2] else 'NOT OK'})", flush=True)
+
+
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |a|, in float32."""
     a, b = a.float(), b.float()
@@ -41,7 +49,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     workdir = tempfile.mkdtemp(prefix="check_gpu_paths_")
-    rows = []
+    rows = PrintedRows()  # each row is printed as soon as it is known (a time limit keeps what was done)
     try:
         pn = bg.TINY_P256 if args.tiny else bg.P256
         text, _ = bg.build_text_encoder("random", args.tiny, dev, workdir)

@@ -48,3 +48,19 @@ def test_check_gpu_paths_agrees_on_the_cpu(capsys):
     check_gpu_paths.main(["--tiny"])
     out = capsys.readouterr().out
     assert out.count("| yes |") == 5 and "| NO |" not in out
+
+
+def test_bench_generate_compiled_variants_are_labelled_and_timed(tmp_path, capsys):
+    """--compile-head / --compile-blocks / --compile-text rows: each path alone, then all together; the
+    text variant only where there is a text model to compile (not the random encoder)."""
+    out = tmp_path / "gen.json"
+    bench_generate.main(["--tiny", "--configs", "d16@256", "--batches", "1", "--repeats", "1", "--warmup", "0",
+                         "--text", "random", "--cuda-graphs", "--skip-eager", "--compile-head", "--compile-blocks",
+                         "--compile-text", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    got = {(r["impl"], r["sampler"]) for r in rows}
+    assert got == {("starkit graphs", "parallel"), ("starkit graphs", "stable"),
+                   ("starkit graphs, compiled head", "stable"), ("starkit graphs, compiled blocks", "parallel"),
+                   ("starkit graphs, compiled blocks", "stable"), ("starkit graphs, all compiled", "parallel"),
+                   ("starkit graphs, all compiled", "stable")}
+    assert all(r["latency_s"] > 0 and not r.get("compiled_text") for r in rows)

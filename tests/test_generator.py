@@ -474,3 +474,25 @@ def test_compiled_block_regions_give_the_eager_images_with_and_without_static_st
                          cuda_graphs=True)  # static steps (eager calls on the CPU)
     assert all(torch.equal(x, y) and torch.equal(x, z) for x, y, z in zip(ia, ib, ic))
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_block_regions_keep_two_graphs_per_width_over_scales_batches_and_modes():
+    """Only the activations' rows and tokens are symbolic: a graph for the 1-token first scale and one for
+    every other scale and batch, whatever the caller's autocast settings (graphs on or off); a block in
+    training mode falls back to the eager block (drop-path)."""
+    import torch._dynamo
+    from starkit.generator import fused
+    torch._dynamo.reset()
+    fused._COMPILED.clear()
+    gen = make_tiny_generator(drop_path_rate=0.5).eval()
+    for prompts in (["a"], ["a", "b", "c"], ["a"] * 5):
+        for graphs in (False, True):
+            gen.generate(prompts, seed=0, compile_blocks=True, cuda_graphs=graphs)
+    for fn in (fused.attention_inputs, fused.cross_inputs, fused.output_and_ffn):
+        assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(fn.__code__)) == 2, fn.__name__
+    block = gen.transformer.blocks[-1].train()
+    x = torch.randn(2, 4, gen.transformer.width)
+    torch.manual_seed(0)
+    eager = block(x)
+    torch.manual_seed(0)
+    assert torch.equal(fused.fused_block(block, x), eager)  # the same random drop-path: the eager block ran

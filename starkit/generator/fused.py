@@ -15,9 +15,13 @@ write and the two attentions)::
 
 The regions are plain functions of tensors: the weights come in already cast to the autocast dtype
 (:func:`~starkit.generator.blocks.autocast_weight`, once per weight version), so no cast runs
-inside them. ``dynamic=True``: one graph per region for every scale and batch size. The results
-equal the eager block's up to floating-point rounding (tests/test_generator.py); AdaLN (VAR)
-blocks and training always run eagerly.
+inside them, and they run with autocast off (their dtypes are explicit), so that the graphs do not
+depend on the caller's autocast settings. Only the activations' batch and token dimensions are
+symbolic (weights, head count and eps are constants of the graph): two graphs per region and model
+width serve every scale and batch size, one of them for the single-token first scale (a test counts
+them). The results equal the
+eager block's up to floating-point rounding (tests/test_generator.py); AdaLN (VAR) blocks, blocks
+in training mode and training itself run eagerly.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from starkit.generator.blocks import Block, KVCache, autocast_weight
-from starkit.positional import rotate_float32
+from starkit.positional import as_cis, rotate_float32
 
 
 def attention_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, q_scale: torch.Tensor,
@@ -70,12 +74,25 @@ def output_and_ffn(x: torch.Tensor, out: torch.Tensor, proj_w: torch.Tensor, pro
 
 
 _COMPILED = {}
+# which dimensions of which arguments vary between calls: x (rows, tokens), out (rows, tokens), rotary (tokens)
+_DYNAMIC_DIMS = {"attention_inputs": {0: (0, 1), 4: (0,)}, "cross_inputs": {0: (0, 1), 1: (0, 2)},
+                 "output_and_ffn": {0: (0, 1), 1: (0, 2)}}
 
 
 def compiled(fn):
-    """``torch.compile(fn, dynamic=True)``, built once per function."""
+    """``torch.compile(fn, dynamic=False)`` with the activations' varying dimensions marked dynamic at each
+    call (sizes of 1 stay static), built once per function and called with autocast off."""
     if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+        compiled_fn, dims = torch.compile(fn, dynamic=False), _DYNAMIC_DIMS[fn.__name__]
+
+        def call(*args):
+            for i, axes in dims.items():
+                for t in (args[i] if isinstance(args[i], tuple) else (args[i],)):
+                    for axis in axes if t is not None else ():
+                        torch._dynamo.maybe_mark_dynamic(t, axis)
+            with torch.autocast(args[0].device.type, enabled=False):
+                return compiled_fn(*args)
+        _COMPILED[fn] = call
     return _COMPILED[fn]
 
 
@@ -87,7 +104,10 @@ def fused_block(block: Block, x: torch.Tensor, rotary: Optional[Tuple[torch.Tens
                 text_kv=None, text_bias: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None
                 ) -> torch.Tensor:
     """``block(x, rotary=..., text_kv=..., text_bias=..., cache=...)`` at inference with the compiled
-    regions. ``rotary``: the real ``(cos, sin)`` tables of the tokens (not the complex form), or None."""
+    regions. ``rotary``: the real ``(cos, sin)`` tables of the tokens (not the complex form), or None.
+    A block in training mode with drop-path runs eagerly (drop-path is random)."""
+    if block.training or hasattr(block, "ada_lin"):
+        return block(x, rotary=as_cis(rotary), text_kv=text_kv, text_bias=text_bias, cache=cache)
     attn, eps = block.attn, block.norm.eps
     qkv_w = autocast_weight(attn.mat_qkv, "weight", attn.mat_qkv.weight, x)
     q, k, v = compiled(attention_inputs)(x, qkv_w, attn._qkv_bias(x), attn.qk_norm.scale(), rotary,

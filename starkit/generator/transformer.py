@@ -296,6 +296,8 @@ class ScaleTransformer(nn.Module):
         if fused and not self.adaln:
             from starkit.generator.fused import fused_block
             rotary = self.positional.rotary(slice(start, start + x.shape[1]))  # (cos, sin) or None
+            if rotary is not None:  # own storage: a view's offset would be one more size to specialise on
+                rotary = tuple(t.clone() for t in rotary)
             for i, block in enumerate(self.blocks):
                 x = fused_block(block, x, rotary, text_kvs[i] if text_kvs else None, text_bias, caches[i])
             return x

@@ -67,8 +67,8 @@ class HFTextEncoder(TextEncoder):
         local_files_only: never download (the default); set False to allow hub downloads.
         compile: run the model under ``torch.compile`` at inference (one graph instead of the
             Python of dozens of small modules: the eager CLIP tower of SD-2.1's size took 17 ms of a
-            41 ms batch-1 generation at d16 @256 on an H200, mostly host time). The first encode of
-            each batch size compiles. Not yet measured on a GPU.
+            65 ms profiled batch-1 generation at d16 @256 on an H200). The first encode compiles, a
+            second batch size once more (then the batch size is dynamic). Not yet measured on a GPU.
     """
 
     def __init__(self, name_or_path: str, kind: str = "auto", max_length: Optional[int] = None,
