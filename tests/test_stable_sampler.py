@@ -224,3 +224,16 @@ def test_compiled_head_matches_the_eager_head_at_every_scale_and_draws_the_same_
     finally:
         gen.sampler.compile_head = False
     assert all(torch.equal(x, y) for x, y in zip(ia, ib)) and torch.allclose(a, b)
+
+
+def test_compile_blocks_runs_the_head_blocks_in_compiled_regions_with_the_same_tokens(trained, monkeypatch):
+    gen, _ = trained
+    from starkit.generator import fused
+    calls = []
+    real = fused.fused_block
+    monkeypatch.setattr(fused, "fused_block", lambda block, *a, **k: calls.append(block) or real(block, *a, **k))
+    _, eager = gen.generate(PROMPTS, seed=6, return_indices=True)
+    _, compiled = gen.generate(PROMPTS, seed=6, return_indices=True, compile_blocks=True)
+    assert all(torch.equal(x, y) for x, y in zip(eager, compiled))
+    head_blocks = {id(b) for b in gen.sampler.head.blocks}
+    assert head_blocks <= {id(b) for b in calls}  # the head's blocks went through the fused regions

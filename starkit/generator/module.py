@@ -396,8 +396,8 @@ class ScaleWiseGenerator(L.LightningModule):
                 (:meth:`release_cuda_graphs` frees them).
             compile_blocks: run each block's element-wise work (LayerNorms, QK-norm, rotary, GELU,
                 residuals) as ``torch.compile``'d regions between the matrix products and attentions
-                (:mod:`starkit.generator.fused`; dynamic shapes, the first call compiles). Combines with
-                ``cuda_graphs``. Not yet measured on a GPU.
+                (:mod:`starkit.generator.fused`; the first call compiles), in the transformer and in
+                the stable sampler's head. Combines with ``cuda_graphs``. Not yet measured on a GPU.
 
         Returns:
             images ``(N, 3, H, W)`` float in [0, 1] (and the list of indices if asked).

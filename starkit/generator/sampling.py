@@ -76,7 +76,7 @@ def run_sampling(net: ScaleTransformer, tokenizer: ScaleTokenizer, text_encoder:
                 scale=k, num_scales=K, patch_num=pn, hidden=hidden, logits=logits, guided=guided,
                 embed=tokenizer.embed, codebook=tokenizer.codebook, pooled_text=text.pooled,
                 rotary=net.positional.rotary(slice(start, start + pn * pn)),
-                rotary_first=rotary_first, generator=generator,
+                rotary_first=rotary_first, generator=generator, compile_blocks=fused,
             )
             emb_BlC, idx_Bl = sampler.sample_scale(step)
             all_indices.append(idx_Bl)

@@ -29,6 +29,8 @@ class ScaleStep:
         rotary: the positional encoding's rotary tables for this scale, or None.
         rotary_first: the rotary tables of the first token (the start position), or None.
         generator: torch.Generator for reproducible sampling, or None.
+        compile_blocks: the call asked for compiled block regions (``generate(compile_blocks=True)``):
+            a sampler with transformer blocks of its own may run them the same way.
     """
 
     scale: int
@@ -43,6 +45,7 @@ class ScaleStep:
     rotary: Optional[tuple] = None
     rotary_first: Optional[tuple] = None
     generator: Optional[torch.Generator] = None
+    compile_blocks: bool = False
 
 
 @dataclass

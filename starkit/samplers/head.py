@@ -78,7 +78,8 @@ class SamplerHead(nn.Module):
             block.ffn.fc2.weight.data.div_(math.sqrt(2 * self.depth))
 
     def forward(self, hidden: torch.Tensor, revealed: torch.Tensor, pooled: torch.Tensor, scale: int,
-                rotary_first: Optional[tuple] = None, rotary: Optional[tuple] = None) -> torch.Tensor:
+                rotary_first: Optional[tuple] = None, rotary: Optional[tuple] = None,
+                fused: bool = False) -> torch.Tensor:
         """Logits of every token of one scale given the revealed ones.
 
         Args:
@@ -87,11 +88,14 @@ class SamplerHead(nn.Module):
             pooled: pooled text features ``(R, Dt)``.
             scale: the scale index k (level embedding).
             rotary_first, rotary: rotary tables of the (0, 0) position and of the scale's tokens.
+            fused: run the blocks with their element-wise work in compiled regions
+                (:func:`starkit.generator.fused.fused_block`; inference only).
 
         Returns:
             float32 logits ``(R, l, V)``.
         """
-        return self.trunk(self.embed_inputs(hidden, revealed, pooled, scale), _cat_rotary(rotary_first, rotary))
+        return self.trunk(self.embed_inputs(hidden, revealed, pooled, scale), _cat_rotary(rotary_first, rotary),
+                          fused=fused)
 
     def embed_inputs(self, hidden: torch.Tensor, revealed: torch.Tensor, pooled: torch.Tensor,
                      scale: int) -> torch.Tensor:
@@ -103,9 +107,16 @@ class SamplerHead(nn.Module):
                        torch.cat([prefix.to(hidden.dtype), hidden], dim=1)], dim=-1)  # (R, 1 + l, 2C)
         return self.proj(x)  # (R, 1 + l, C)
 
-    def trunk(self, x: torch.Tensor, rotary: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    def trunk(self, x: torch.Tensor, rotary: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+              fused: bool = False) -> torch.Tensor:
         """The blocks, the norm and the logits head: ``(R, 1 + l, C)`` -> float32 logits ``(R, l, V)``.
-        ``rotary``: the (cos, sin) tables of ``[prefix; scale tokens]``, or None."""
+        ``rotary``: the (cos, sin) tables of ``[prefix; scale tokens]``, or None. ``fused``: blocks with
+        compiled element-wise regions (:mod:`starkit.generator.fused`)."""
+        if fused and not torch.compiler.is_compiling():
+            from starkit.generator.fused import fused_block
+            for block in self.blocks:
+                x = fused_block(block, x, rotary)
+            return self.head_logits(self.logit_norm(x[:, 1:])).float()  # (R, l, V)
         if not torch.compiler.is_compiling():
             rotary = as_cis(rotary)  # complex tables, built once for all blocks; compiled code keeps (cos, sin)
         for block in self.blocks:

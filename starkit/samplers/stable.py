@@ -193,7 +193,11 @@ class StableSampler(ScaleSampler):
         for s, count in enumerate(counts):
             if self.use_head:
                 rows = torch.cat([shown, shown], dim=0) if step.guided else shown  # both halves share the tokens
-                logits = head(step.hidden, rows, step.pooled_text, step.scale, step.rotary_first, step.rotary)
+                if step.compile_blocks and not self.compile_head:  # the head's blocks in compiled regions too
+                    logits = self.head(step.hidden, rows, step.pooled_text, step.scale, step.rotary_first,
+                                       step.rotary, fused=True)
+                else:
+                    logits = head(step.hidden, rows, step.pooled_text, step.scale, step.rotary_first, step.rotary)
                 cands = self._candidates(logits, t, step.guided)  # (B, l, top_k)
             elif cands is None:  # the generator's logits do not change within the scale
                 cands = self._candidates(step.logits, t, step.guided)
