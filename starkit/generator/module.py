@@ -350,25 +350,10 @@ class ScaleWiseGenerator(L.LightningModule):
         return torch.cuda.is_available() and precision not in ("16-mixed", "16")
 
     def configure_optimizers(self):
+        from starkit.generator.optim import adamw_with_warmup_decay
         trained = self.sampler if self.hparams.stage == "sampler_head" else self.transformer
-        no_decay_names = self.transformer.no_weight_decay() if trained is self.transformer else set()
-        no_decay_names |= set(getattr(trained, "no_weight_decay", lambda: set())()) if trained is self.sampler else set()
-        from starkit.generator.distributed import clean_name, param_ndim
-        prefix = "sampler." if trained is self.sampler else "transformer."
-        decay, no_decay = [], []
-        for name, p in trained.named_parameters():
-            if not p.requires_grad:
-                continue
-            small = param_ndim(self, prefix, name, p) < 2 or clean_name(name) in no_decay_names
-            (no_decay if small else decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas),
-                                      fused=self._fused_adamw())
-        total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer else 1
-        schedule = warmup_linear_decay(self.hparams.warmup_steps, total, self.hparams.final_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_with_warmup_decay(self, trained, "sampler." if trained is self.sampler else "transformer.",
+                                       fused=self._fused_adamw())
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -425,14 +410,3 @@ class ScaleWiseGenerator(L.LightningModule):
         return {"images": images.mul(255).round().clamp(0, 255).to(torch.uint8).cpu(), "prompt": prompts,
                 "seed": seeds, "name": list(batch.get("name", [])), "batch_seed": seeds[0],
                 "settings": self.sampler.hparams and dict(self.sampler.hparams)}
-
-
-def warmup_linear_decay(warmup_steps: int, total_steps: int, final_ratio: float) -> Callable[[int], float]:
-    """LR multiplier: linear warm-up to 1 over ``warmup_steps``, then linear decay to ``final_ratio``."""
-    def schedule(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        span = max(total_steps - warmup_steps, 1)
-        progress = min(max(step - warmup_steps, 0) / span, 1.0)
-        return 1.0 - (1.0 - final_ratio) * progress
-    return schedule
