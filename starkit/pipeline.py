@@ -205,16 +205,23 @@ class StarPipeline:
         return out
 
 
-def _load_pretrained(path: str, sampler: Optional[dict] = None) -> ScaleWiseGenerator:
+def _load_pretrained(path: str, sampler: Optional[dict] = None, cuda_graphs: bool = False,
+                     compile_blocks: bool = False) -> ScaleWiseGenerator:
     """A generator loaded from a model directory (for ``starkit predict``).
 
     Args:
         path: the model directory written by ``starkit export`` or ``starkit convert``.
         sampler: optional sampler config (class_path/init_args) replacing the saved one.
+        cuda_graphs: predict with ``generate(cuda_graphs=True)`` (on a GPU: per-scale steps replayed
+            from CUDA graphs; one capture per batch shape).
+        compile_blocks: predict with ``generate(compile_blocks=True)`` (the blocks' element-wise work
+            in compiled regions; the first batch compiles).
     """
     from starkit.generator.hparams import own_hyperparameters
     with own_hyperparameters():
-        return load_generator(path, sampler=sampler)
+        generator = load_generator(path, sampler=sampler)
+    generator.predict_options = dict(cuda_graphs=bool(cuda_graphs), compile_blocks=bool(compile_blocks))
+    return generator
 
 
 def _pretrained_class():

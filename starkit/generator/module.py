@@ -406,7 +406,8 @@ class ScaleWiseGenerator(L.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         prompts, seeds = list(batch["prompt"]), [int(s) for s in batch["seed"]]
-        images = self.generate(prompts, seed=seeds[0])
+        # generate() options for prediction, e.g. {"cuda_graphs": True} (PretrainedGenerator sets them from YAML)
+        images = self.generate(prompts, seed=seeds[0], **getattr(self, "predict_options", {}))
         return {"images": images.mul(255).round().clamp(0, 255).to(torch.uint8).cpu(), "prompt": prompts,
                 "seed": seeds, "name": list(batch.get("name", [])), "batch_seed": seeds[0],
                 "settings": self.sampler.hparams and dict(self.sampler.hparams)}
