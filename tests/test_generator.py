@@ -496,3 +496,21 @@ def test_compiled_block_regions_keep_two_graphs_per_width_over_scales_batches_an
     eager = block(x)
     torch.manual_seed(0)
     assert torch.equal(fused.fused_block(block, x), eager)  # the same random drop-path: the eager block ran
+
+
+def test_a_compiler_failure_names_the_option_to_turn_off(monkeypatch):
+    from starkit.generator import fused
+    from starkit.utils import compiling
+
+    def broken_backend(gm, example_inputs):
+        raise OSError("no C++ compiler found")
+
+    monkeypatch.setattr(compiling, "BACKEND", broken_backend)
+    monkeypatch.setattr(fused, "_COMPILED", {})
+    import torch._dynamo
+    torch._dynamo.reset()
+    gen = make_tiny_generator().eval()
+    with pytest.raises(RuntimeError, match=r"compile_blocks.*compile_blocks=False.*C\+\+ compiler"):
+        gen.generate(["a red circle"], seed=0, compile_blocks=True)
+    torch._dynamo.reset()
+    fused._COMPILED.clear()

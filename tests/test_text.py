@@ -291,3 +291,18 @@ def test_compiled_clip_encodes_like_the_eager_one_and_keeps_the_state_dict(clip_
     assert torch.equal(a.mask, b.mask)
     assert "_compiled_model" in fast.__dict__ and list(fast.state_dict()) == list(eager.state_dict())
     assert fast.config()["init_args"]["compile"] is True
+
+
+def test_compiled_clip_failure_names_the_option(clip_dir, monkeypatch):
+    from starkit.utils import compiling
+
+    def broken_backend(gm, example_inputs):
+        raise OSError("no C++ compiler found")
+
+    monkeypatch.setattr(compiling, "BACKEND", broken_backend)
+    import torch._dynamo
+    torch._dynamo.reset()
+    enc = HFTextEncoder(clip_dir, compile=True)
+    with pytest.raises(RuntimeError, match=r"CLIPTextModel for compile .*compile=False"):
+        enc.encode(["red cat"])
+    torch._dynamo.reset()

@@ -83,7 +83,8 @@ def compiled(fn):
     """``torch.compile(fn, dynamic=False)`` with the activations' varying dimensions marked dynamic at each
     call (sizes of 1 stay static), built once per function and called with autocast off."""
     if fn not in _COMPILED:
-        compiled_fn, dims = torch.compile(fn, dynamic=False), _DYNAMIC_DIMS[fn.__name__]
+        from starkit.utils.compiling import compile_with_hint
+        compiled_fn, dims = compile_with_hint(fn, "compile_blocks", dynamic=False), _DYNAMIC_DIMS[fn.__name__]
 
         def call(*args):
             for i, axes in dims.items():

@@ -141,5 +141,6 @@ _COMPILED_TRUNK = []
 def _compiled_trunk():
     """``torch.compile(SamplerHead.trunk)`` (the unbound function: the head is an argument), built once."""
     if not _COMPILED_TRUNK:
-        _COMPILED_TRUNK.append(torch.compile(SamplerHead.trunk, dynamic=True))
+        from starkit.utils.compiling import compile_with_hint
+        _COMPILED_TRUNK.append(compile_with_hint(SamplerHead.trunk, "compile_head", dynamic=True))
     return _COMPILED_TRUNK[0]

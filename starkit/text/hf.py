@@ -182,7 +182,8 @@ class HFTextEncoder(TextEncoder):
             return self.model
         wrapped = self.__dict__.get("_compiled_model")
         if wrapped is None or wrapped[0] is not self.model:
-            wrapped = self.__dict__["_compiled_model"] = (self.model, torch.compile(self.model))
+            from starkit.utils.compiling import compile_with_hint
+            wrapped = self.__dict__["_compiled_model"] = (self.model, compile_with_hint(self.model, "compile"))
         return wrapped[1]
 
     def _encode(self, prompts: List[str]) -> TextEmbedding:
