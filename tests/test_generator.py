@@ -514,3 +514,20 @@ def test_a_compiler_failure_names_the_option_to_turn_off(monkeypatch):
         gen.generate(["a red circle"], seed=0, compile_blocks=True)
     torch._dynamo.reset()
     fused._COMPILED.clear()
+
+
+def test_static_steps_built_under_inference_mode_are_rebuilt_outside_it():
+    """Trainer.predict runs in inference mode: its static buffers cannot be written by a later plain call."""
+    gen = make_tiny_generator().eval()
+    with torch.inference_mode():
+        a = gen.generate(["a red circle"], seed=2, cuda_graphs=True)
+    b = gen.generate(["a red circle"], seed=2, cuda_graphs=True)  # same shape, outside inference mode
+    assert torch.equal(a, b)
+
+
+def test_prediction_with_cuda_graphs_on_an_adaln_model_warns_and_runs_without():
+    gen = make_tiny_generator(adaln=True).eval()
+    gen.predict_options = {"cuda_graphs": True, "compile_blocks": False}
+    with pytest.warns(UserWarning, match="AdaLN"):
+        out = gen.predict_step({"prompt": ["a red circle"], "seed": [1]}, 0)
+    assert out["images"].shape[0] == 1

@@ -303,6 +303,20 @@ def test_compiled_clip_failure_names_the_option(clip_dir, monkeypatch):
     import torch._dynamo
     torch._dynamo.reset()
     enc = HFTextEncoder(clip_dir, compile=True)
-    with pytest.raises(RuntimeError, match=r"CLIPTextModel for compile .*compile=False"):
+    with pytest.raises(RuntimeError, match=r"CLIPTextModel .*HFTextEncoder\(compile=False\)"):
         enc.encode(["red cat"])
     torch._dynamo.reset()
+
+
+def test_a_copy_of_a_compiled_encoder_runs_its_own_weights_and_pickles(clip_dir):
+    import copy
+    import pickle
+    enc = HFTextEncoder(clip_dir, compile=True)
+    base = enc.encode(["red cat"]).pooled
+    twin = copy.deepcopy(enc)
+    with torch.no_grad():
+        for p in twin.model.parameters():
+            p.mul_(2.0)
+    assert not torch.allclose(twin.encode(["red cat"]).pooled, base)
+    torch.testing.assert_close(enc.encode(["red cat"]).pooled, base)
+    pickle.dumps(enc)

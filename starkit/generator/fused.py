@@ -83,15 +83,16 @@ def compiled(fn):
     """``torch.compile(fn, dynamic=False)`` with the activations' varying dimensions marked dynamic at each
     call (sizes of 1 stay static), built once per function and called with autocast off."""
     if fn not in _COMPILED:
-        from starkit.utils.compiling import compile_with_hint
-        compiled_fn, dims = compile_with_hint(fn, "compile_blocks", dynamic=False), _DYNAMIC_DIMS[fn.__name__]
+        from starkit.utils.compiling import compile_errors_named, compile_fn
+        compiled_fn, dims = compile_fn(fn, dynamic=False), _DYNAMIC_DIMS[fn.__name__]
 
         def call(*args):
             for i, axes in dims.items():
                 for t in (args[i] if isinstance(args[i], tuple) else (args[i],)):
                     for axis in axes if t is not None else ():
                         torch._dynamo.maybe_mark_dynamic(t, axis)
-            with torch.autocast(args[0].device.type, enabled=False):
+            with torch.autocast(args[0].device.type, enabled=False), \
+                    compile_errors_named(f"{fn.__name__} for compile_blocks", "compile_blocks=False"):
                 return compiled_fn(*args)
         _COMPILED[fn] = call
     return _COMPILED[fn]

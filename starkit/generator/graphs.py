@@ -65,6 +65,8 @@ class StaticScaleSteps:
                              and self.text_kvs[0][0].dtype == text_kvs[0][0].dtype))
         return (net is self.net and rows == self.rows and same_text and self.caches[0].k.dtype == dtype
                 and fused == self.fused
+                # buffers made under inference_mode (Trainer.predict) cannot be written outside it, nor the reverse
+                and self.caches[0].k.is_inference() == torch.is_inference_mode_enabled()
                 and weights_fingerprint(net) == self.fingerprint)
 
     def _step(self, k: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from starkit.generator.hparams import library_hparams
+from starkit.generator.optim import warmup_linear_decay  # noqa: F401  (its former home: kept importable)
 from starkit.generator.transformer import ScaleTransformer, resolve_size
 from starkit.positional import NormalizedRoPE2D, PositionalEncoding
 from starkit.samplers import ParallelSampler, ScaleSampler
@@ -407,7 +408,14 @@ class ScaleWiseGenerator(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         prompts, seeds = list(batch["prompt"]), [int(s) for s in batch["seed"]]
         # generate() options for prediction, e.g. {"cuda_graphs": True} (PretrainedGenerator sets them from YAML)
-        images = self.generate(prompts, seed=seeds[0], **getattr(self, "predict_options", {}))
+        options = dict(getattr(self, "predict_options", {}))
+        if options.get("cuda_graphs") and self.transformer.adaln:  # VAR (AdaLN) models have no graph path yet
+            if not self.__dict__.get("_warned_adaln_graphs"):
+                self.__dict__["_warned_adaln_graphs"] = True
+                warnings.warn("cuda_graphs is not supported for AdaLN (VAR) transformers yet: predicting without "
+                              "CUDA graphs.", UserWarning, stacklevel=2)
+            options["cuda_graphs"] = False
+        images = self.generate(prompts, seed=seeds[0], **options)
         return {"images": images.mul(255).round().clamp(0, 255).to(torch.uint8).cpu(), "prompt": prompts,
                 "seed": seeds, "name": list(batch.get("name", [])), "batch_seed": seeds[0],
                 "settings": self.sampler.hparams and dict(self.sampler.hparams)}

@@ -129,9 +129,12 @@ class SamplerHead(nn.Module):
         GELU and residual additions that run as separate kernels in eager mode). The compiled
         function is the class's, shared by all heads and holding none of them: copies and pickles
         of a head are unaffected, and each head runs with its own weights."""
+        from starkit.utils.compiling import compile_errors_named
+
         def forward(hidden, revealed, pooled, scale, rotary_first=None, rotary=None):
-            return _compiled_trunk()(self, self.embed_inputs(hidden, revealed, pooled, scale),
-                                     _cat_rotary(rotary_first, rotary))
+            x = self.embed_inputs(hidden, revealed, pooled, scale)
+            with compile_errors_named("the sampler head for compile_head", "compile_head=False"):
+                return _compiled_trunk()(self, x, _cat_rotary(rotary_first, rotary))
         return forward
 
 
@@ -141,6 +144,6 @@ _COMPILED_TRUNK = []
 def _compiled_trunk():
     """``torch.compile(SamplerHead.trunk)`` (the unbound function: the head is an argument), built once."""
     if not _COMPILED_TRUNK:
-        from starkit.utils.compiling import compile_with_hint
-        _COMPILED_TRUNK.append(compile_with_hint(SamplerHead.trunk, "compile_head", dynamic=True))
+        from starkit.utils.compiling import compile_fn
+        _COMPILED_TRUNK.append(compile_fn(SamplerHead.trunk, dynamic=True))
     return _COMPILED_TRUNK[0]

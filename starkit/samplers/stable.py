@@ -190,10 +190,12 @@ class StableSampler(ScaleSampler):
         shown = torch.zeros(B, l, step.codebook.shape[-1], device=device)  # (B, l, Cvae), zeros where hidden
         n_revealed, cands = 0, None
         head = self._head_forward()
+        from starkit.samplers.head import SamplerHead  # (not at the top: head.py imports the generator's blocks)
+        fused_head = step.compile_blocks and not self.compile_head and isinstance(self.head, SamplerHead)
         for s, count in enumerate(counts):
             if self.use_head:
                 rows = torch.cat([shown, shown], dim=0) if step.guided else shown  # both halves share the tokens
-                if step.compile_blocks and not self.compile_head:  # the head's blocks in compiled regions too
+                if fused_head:  # generate(compile_blocks=True): the head's blocks in compiled regions too
                     logits = self.head(step.hidden, rows, step.pooled_text, step.scale, step.rotary_first,
                                        step.rotary, fused=True)
                 else:

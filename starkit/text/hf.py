@@ -182,8 +182,8 @@ class HFTextEncoder(TextEncoder):
             return self.model
         wrapped = self.__dict__.get("_compiled_model")
         if wrapped is None or wrapped[0] is not self.model:
-            from starkit.utils.compiling import compile_with_hint
-            wrapped = self.__dict__["_compiled_model"] = (self.model, compile_with_hint(self.model, "compile"))
+            from starkit.utils.compiling import compile_fn
+            wrapped = self.__dict__["_compiled_model"] = (self.model, compile_fn(self.model))
         return wrapped[1]
 
     def _encode(self, prompts: List[str]) -> TextEmbedding:
@@ -196,7 +196,9 @@ class HFTextEncoder(TextEncoder):
         inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
         if "token_type_ids" in batch and self.kind == "bert":
             inputs["token_type_ids"] = batch["token_type_ids"].to(device)
-        out = self._forward_model()(**inputs)
+        from starkit.utils.compiling import compile_errors_named
+        with compile_errors_named(f"the text encoder {type(self.model).__name__}", "HFTextEncoder(compile=False)"):
+            out = self._forward_model()(**inputs)
         tokens = out.last_hidden_state.float()  # (B, T, D)
         mask = inputs["attention_mask"].bool()  # (B, T)
         if self.kind == "clip":
