@@ -483,7 +483,6 @@ def test_compiled_block_regions_keep_two_graphs_per_width_over_scales_batches_an
     import torch._dynamo
     from starkit.generator import fused
     torch._dynamo.reset()
-    fused._COMPILED.clear()
     gen = make_tiny_generator(drop_path_rate=0.5).eval()
     for prompts in (["a"], ["a", "b", "c"], ["a"] * 5):
         for graphs in (False, True):
@@ -499,21 +498,18 @@ def test_compiled_block_regions_keep_two_graphs_per_width_over_scales_batches_an
 
 
 def test_a_compiler_failure_names_the_option_to_turn_off(monkeypatch):
-    from starkit.generator import fused
     from starkit.utils import compiling
 
     def broken_backend(gm, example_inputs):
         raise OSError("no C++ compiler found")
 
-    monkeypatch.setattr(compiling, "BACKEND", broken_backend)
-    monkeypatch.setattr(fused, "_COMPILED", {})
+    monkeypatch.setattr(compiling, "BACKEND", broken_backend)  # compile_once builds one per backend
     import torch._dynamo
     torch._dynamo.reset()
     gen = make_tiny_generator().eval()
     with pytest.raises(RuntimeError, match=r"compile_blocks.*compile_blocks=False.*C\+\+ compiler"):
         gen.generate(["a red circle"], seed=0, compile_blocks=True)
     torch._dynamo.reset()
-    fused._COMPILED.clear()
 
 
 def test_static_steps_built_under_inference_mode_are_rebuilt_outside_it():

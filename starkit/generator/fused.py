@@ -73,29 +73,22 @@ def output_and_ffn(x: torch.Tensor, out: torch.Tensor, proj_w: torch.Tensor, pro
     return x + F.linear(F.gelu(F.linear(h, fc1_w, fc1_b), approximate="tanh"), fc2_w, fc2_b)
 
 
-_COMPILED = {}
 # which dimensions of which arguments vary between calls: x (rows, tokens), out (rows, tokens), rotary (tokens)
 _DYNAMIC_DIMS = {"attention_inputs": {0: (0, 1), 4: (0,)}, "cross_inputs": {0: (0, 1), 1: (0, 2)},
                  "output_and_ffn": {0: (0, 1), 1: (0, 2)}}
 
 
-def compiled(fn):
-    """``torch.compile(fn, dynamic=False)`` with the activations' varying dimensions marked dynamic at each
-    call (sizes of 1 stay static), built once per function and called with autocast off."""
-    if fn not in _COMPILED:
-        from starkit.utils.compiling import compile_errors_named, compile_fn
-        compiled_fn, dims = compile_fn(fn, dynamic=False), _DYNAMIC_DIMS[fn.__name__]
-
-        def call(*args):
-            for i, axes in dims.items():
-                for t in (args[i] if isinstance(args[i], tuple) else (args[i],)):
-                    for axis in axes if t is not None else ():
-                        torch._dynamo.maybe_mark_dynamic(t, axis)
-            with torch.autocast(args[0].device.type, enabled=False), \
-                    compile_errors_named(f"{fn.__name__} for compile_blocks", "compile_blocks=False"):
-                return compiled_fn(*args)
-        _COMPILED[fn] = call
-    return _COMPILED[fn]
+def run_compiled(fn, *args):
+    """``fn(*args)`` compiled (``dynamic=False``, built once: :func:`~starkit.utils.compiling.compile_once`)
+    with the activations' varying dimensions marked dynamic (sizes of 1 stay static), autocast off."""
+    from starkit.utils.compiling import compile_errors_named, compile_once
+    for i, axes in _DYNAMIC_DIMS[fn.__name__].items():
+        for t in (args[i] if isinstance(args[i], tuple) else (args[i],)):
+            for axis in axes if t is not None else ():
+                torch._dynamo.maybe_mark_dynamic(t, axis)
+    with torch.autocast(args[0].device.type, enabled=False), \
+            compile_errors_named(f"{fn.__name__} for compile_blocks", "compile_blocks=False"):
+        return compile_once(fn, dynamic=False)(*args)
 
 
 def _weights(linear, x):
@@ -112,8 +105,8 @@ def fused_block(block: Block, x: torch.Tensor, rotary: Optional[Tuple[torch.Tens
         return block(x, rotary=as_cis(rotary), text_kv=text_kv, text_bias=text_bias, cache=cache)
     attn, eps = block.attn, block.norm.eps
     qkv_w = autocast_weight(attn.mat_qkv, "weight", attn.mat_qkv.weight, x)
-    q, k, v = compiled(attention_inputs)(x, qkv_w, attn._qkv_bias(x), attn.qk_norm.scale(), rotary,
-                                         attn.num_heads, eps)
+    q, k, v = run_compiled(attention_inputs, x, qkv_w, attn._qkv_bias(x), attn.qk_norm.scale(), rotary,
+                           attn.num_heads, eps)
     if cache is not None:
         k, v = cache.append(k, v)
     out = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # (B, H, l, d)
@@ -122,11 +115,11 @@ def fused_block(block: Block, x: torch.Tensor, rotary: Optional[Tuple[torch.Tens
     if cross is not None and text_kv is not None:
         q_w = autocast_weight(cross.mat_q, "weight", cross.mat_q.weight, x)
         q_b = autocast_weight(cross, "q_bias", cross.q_bias, x)
-        x, q = compiled(cross_inputs)(x, out, proj_w, proj_b, q_w, q_b, cross.qk_norm.scale(), eps)
+        x, q = run_compiled(cross_inputs, x, out, proj_w, proj_b, q_w, q_b, cross.qk_norm.scale(), eps)
         text_k, text_v = text_kv
         out = F.scaled_dot_product_attention(q, text_k.to(text_v.dtype), text_v, attn_mask=text_bias.to(text_v.dtype),
                                              scale=1.0)
         proj_w, proj_b = _weights(cross.proj, x)
     fc1_w, fc1_b = _weights(block.ffn.fc1, x)
     fc2_w, fc2_b = _weights(block.ffn.fc2, x)
-    return compiled(output_and_ffn)(x, out, proj_w, proj_b, fc1_w, fc1_b, fc2_w, fc2_b, eps)
+    return run_compiled(output_and_ffn, x, out, proj_w, proj_b, fc1_w, fc1_b, fc2_w, fc2_b, eps)

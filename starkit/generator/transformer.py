@@ -228,11 +228,8 @@ class ScaleTransformer(nn.Module):
         stage) and cached sampling stay eager."""
         if not (self.compile_blocks and torch.is_grad_enabled()):
             return self.blocks[i]
-        compiled = self.__dict__.setdefault("_compiled_blocks", {})
-        block = self.blocks[i]
-        if compiled.get(i, (None,))[0] is not block:  # built lazily; rebuilt if the block was replaced
-            compiled[i] = (block, torch.compile(block, **COMPILE_OPTIONS))
-        return compiled[i][1]
+        from starkit.utils.compiling import compiled_module
+        return compiled_module(self, f"_compiled_block_{i}", self.blocks[i], **COMPILE_OPTIONS)
 
     @property
     def attention(self) -> str:

@@ -17,6 +17,7 @@ weights of that layout map one to one.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -114,13 +115,11 @@ class SamplerHead(nn.Module):
         compiled element-wise regions (:mod:`starkit.generator.fused`)."""
         if fused and not torch.compiler.is_compiling():
             from starkit.generator.fused import fused_block
-            for block in self.blocks:
-                x = fused_block(block, x, rotary)
-            return self.head_logits(self.logit_norm(x[:, 1:])).float()  # (R, l, V)
-        if not torch.compiler.is_compiling():
-            rotary = as_cis(rotary)  # complex tables, built once for all blocks; compiled code keeps (cos, sin)
+            run = functools.partial(fused_block, rotary=rotary)
+        else:  # complex tables, built once for all blocks; compiled code keeps (cos, sin)
+            run = functools.partial(Block.__call__, rotary=rotary if torch.compiler.is_compiling() else as_cis(rotary))
         for block in self.blocks:
-            x = block(x, rotary=rotary)
+            x = run(block, x)
         return self.head_logits(self.logit_norm(x[:, 1:])).float()  # (R, l, V)
 
     def compiled_forward(self):
@@ -129,21 +128,11 @@ class SamplerHead(nn.Module):
         GELU and residual additions that run as separate kernels in eager mode). The compiled
         function is the class's, shared by all heads and holding none of them: copies and pickles
         of a head are unaffected, and each head runs with its own weights."""
-        from starkit.utils.compiling import compile_errors_named
+        from starkit.utils.compiling import compile_errors_named, compile_once
 
         def forward(hidden, revealed, pooled, scale, rotary_first=None, rotary=None):
             x = self.embed_inputs(hidden, revealed, pooled, scale)
             with compile_errors_named("the sampler head for compile_head", "compile_head=False"):
-                return _compiled_trunk()(self, x, _cat_rotary(rotary_first, rotary))
+                # the unbound function compiled once (the head is an argument)
+                return compile_once(SamplerHead.trunk, dynamic=True)(self, x, _cat_rotary(rotary_first, rotary))
         return forward
-
-
-_COMPILED_TRUNK = []
-
-
-def _compiled_trunk():
-    """``torch.compile(SamplerHead.trunk)`` (the unbound function: the head is an argument), built once."""
-    if not _COMPILED_TRUNK:
-        from starkit.utils.compiling import compile_fn
-        _COMPILED_TRUNK.append(compile_fn(SamplerHead.trunk, dynamic=True))
-    return _COMPILED_TRUNK[0]

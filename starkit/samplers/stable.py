@@ -13,6 +13,7 @@ causal reveal runs on the generator's own logits.
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import List, Optional
@@ -151,9 +152,16 @@ class StableSampler(ScaleSampler):
         self._trained_host = None  # the buffer may change: read it again when next asked
         return super()._load_from_state_dict(*args, **kwargs)
 
-    def _head_forward(self):
-        """The head's forward for sampling: compiled (:meth:`SamplerHead.compiled_forward`) with ``compile_head``."""
-        return self.head.compiled_forward() if self.compile_head and self.head is not None else self.head
+    def _head_forward(self, compile_blocks: bool = False):
+        """The head's forward for sampling: compiled whole (:meth:`SamplerHead.compiled_forward`) with
+        ``compile_head``; with the blocks' compiled regions under ``generate(compile_blocks=True)`` (a
+        :class:`SamplerHead`; another head module is called as it is); else the head itself."""
+        from starkit.samplers.head import SamplerHead  # (not at the top: head.py imports the generator's blocks)
+        if self.compile_head and self.head is not None:
+            return self.head.compiled_forward()
+        if compile_blocks and isinstance(self.head, SamplerHead):
+            return functools.partial(self.head, fused=True)
+        return self.head
 
     def causal_scale_ids(self, num_scales: int) -> range:
         return range(max(num_scales - self.causal_scales, 0), num_scales)
@@ -189,17 +197,11 @@ class StableSampler(ScaleSampler):
         revealed = torch.zeros(B, l, dtype=torch.bool, device=device)
         shown = torch.zeros(B, l, step.codebook.shape[-1], device=device)  # (B, l, Cvae), zeros where hidden
         n_revealed, cands = 0, None
-        head = self._head_forward()
-        from starkit.samplers.head import SamplerHead  # (not at the top: head.py imports the generator's blocks)
-        fused_head = step.compile_blocks and not self.compile_head and isinstance(self.head, SamplerHead)
+        head = self._head_forward(step.compile_blocks)
         for s, count in enumerate(counts):
             if self.use_head:
                 rows = torch.cat([shown, shown], dim=0) if step.guided else shown  # both halves share the tokens
-                if fused_head:  # generate(compile_blocks=True): the head's blocks in compiled regions too
-                    logits = self.head(step.hidden, rows, step.pooled_text, step.scale, step.rotary_first,
-                                       step.rotary, fused=True)
-                else:
-                    logits = head(step.hidden, rows, step.pooled_text, step.scale, step.rotary_first, step.rotary)
+                logits = head(step.hidden, rows, step.pooled_text, step.scale, step.rotary_first, step.rotary)
                 cands = self._candidates(logits, t, step.guided)  # (B, l, top_k)
             elif cands is None:  # the generator's logits do not change within the scale
                 cands = self._candidates(step.logits, t, step.guided)

@@ -180,11 +180,8 @@ class HFTextEncoder(TextEncoder):
         state dict and checkpoints do not change) when ``compile`` is on and gradients are off."""
         if not self.compile_model or torch.is_grad_enabled():
             return self.model
-        wrapped = self.__dict__.get("_compiled_model")
-        if wrapped is None or wrapped[0] is not self.model:
-            from starkit.utils.compiling import compile_fn
-            wrapped = self.__dict__["_compiled_model"] = (self.model, compile_fn(self.model))
-        return wrapped[1]
+        from starkit.utils import compiling
+        return compiling.compiled_module(self, "_compiled_model", self.model, backend=compiling.BACKEND)
 
     def _encode(self, prompts: List[str]) -> TextEmbedding:
         device = next(self.model.parameters()).device

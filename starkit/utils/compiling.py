@@ -10,6 +10,7 @@ message is added where they are called (:func:`compile_errors_named`).
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable
 
 import torch
@@ -17,9 +18,25 @@ import torch
 BACKEND = "inductor"  # tests swap in a failing backend to check the message
 
 
-def compile_fn(fn: Callable, **kwargs):
-    """``torch.compile(fn, backend=BACKEND, **kwargs)``."""
-    return torch.compile(fn, backend=BACKEND, **kwargs)
+def compile_once(fn: Callable, **kwargs):
+    """``torch.compile(fn, backend=BACKEND, **kwargs)`` of a plain function, built once per function,
+    backend and arguments (a function holds no weights: one compiled object serves every model)."""
+    return _compile_cached(fn, BACKEND, tuple(sorted(kwargs.items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _compile_cached(fn: Callable, backend, kwargs: tuple):
+    return torch.compile(fn, backend=backend, **dict(kwargs))
+
+
+def compiled_module(owner: torch.nn.Module, key: str, module: torch.nn.Module, **kwargs):
+    """``torch.compile(module, **kwargs)`` (an ``OptimizedModule``: copies and pickles with its module) kept
+    in ``owner.__dict__[key]``, outside the module tree so that state dicts do not change; built at the
+    first call and again when ``module`` was replaced."""
+    held = owner.__dict__.get(key)
+    if held is None or held[0] is not module:
+        held = owner.__dict__[key] = (module, torch.compile(module, **kwargs))
+    return held[1]
 
 
 def _compiler_errors() -> tuple:
