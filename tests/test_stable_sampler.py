@@ -102,9 +102,9 @@ def test_generation_with_the_head_with_and_without_cfg_is_reproducible(trained, 
     calls = []
     real = gen.sampler.head.forward
 
-    def spy(hidden, revealed, pooled, scale, rotary_first=None, rotary=None):
+    def spy(hidden, revealed, pooled, scale, rotary_first=None, rotary=None, **kwargs):
         calls.append((hidden.shape[0], revealed.clone(), pooled.clone(), scale))
-        return real(hidden, revealed, pooled, scale, rotary_first, rotary)
+        return real(hidden, revealed, pooled, scale, rotary_first, rotary, **kwargs)
 
     monkeypatch.setattr(gen.sampler.head, "forward", spy)
     a, ia = gen.generate(PROMPTS, seed=3, return_indices=True)
@@ -237,3 +237,68 @@ def test_compile_blocks_runs_the_head_blocks_in_compiled_regions_with_the_same_t
     assert all(torch.equal(x, y) for x, y in zip(eager, compiled))
     head_blocks = {id(b) for b in gen.sampler.head.blocks}
     assert head_blocks <= {id(b) for b in calls}  # the head's blocks went through the fused regions
+
+
+def _greedy_draw(cands, generator=None):
+    """A deterministic stand-in for ``draw``: the most likely candidate and its probability."""
+    prob, choice = cands.probs.max(dim=-1, keepdim=True)
+    ids = choice if cands.indices is None else cands.indices.gather(-1, choice)
+    return ids[..., 0], prob[..., 0]
+
+
+class _FullRowsStableSampler(StableSampler):
+    """The reveal loop as it was before the hidden-rows-only change: logits and draws on all l tokens."""
+
+    def _causal(self, step, t):
+        from starkit.samplers.stable import draw
+        R, l = step.logits.shape[:2]
+        B = R // 2 if step.guided else R
+        counts = reveal_schedule(l, self.steps_last if step.scale == step.num_scales - 1 else self.steps,
+                                 self.schedule)
+        idx = torch.zeros(B, l, dtype=torch.long)
+        revealed = torch.zeros(B, l, dtype=torch.bool)
+        shown = torch.zeros(B, l, step.codebook.shape[-1])
+        n_revealed = 0
+        for count in counts:
+            rows = torch.cat([shown, shown]) if step.guided else shown
+            logits = self.head(step.hidden, rows, step.pooled_text, step.scale, step.rotary_first, step.rotary)
+            drawn, confidence = draw(self._candidates(logits, t, step.guided), None)
+            if n_revealed + count >= l:
+                new = ~revealed
+            else:
+                pick = confidence.masked_fill(revealed, -float("inf")).topk(count, dim=-1).indices
+                new = torch.zeros_like(revealed).scatter_(1, pick, True)
+            n_revealed += count
+            idx = torch.where(new, drawn, idx)
+            revealed |= new
+            shown = torch.where(new[..., None], step.embed(drawn).float(), shown)
+        return step.embed(idx), idx
+
+
+@pytest.mark.parametrize("cfg", [2.0, 0.0])
+def test_hidden_rows_only_reveal_equals_the_full_rows_loop(trained, monkeypatch, cfg):
+    # With a deterministic draw and confidence picks, drawing only the hidden tokens reveals exactly the tokens
+    # of the loop that drew all l tokens at each step and discarded the revealed ones' draws.
+    import starkit.samplers.stable as stable_mod
+    gen, _ = trained
+    monkeypatch.setattr(stable_mod, "draw", _greedy_draw)
+    settings = dict(gen.sampler.hparams, random_steps=0, top_k=3, top_p=None)
+    reference = _FullRowsStableSampler(**settings)
+    reference.head, reference._trained_host = gen.sampler.head, True
+    new = gen.sampler.with_settings(random_steps=0, top_k=3, top_p=None)
+    _, want = gen.generate(PROMPTS, seed=1, cfg=cfg, sampler=reference, return_indices=True)
+    _, got = gen.generate(PROMPTS, seed=1, cfg=cfg, sampler=new, return_indices=True)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+
+
+def test_head_logits_at_positions_are_the_rows_of_all_logits(trained):
+    head = trained[0].sampler.head
+    torch.manual_seed(0)
+    hidden, shown, pooled = torch.randn(2, 16, 32), torch.randn(2, 16, 8), torch.randn(2, 32)
+    positions = torch.stack([torch.tensor([0, 3, 9, 15]), torch.tensor([1, 2, 4, 8])])  # (2, 4)
+    with torch.no_grad():
+        full = head(hidden, shown, pooled, 3)  # (2, 16, V)
+        for fused in (False, True):
+            part = head(hidden, shown, pooled, 3, fused=fused, positions=positions)  # (2, 4, V)
+            assert torch.allclose(part, full.gather(1, positions[..., None].expand(-1, -1, full.shape[-1])),
+                                  atol=1e-5)

@@ -80,8 +80,8 @@ class SamplerHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, revealed: torch.Tensor, pooled: torch.Tensor, scale: int,
                 rotary_first: Optional[tuple] = None, rotary: Optional[tuple] = None,
-                fused: bool = False) -> torch.Tensor:
-        """Logits of every token of one scale given the revealed ones.
+                fused: bool = False, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits of the tokens of one scale (all, or those at ``positions``) given the revealed ones.
 
         Args:
             hidden: the generator's hidden states of the scale ``(R, l, C)``.
@@ -91,12 +91,14 @@ class SamplerHead(nn.Module):
             rotary_first, rotary: rotary tables of the (0, 0) position and of the scale's tokens.
             fused: run the blocks with their element-wise work in compiled regions
                 (:func:`starkit.generator.fused.fused_block`; inference only).
+            positions: ``(R, h)`` token positions whose logits are wanted (the still hidden ones when
+                sampling), or None for all ``l``. The blocks always run on every token.
 
         Returns:
-            float32 logits ``(R, l, V)``.
+            float32 logits ``(R, l, V)``, or ``(R, h, V)`` with ``positions``.
         """
         return self.trunk(self.embed_inputs(hidden, revealed, pooled, scale), _cat_rotary(rotary_first, rotary),
-                          fused=fused)
+                          fused=fused, positions=positions)
 
     def embed_inputs(self, hidden: torch.Tensor, revealed: torch.Tensor, pooled: torch.Tensor,
                      scale: int) -> torch.Tensor:
@@ -109,10 +111,11 @@ class SamplerHead(nn.Module):
         return self.proj(x)  # (R, 1 + l, C)
 
     def trunk(self, x: torch.Tensor, rotary: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-              fused: bool = False) -> torch.Tensor:
+              fused: bool = False, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The blocks, the norm and the logits head: ``(R, 1 + l, C)`` -> float32 logits ``(R, l, V)``.
         ``rotary``: the (cos, sin) tables of ``[prefix; scale tokens]``, or None. ``fused``: blocks with
-        compiled element-wise regions (:mod:`starkit.generator.fused`)."""
+        compiled element-wise regions (:mod:`starkit.generator.fused`). ``positions`` ``(R, h)``: only
+        these tokens get logits ``(R, h, V)`` (norm, logits head and everything after on h rows)."""
         if fused and not torch.compiler.is_compiling():
             from starkit.generator.fused import fused_block
             run = functools.partial(fused_block, rotary=rotary)
@@ -120,7 +123,10 @@ class SamplerHead(nn.Module):
             run = functools.partial(Block.__call__, rotary=rotary if torch.compiler.is_compiling() else as_cis(rotary))
         for block in self.blocks:
             x = run(block, x)
-        return self.head_logits(self.logit_norm(x[:, 1:])).float()  # (R, l, V)
+        x = x[:, 1:]  # (R, l, C): the prefix has no logits
+        if positions is not None:
+            x = x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))  # (R, h, C)
+        return self.head_logits(self.logit_norm(x)).float()  # (R, l or h, V)
 
     def compiled_forward(self):
         """:meth:`forward` with :meth:`trunk` under ``torch.compile`` (dynamic shapes: one graph serves
@@ -130,9 +136,10 @@ class SamplerHead(nn.Module):
         of a head are unaffected, and each head runs with its own weights."""
         from starkit.utils.compiling import compile_errors_named, compile_once
 
-        def forward(hidden, revealed, pooled, scale, rotary_first=None, rotary=None):
+        def forward(hidden, revealed, pooled, scale, rotary_first=None, rotary=None, positions=None):
             x = self.embed_inputs(hidden, revealed, pooled, scale)
             with compile_errors_named("the sampler head for compile_head", "compile_head=False"):
                 # the unbound function compiled once (the head is an argument)
-                return compile_once(SamplerHead.trunk, dynamic=True)(self, x, _cat_rotary(rotary_first, rotary))
+                return compile_once(SamplerHead.trunk, dynamic=True)(self, x, _cat_rotary(rotary_first, rotary),
+                                                                     positions=positions)
         return forward
