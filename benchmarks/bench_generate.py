@@ -107,7 +107,8 @@ def time_ours(config: str, args, dev, text, ceiling) -> list:
         ("compiled text", False, False, True, text_ok), ("compiled head", True, False, False, args.compile_head),
         ("compiled blocks", False, True, False, args.compile_blocks)) if on]
     if len(variants) > 1:
-        variants.append(("all compiled", args.compile_head, args.compile_blocks, text_ok))
+        all_on = ("all compiled", args.compile_head, args.compile_blocks, text_ok)
+        variants = [all_on] if args.only_all_compiled else variants + [all_on]
     for label, head, blocks, compile_text in variants:
         for sampler_name in args.samplers.split(","):
             if sampler_name != "stable" and not (blocks or compile_text):
@@ -235,6 +236,8 @@ def main(argv=None) -> None:
                     help="also rows with the CLIP text encoder compiled (HFTextEncoder(compile=True))")
     ap.add_argument("--compile-blocks", action="store_true",
                     help="also rows with generate(compile_blocks=True) (with the compiled head too under --compile-head)")
+    ap.add_argument("--only-all-compiled", action="store_true",
+                    help="with several --compile-* paths: only the row with all of them (not each alone)")
     ap.add_argument("--text", choices=("clip", "random"), default="clip")
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -19,6 +19,8 @@
 #               the compiled block regions (generate(compile_blocks=True)), against the official code
 # Pick stages with STAGES="train tokenizer" (default: check generate, 510 s of limits: a device call runs 600 s at
 # most, so keep the sum of the chosen stages' limits below that); *_LIMIT variables set time limits.
+# Narrower runs: T1024_COMPILE=on (compiled rows only), SMALL_CONFIGS=d16@256, SMALL_ARGS / GENERATE_ARGS add
+# bench_generate.py options (e.g. --only-all-compiled: no row per compiled path alone).
 set -uo pipefail
 out=${1:?usage: speed_suite.sh OUT_DIR}
 mkdir -p "$out" && out=$(cd "$out" && pwd)
@@ -34,7 +36,8 @@ run() {  # run NAME SECONDS COMMAND...: output to $out/NAME.log, never fails the
   shift 2
   echo "[suite $(date -u +%H:%M:%S)] $name (limit ${limit}s): $*"
   timeout "$limit" "$@" >"$out/$name.log" 2>&1
-  echo "[suite $(date -u +%H:%M:%S)] $name exit $?"
+  local rc=$?  # (read before the date below resets $?; 124 = stopped at the limit)
+  echo "[suite $(date -u +%H:%M:%S)] $name exit $rc"
 }
 
 official_star=()
@@ -61,21 +64,21 @@ for stage in $stages; do
         --configs d16@256 --compile on --search 64,128 --steps 4 --warmup 2 --json "$out/train_images.json" ;;
     train_1024)
       run train_1024 "${T1024_LIMIT:-420}" python "$here/bench_train.py" "${official_star[@]}" "${tiny[@]}" \
-        --configs d30@1024 --attentions flex --compile off,on --search "${T1024_BATCH:-2,32}" --steps 3 --warmup 1 \
+        --configs d30@1024 --attentions flex --compile "${T1024_COMPILE:-off,on}" --search "${T1024_BATCH:-2,32}" --steps 3 --warmup 1 \
         --json "$out/train_1024.json" ;;
     generate_small)
       run generate_small "${SMALL_LIMIT:-300}" python "$here/bench_generate.py" "${official_star[@]}" "${tiny[@]}" \
-        --configs d16@256,d30@512 --cuda-graphs --skip-eager --compile-decoder --compile-blocks --compile-text --warmup 2 --repeats 3 \
-        --json "$out/generate_small.json" ;;
+        --configs "${SMALL_CONFIGS:-d16@256,d30@512}" --cuda-graphs --skip-eager --compile-decoder --compile-blocks --compile-text --warmup 2 --repeats 3 \
+        ${SMALL_ARGS:-} --json "$out/generate_small.json" ;;
     tokenizer)
       tok_args=(--official-root .official/VAR --variants "${TOKENIZER_VARIANTS:-compile}" --resolutions 1024 --skip-train
-                --json "$out/tokenizer.json")
+                --warmup 2 --repeats 6 --json "$out/tokenizer.json")
       [ -n "${TINY:-}" ] && tok_args=(--tiny --official-root .official/VAR --skip-train --json "$out/tokenizer.json")
-      run tokenizer "${TOKENIZER_LIMIT:-110}" python "$here/bench_tokenizer.py" "${tok_args[@]}" ;;
+      run tokenizer "${TOKENIZER_LIMIT:-150}" python "$here/bench_tokenizer.py" "${tok_args[@]}" ;;
     generate)
       run generate_1024 "${GENERATE_LIMIT:-360}" python "$here/bench_generate.py" "${official_star[@]}" "${tiny[@]}" \
         --configs d30@1024 --cuda-graphs --skip-eager --compile-decoder --compile-head --compile-blocks --compile-text \
-        --samplers stable --warmup 1 --repeats 2 --json "$out/generate_1024.json" ;;
+        --samplers stable --warmup 1 --repeats 2 ${GENERATE_ARGS:-} --json "$out/generate_1024.json" ;;
     *) echo "unknown stage $stage (check, train, train_d30, train_tokens, train_images, train_1024, tokenizer, generate," \
             "generate_small)" >&2 ;;
   esac
