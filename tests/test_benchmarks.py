@@ -64,3 +64,10 @@ def test_bench_generate_compiled_variants_are_labelled_and_timed(tmp_path, capsy
                    ("starkit graphs, compiled blocks", "stable"), ("starkit graphs, all compiled", "parallel"),
                    ("starkit graphs, all compiled", "stable")}
     assert all(r["latency_s"] > 0 and not r.get("compiled_text") for r in rows)
+
+
+def test_tokenizer_precision_of_the_trained_demo_tokenizer():
+    import tokenizer_precision
+    r = tokenizer_precision.main(["--num", "16"])
+    assert r["images"] == 16 and len(r["agree_per_scale_pct"]) == len(r["patch_nums"])
+    assert r["agree_pct"] > 80 and r["decode_max_abs"] < 0.5  # a trained codebook has few near ties (97% at 256)
