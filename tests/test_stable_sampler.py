@@ -260,8 +260,11 @@ class _FullRowsStableSampler(StableSampler):
         shown = torch.zeros(B, l, step.codebook.shape[-1])
         n_revealed = 0
         for count in counts:
-            rows = torch.cat([shown, shown]) if step.guided else shown
-            logits = self.head(step.hidden, rows, step.pooled_text, step.scale, step.rotary_first, step.rotary)
+            if self.use_head:
+                rows = torch.cat([shown, shown]) if step.guided else shown
+                logits = self.head(step.hidden, rows, step.pooled_text, step.scale, step.rotary_first, step.rotary)
+            else:
+                logits = step.logits
             drawn, confidence = draw(self._candidates(logits, t, step.guided), None)
             if n_revealed + count >= l:
                 new = ~revealed
@@ -275,20 +278,52 @@ class _FullRowsStableSampler(StableSampler):
         return step.embed(idx), idx
 
 
+class _HeadWithoutPositions(torch.nn.Module):
+    """A user's head with the original call signature (no ``positions``): the sampler takes the rows."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, hidden, revealed, pooled, scale, rotary_first=None, rotary=None):
+        return self.inner(hidden, revealed, pooled, scale, rotary_first, rotary)
+
+
 @pytest.mark.parametrize("cfg", [2.0, 0.0])
-def test_hidden_rows_only_reveal_equals_the_full_rows_loop(trained, monkeypatch, cfg):
+@pytest.mark.parametrize("head", ["sampler_head", "user_head", "no_head"])
+def test_hidden_rows_only_reveal_equals_the_full_rows_loop(trained, monkeypatch, cfg, head):
     # With a deterministic draw and confidence picks, drawing only the hidden tokens reveals exactly the tokens
-    # of the loop that drew all l tokens at each step and discarded the revealed ones' draws.
+    # of the loop that drew all l tokens at each step and discarded the revealed ones' draws: with the
+    # SamplerHead (logits of the hidden rows only), a head without ``positions`` (all logits, rows taken) and
+    # without a head (the generator's logits filtered once to the top-k, the hidden rows' candidates taken).
     import starkit.samplers.stable as stable_mod
     gen, _ = trained
     monkeypatch.setattr(stable_mod, "draw", _greedy_draw)
-    settings = dict(gen.sampler.hparams, random_steps=0, top_k=3, top_p=None)
-    reference = _FullRowsStableSampler(**settings)
-    reference.head, reference._trained_host = gen.sampler.head, True
-    new = gen.sampler.with_settings(random_steps=0, top_k=3, top_p=None)
+    settings = dict(gen.sampler.hparams, random_steps=0, top_k=3, top_p=None, use_head=head != "no_head")
+    reference, new = _FullRowsStableSampler(**settings), StableSampler(**settings)
+    for sampler in (reference, new):
+        sampler.head = _HeadWithoutPositions(gen.sampler.head) if head == "user_head" else gen.sampler.head
+        sampler._trained_host = True
+    assert stable_mod._takes_positions(new._head_forward()) == (head != "user_head")
     _, want = gen.generate(PROMPTS, seed=1, cfg=cfg, sampler=reference, return_indices=True)
     _, got = gen.generate(PROMPTS, seed=1, cfg=cfg, sampler=new, return_indices=True)
     assert all(torch.equal(a, b) for a, b in zip(want, got))
+
+
+def test_compiled_head_makes_few_graphs_across_reveal_steps_batches_and_guidance(trained, monkeypatch):
+    # The varying hidden-row positions stay outside the compiled blocks: guided and unguided calls at several
+    # batch sizes share the head's dynamic graph (plus one for a single row).
+    from starkit.utils import compiling
+    gen, _ = trained
+    monkeypatch.setattr(compiling, "BACKEND", "eager")
+    sampler = gen.sampler.with_settings(compile_head=True)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for cfg in (0.0, 2.0):
+        for batch in (3, 1, 2, 5):
+            gen.generate(["a red circle"] * batch, seed=0, cfg=cfg, sampler=sampler)
+    counters = torch._dynamo.utils.counters
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])  # the old whole-trunk compile: 7
 
 
 def test_head_logits_at_positions_are_the_rows_of_all_logits(trained):

@@ -116,6 +116,11 @@ class SamplerHead(nn.Module):
         ``rotary``: the (cos, sin) tables of ``[prefix; scale tokens]``, or None. ``fused``: blocks with
         compiled element-wise regions (:mod:`starkit.generator.fused`). ``positions`` ``(R, h)``: only
         these tokens get logits ``(R, h, V)`` (norm, logits head and everything after on h rows)."""
+        return self.logits_at(self.run_blocks(x, rotary, fused), positions)
+
+    def run_blocks(self, x: torch.Tensor, rotary: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                   fused: bool = False) -> torch.Tensor:
+        """The blocks only: ``(R, 1 + l, C)`` -> ``(R, 1 + l, C)``."""
         if fused and not torch.compiler.is_compiling():
             from starkit.generator.fused import fused_block
             run = functools.partial(fused_block, rotary=rotary)
@@ -123,23 +128,30 @@ class SamplerHead(nn.Module):
             run = functools.partial(Block.__call__, rotary=rotary if torch.compiler.is_compiling() else as_cis(rotary))
         for block in self.blocks:
             x = run(block, x)
+        return x
+
+    def logits_at(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The blocks' output ``(R, 1 + l, C)`` -> float32 logits of every token ``(R, l, V)``, or of the
+        tokens at ``positions`` ``(R, h)`` -> ``(R, h, V)``."""
         x = x[:, 1:]  # (R, l, C): the prefix has no logits
         if positions is not None:
             x = x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))  # (R, h, C)
         return self.head_logits(self.logit_norm(x)).float()  # (R, l or h, V)
 
     def compiled_forward(self):
-        """:meth:`forward` with :meth:`trunk` under ``torch.compile`` (dynamic shapes: one graph serves
-        every scale and batch size, plus one for a single row; it fuses the normalisations, rotary,
-        GELU and residual additions that run as separate kernels in eager mode). The compiled
-        function is the class's, shared by all heads and holding none of them: copies and pickles
-        of a head are unaffected, and each head runs with its own weights."""
+        """:meth:`forward` with the blocks (:meth:`run_blocks`) under ``torch.compile`` (dynamic shapes:
+        one graph serves every scale and batch size, plus one for a single row; it fuses the
+        normalisations, rotary, GELU and residual additions that run as separate kernels in eager
+        mode). The hidden-row selection, final norm and logits head run outside, so the varying
+        ``positions`` of the reveal steps add no graphs. The compiled function is the class's, shared
+        by all heads and holding none of them: copies and pickles of a head are unaffected, and each
+        head runs with its own weights."""
         from starkit.utils.compiling import compile_errors_named, compile_once
 
         def forward(hidden, revealed, pooled, scale, rotary_first=None, rotary=None, positions=None):
             x = self.embed_inputs(hidden, revealed, pooled, scale)
             with compile_errors_named("the sampler head for compile_head", "compile_head=False"):
                 # the unbound function compiled once (the head is an argument)
-                return compile_once(SamplerHead.trunk, dynamic=True)(self, x, _cat_rotary(rotary_first, rotary),
-                                                                     positions=positions)
+                x = compile_once(SamplerHead.run_blocks, dynamic=True)(self, x, _cat_rotary(rotary_first, rotary))
+            return self.logits_at(x, positions)
         return forward
