@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The speed measurements of issues 2 and 7 that are not yet made, in one GPU call (~9 min on an H200):
+# The speed measurements of issues 2 and 7 (docs/performance.md), stage by stage, a few stages per GPU call
+# (a call runs 10 min at most; the default stages take ~9 min on an H200):
 #   bash benchmarks/speed_suite.sh $OUT                # on the device machine, carrying .whl and .official:
 #     d=$(mktemp -d) && python3 -m pip install -q --no-index --no-deps --target $d .whl/*.whl \
 #       && export PYTHONPATH=$d:$PWD && bash benchmarks/speed_suite.sh $OUT
