@@ -41,9 +41,6 @@ class DropPath(nn.Module):
         return (x * (keep / keep_prob)).to(x.dtype)  # (B, 1, ..) float32 factor: one rounding per element
 
 
-_COMPILED_FLEX = {}
-
-
 def flex_attention_fn(device: torch.device):
     """``flex_attention``: compiled once per process on CUDA (the fused kernel that skips the masked
     blocks); eager elsewhere (a reference implementation, for tests on the CPU)."""
@@ -55,9 +52,8 @@ def flex_attention_fn(device: torch.device):
                 warnings.simplefilter("ignore")  # "called without torch.compile": intended off the GPU
                 return flex_attention(*args, **kwargs)
         return eager
-    if "cuda" not in _COMPILED_FLEX:
-        _COMPILED_FLEX["cuda"] = torch.compile(flex_attention, dynamic=False)
-    return _COMPILED_FLEX["cuda"]
+    from starkit.utils.compiling import compile_once
+    return compile_once(flex_attention, dynamic=False)
 
 
 class KVCache:

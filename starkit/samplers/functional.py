@@ -103,14 +103,9 @@ def draw(cands: Candidates, generator: Optional[torch.Generator] = None) -> Tupl
 
 
 def sample_categorical(logits: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """One draw per row from softmax(logits) ``(..., V)`` -> indices ``(...)``.
-
-    Uses the exponential race (argmax of p / E, E ~ Exp(1)), which has exactly the
-    categorical distribution and needs no host synchronisation (unlike torch.multinomial).
-    """
-    probs = logits.float().softmax(dim=-1)
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return (probs / noise).argmax(dim=-1)
+    """One draw per row from softmax(logits) ``(..., V)`` -> indices ``(...)``: :func:`draw` over the whole
+    vocabulary (the exponential race: exactly categorical, no host synchronisation, unlike torch.multinomial)."""
+    return draw(Candidates(logits.float().softmax(dim=-1), None), generator)[0]
 
 
 def gumbel_soft_tokens(logits: torch.Tensor, codebook: torch.Tensor, tau: float,
