@@ -68,7 +68,7 @@ class ScaleWiseGenerator(L.LightningModule):
             chains) and, at the start of fitting, the frozen tokenizer's encoder (the VQ encoding
             inside the step). The first steps are slow while compiling; validation and sampling
             stay eager. On an H200 (docs/performance.md): d16 @256 1.58x the eager step, d30
-            @256 1.56x the official trainer; not measured at 512/1024 px.
+            @256 1.56x and d30 @1024 (batch 8) 1.39x the official trainer; not measured at 512 px.
         init_from: a starkit checkpoint or model directory whose transformer initialises
             this one (progressive resolution: scales may differ).
         stage: "generator" trains the transformer; "sampler_head" freezes it and trains only
@@ -383,7 +383,9 @@ class ScaleWiseGenerator(L.LightningModule):
             compile_blocks: run each block's element-wise work (LayerNorms, QK-norm, rotary, GELU,
                 residuals) as ``torch.compile``'d regions between the matrix products and attentions
                 (:mod:`starkit.generator.fused`; the first call compiles), in the transformer and in
-                the stable sampler's head. Combines with ``cuda_graphs``. Not yet measured on a GPU.
+                the stable sampler's head. Combines with ``cuda_graphs``. On an H200 with CUDA graphs,
+                d30 @1024 stable: 7.6% faster at batch 1, 11.2% at batch 16; d16 @256 stable batch 1:
+                slower (the head's small steps pay the regions' per-call cost); docs/performance.md.
 
         Returns:
             images ``(N, 3, H, W)`` float in [0, 1] (and the list of indices if asked).
