@@ -146,6 +146,9 @@ def main(argv=None) -> None:
     ap.add_argument("--pretokenized", action="store_true",
                     help="starkit rows train on token rows (starkit.data.TokenizedDataModule): no VQ encode in "
                          "the step (the official rows still encode: their ratio is then not like for like)")
+    ap.add_argument("--cudnn-benchmark", action="store_true",
+                    help="torch.backends.cudnn.benchmark = True for starkit's rows (what `trainer: benchmark: true` "
+                         "sets; the official trainer turns it on itself)")
     ap.add_argument("--profile-dir", default=None, help="write a torch.profiler kernel table of 2 steps per row here")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
@@ -158,6 +161,8 @@ def main(argv=None) -> None:
     if args.profile_dir:
         os.makedirs(args.profile_dir, exist_ok=True)
     dev = torch.device(args.device)
+    if args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     rows, workdir = [], tempfile.mkdtemp(prefix="bench_train_")
     try:

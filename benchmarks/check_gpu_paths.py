@@ -6,6 +6,8 @@
 
 Checks (the table is printed last; "ok" compares against the bf16 tolerance given):
   * compile_blocks: every scale's hidden states, fused regions vs eager blocks, same inputs and caches;
+  * the names of the attention kernels the KV-cached scale steps run (on an H200 with torch 2.11: cuDNN's
+    fused kernel, and FlashAttention-2 at the first scale, whose single key cuDNN does not take);
   * compile_blocks + cuda_graphs: the same tokens as compile_blocks alone (the same kernels, replayed);
   * cuda_graphs: the same tokens as the eager loop (issue 7's first check, kept here);
   * compile_head: the stable sampler head's logits, compiled (StableSampler(compile_head=True)) vs eager;
@@ -73,6 +75,17 @@ def main(argv=None) -> None:
                 fused = net.forward_scale(x, k, caches[1], kvs, bias, fused=True)
                 worst = max(worst, rel_diff(eager, fused))
         rows.append(("compile_blocks: hidden states, all scales (max rel. diff)", f"{worst:.2e}", worst <= args.tolerance))
+
+        if dev.type == "cuda":  # which attention kernels the KV-cached scale steps ran, by name
+            cache = net.new_caches(2, dev, dtype)
+            with torch.no_grad(), amp, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for k, p in enumerate(net.patch_nums):
+                    x = net.start_tokens(emb.pooled) if k == 0 else torch.randn(2, p * p, net.width, device=dev)
+                    net.forward_scale(x, k, cache, kvs, bias)
+                torch.cuda.synchronize()
+            names = sorted({e.key[:60] for e in prof.key_averages()
+                            if any(w in e.key.lower() for w in ("flash", "fmha", "sdpa", "attention"))})
+            rows.append(("attention kernels of the scale steps (informative)", "; ".join(names) or "none", bool(names)))
 
         def tokens(**kw):
             _, idx = gen.generate(prompts, seed=0, return_indices=True, **kw)

@@ -527,3 +527,20 @@ def test_prediction_with_cuda_graphs_on_an_adaln_model_warns_and_runs_without():
     with pytest.warns(UserWarning, match="AdaLN"):
         out = gen.predict_step({"prompt": ["a red circle"], "seed": [1]}, 0)
     assert out["images"].shape[0] == 1
+
+
+def test_token_cross_entropy_equals_transposed_form():
+    """The last-dimension form used by the training losses: same values and gradients as
+    F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")."""
+    import torch.nn.functional as F
+    from starkit.utils.losses import token_cross_entropy
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 11, generator=g, requires_grad=True)
+    targets = torch.randint(0, 11, (3, 7), generator=g)
+    ours = token_cross_entropy(logits, targets)
+    assert ours.shape == (3, 7)
+    (grad_ours,) = torch.autograd.grad(ours.mean(), logits)
+    ref = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    (grad_ref,) = torch.autograd.grad(ref.mean(), logits)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)  # the same math, another reduction order
+    torch.testing.assert_close(grad_ours, grad_ref, atol=1e-7, rtol=1e-6)

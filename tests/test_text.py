@@ -86,6 +86,27 @@ def test_clip_pooled_is_pooler_output_and_batch_independent(clip):
     torch.testing.assert_close(one.tokens[0][m], two.tokens[0][m], atol=1e-5, rtol=1e-5)
 
 
+def test_clip_runs_without_padding_mask_same_real_tokens(clip):
+    """The tower is called without the padding mask (no host sync in Transformers' mask code): the real
+    tokens and the pooled features equal a call with the mask; only the (masked) pads may differ."""
+    prompts = ["a cat on the mat", "", "dog"]
+    seen = []
+    hook = clip.model.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(set(kwargs)), with_kwargs=True)
+    try:
+        out = clip.encode(prompts)
+    finally:
+        hook.remove()
+    assert seen and "attention_mask" not in seen[0]
+    batch = clip.tokenizer(prompts, padding="max_length", max_length=clip.max_length, truncation=True,
+                           return_tensors="pt", return_attention_mask=True)
+    with torch.no_grad():
+        ref = clip.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    m = out.mask
+    assert torch.equal(m, batch["attention_mask"].bool())
+    torch.testing.assert_close(out.tokens[m], ref.last_hidden_state.float()[m], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.pooled, ref.pooler_output.float(), atol=1e-5, rtol=1e-5)
+
+
 def test_truncation_warns_once(clip_dir):
     enc = HFTextEncoder(clip_dir, max_length=8)
     long = "a cat on the mat " * 10

@@ -18,7 +18,6 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from starkit.generator.hparams import library_hparams
 from starkit.generator.optim import warmup_linear_decay  # noqa: F401  (its former home: kept importable)
@@ -27,6 +26,7 @@ from starkit.positional import NormalizedRoPE2D, PositionalEncoding
 from starkit.samplers import ParallelSampler, ScaleSampler
 from starkit.text import TextEmbedding, TextEncoder
 from starkit.tokenizers import ScaleTokenizer
+from starkit.utils.losses import token_cross_entropy
 
 PositionalFactory = Callable[[int, int, Sequence[int]], PositionalEncoding]
 FROZEN_PREFIXES = ("tokenizer.", "text_encoder.")
@@ -278,7 +278,7 @@ class ScaleWiseGenerator(L.LightningModule):
         targets = torch.cat(indices, dim=1)  # (B, L)
         if keep is not None:
             targets = targets[:, keep]
-        token_loss = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, L')
+        token_loss = token_cross_entropy(logits, targets)  # (B, L')
         loss = token_loss.mean()
         self._log_per_scale(stage, token_loss.detach(), logits.detach(), targets, keep)
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=targets.shape[0], sync_dist=stage != "train")

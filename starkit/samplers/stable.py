@@ -20,10 +20,10 @@ import warnings
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 
 from starkit.samplers.base import HeadTrainingBatch, ScaleSampler, ScaleStep
 from starkit.samplers.functional import apply_guidance, candidates, draw, guidance_weight, validate_settings
+from starkit.utils.losses import token_cross_entropy
 
 SCHEDULES = ("arccos", "cosine", "linear", "root", "square")
 
@@ -280,7 +280,7 @@ class StableSampler(ScaleSampler):
             hidden = batch.hidden[:, starts[k]:starts[k + 1]]  # (B, l, C)
             rotary = rot_fn(slice(starts[k], starts[k + 1])) if rot_fn is not None else None
             logits = self.head(hidden, shown, batch.pooled_text, k, rotary_first, rotary)  # (B, l, V)
-            loss = F.cross_entropy(logits.transpose(1, 2), gt, reduction="none")  # (B, l)
+            loss = token_cross_entropy(logits, gt)  # (B, l)
             target = ~keep
             total_loss = total_loss + (loss * target).sum()
             total_hidden = total_hidden + target.sum()  # tensors: no host sync per scale

@@ -40,6 +40,14 @@ def resolve_short_name(name_or_path: str) -> str:
     return path
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> GPU copy from pinned memory without blocking: a plain ``.to(cuda)`` of pageable memory
+    waits for the whole queue of GPU work (in a training step, the VQ encoding queued before the text)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``tokens (B, T, D)`` over the real tokens of ``mask (B, T)`` -> ``(B, D)``."""
     m = mask.to(tokens.dtype).unsqueeze(-1)  # (B, T, 1)
@@ -191,12 +199,17 @@ class HFTextEncoder(TextEncoder):
                                return_tensors="pt", return_attention_mask=True)
         if padding == "max_length" or batch["input_ids"].shape[1] >= self.max_length:
             self._warn_truncation(prompts)  # a second tokenisation, only when a prompt may have been cut
-        inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
-        if "token_type_ids" in batch and self.kind == "bert":
-            inputs["token_type_ids"] = batch["token_type_ids"].to(device)
+        names = ["input_ids", "attention_mask"] + (["token_type_ids"] if "token_type_ids" in batch and self.kind == "bert" else [])
+        inputs = {name: _to_device(batch[name], device) for name in names}
+        model_inputs = dict(inputs)
+        if self.kind == "clip":
+            # CLIP's text tower is causal and pads after the end-of-text token: no real token ever sees a pad,
+            # so without the padding mask the real tokens and the pooled features are the same (pads, masked
+            # below, differ), and Transformers' mask building makes no host synchronisation (2 per call).
+            del model_inputs["attention_mask"]
         from starkit.utils.compiling import compile_errors_named
         with compile_errors_named(f"the text encoder {type(self.model).__name__}", "HFTextEncoder(compile=False)"):
-            out = self._forward_model()(**inputs)
+            out = self._forward_model()(**model_inputs)
         tokens = out.last_hidden_state.float()  # (B, T, D)
         mask = inputs["attention_mask"].bool()  # (B, T)
         if self.kind == "clip":
