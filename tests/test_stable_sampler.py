@@ -196,6 +196,18 @@ def test_head_ready_follows_loaded_state_without_reading_the_buffer_each_time():
     assert not sampler.head_ready
 
 
+def test_with_settings_copies_share_the_host_copy_of_head_ready(monkeypatch):
+    """generate(cfg=...) samples with a with_settings copy per call: the buffer is read once, not per call."""
+    sampler = StableSampler(head_depth=1)
+    sampler.build(width=32, text_dim=16, latent_dim=8, vocab_size=16, num_heads=2, patch_nums=(1, 2))
+    sampler.head_trained.fill_(1)
+    assert sampler.with_settings(cfg=2.0).head_ready
+    reads = []
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append(1) or 1)
+    assert sampler.head_ready and sampler.with_settings(cfg=3.0).head_ready
+    assert reads == []
+
+
 def test_compiled_head_matches_the_eager_head_at_every_scale_and_draws_the_same_tokens(trained):
     gen, _ = trained
     head = gen.sampler.head
@@ -303,7 +315,7 @@ def test_hidden_rows_only_reveal_equals_the_full_rows_loop(trained, monkeypatch,
     reference, new = _FullRowsStableSampler(**settings), StableSampler(**settings)
     for sampler in (reference, new):
         sampler.head = _HeadWithoutPositions(gen.sampler.head) if head == "user_head" else gen.sampler.head
-        sampler._trained_host = True
+        sampler._trained_host["value"] = True
     assert stable_mod._takes_positions(new._head_forward()) == (head != "user_head")
     _, want = gen.generate(PROMPTS, seed=1, cfg=cfg, sampler=reference, return_indices=True)
     _, got = gen.generate(PROMPTS, seed=1, cfg=cfg, sampler=new, return_indices=True)

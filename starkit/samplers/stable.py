@@ -136,7 +136,9 @@ class StableSampler(ScaleSampler):
         # 1 once the head has been trained or loaded (saved with the weights)
         self.register_buffer("head_trained", torch.zeros((), dtype=torch.long))
         self._warn_state = {"warned": False}  # shared by with_settings copies: warn once
-        self._trained_host = None  # host copy of head_trained (None: not read yet)
+        # host copy of head_trained (None: not read yet), shared by with_settings copies (they share the
+        # buffer): generate(cfg=...) makes a copy per call, which must not read the GPU again
+        self._trained_host = {"value": None}
 
     def validate(self) -> None:
         validate_settings(self.cfg, self.top_k, self.top_p, self.temperature, self.cfg_schedule)
@@ -164,12 +166,12 @@ class StableSampler(ScaleSampler):
         (reset when a state dict is loaded), so sampling does not wait on the GPU at every scale."""
         if self.head is None:
             return False
-        if self._trained_host is None:
-            self._trained_host = bool(self.head_trained.item())
-        return self._trained_host
+        if self._trained_host["value"] is None:
+            self._trained_host["value"] = bool(self.head_trained.item())
+        return self._trained_host["value"]
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._trained_host = None  # the buffer may change: read it again when next asked
+        self._trained_host["value"] = None  # the buffer may change: read it again when next asked
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _head_forward(self, compile_blocks: bool = False):
@@ -287,7 +289,7 @@ class StableSampler(ScaleSampler):
             total_correct = total_correct + ((logits.argmax(-1) == gt) & target).sum()
         if self.training:
             self.head_trained.fill_(1)
-            self._trained_host = True
+            self._trained_host["value"] = True
         if not torch.is_tensor(total_loss):
             return torch.zeros((), requires_grad=True), {"head_acc": torch.tensor(0.0), "head_hidden": torch.tensor(0.0)}
         n = torch.as_tensor(total_hidden).clamp(min=1).float()
