@@ -71,3 +71,20 @@ def test_tokenizer_precision_of_the_trained_demo_tokenizer():
     r = tokenizer_precision.main(["--num", "16"])
     assert r["images"] == 16 and len(r["agree_per_scale_pct"]) == len(r["patch_nums"])
     assert r["agree_pct"] > 80 and r["decode_max_abs"] < 0.5  # a trained codebook has few near ties (97% at 256)
+
+
+def test_bench_attention_tiny_and_find_syncs_needs_a_gpu(tmp_path, capsys):
+    """bench_attention.py times and compares the kernels (math only on the CPU); find_syncs.py says it needs CUDA."""
+    import pytest
+    import torch
+    import bench_attention
+    import find_syncs
+    out = tmp_path / "attention.json"
+    bench_attention.main(["--tiny", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["shape"] for r in rows} == {"gen-self b1 64x64 (tiny)", "train-mask (tiny)"}
+    assert all(r["ms"] > 0 and r["max_abs_diff"] == 0.0 for r in rows)
+    assert "| train-mask (tiny) | math |" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            find_syncs.main([])

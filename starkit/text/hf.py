@@ -60,7 +60,9 @@ class HFTextEncoder(TextEncoder):
     STAR uses the CLIP text encoder of Stable Diffusion 2.1 (``stabilityai/stable-diffusion-2-1``,
     1024-d, 77 tokens): a diffusers-style folder with ``text_encoder/`` and ``tokenizer/`` is
     recognised. Kinds: ``clip`` (CLIPTextModel: last hidden state as tokens, pooler output as
-    pooled, padding to ``max_length``), ``t5`` (T5EncoderModel, masked mean pooling), ``bert``
+    pooled, padding to ``max_length``; the causal tower runs without the padding mask, as Stable
+    Diffusion calls it: the real tokens and the pooled features are the same, the pads are masked
+    in ``TextEmbedding.mask``), ``t5`` (T5EncoderModel, masked mean pooling), ``bert``
     (AutoModel, masked mean pooling). ``auto`` detects the kind from the config's model_type.
 
     Args:
