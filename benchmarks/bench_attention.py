@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
@@ -31,9 +30,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+from bench_tokenizer import P1024, P256, timed  # noqa: E402  (CUDA-event median of a call)
 
-P256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
-P1024 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
 
@@ -58,26 +57,6 @@ def cases(tiny: bool):
 def block_causal(patch_nums, device):
     levels = torch.cat([torch.full((p * p,), i, device=device) for i, p in enumerate(patch_nums)])
     return levels[:, None] >= levels[None, :], levels  # (L, L) True = attend
-
-
-def timed(fn, warmup: int, repeats: int, cuda: bool) -> float:
-    for _ in range(warmup):
-        fn()
-    if not cuda:
-        import time
-        t = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        return (time.perf_counter() - t) / repeats
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return statistics.median(times)
 
 
 def run_case(case, dev, dtype, warmup, repeats):
@@ -146,7 +125,7 @@ def measure(name, bname, fn, flops, warmup, repeats, dev):
     try:
         with torch.no_grad() if "train" not in name else torch.enable_grad():
             out = fn()
-            t = timed(fn, warmup, repeats, dev.type == "cuda")
+            t = timed(fn, warmup, repeats, dev)
         row.update(ms=t * 1000, tflops=flops / t / 1e12, _out=out.detach())
     except Exception as err:  # noqa: BLE001 - a backend refusing a shape is a result
         row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
