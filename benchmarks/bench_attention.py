@@ -191,7 +191,8 @@ def main(argv=None) -> None:
         if "error" in r:
             print(f"| {r['shape']} | {r['backend']} | {r['error']} | | |")
         else:
-            print(f"| {r['shape']} | {r['backend']} | {r['ms']:.3f} | {r['tflops']:.0f} | {r.get('max_abs_diff', 0):.2e} |")
+            diff = r.get("max_abs_diff", 0)
+            print(f"| {r['shape']} | {r['backend']} | {r['ms']:.3f} | {r['tflops']:.0f} | {diff:.2e} |")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ def call_site(stack) -> str:
     frames = [f for f in stack if "warnings.py" not in f.filename and "find_syncs.py" not in f.filename]
     ours = [f for f in frames if f"{os.sep}starkit{os.sep}" in f.filename]
     f = (ours or frames or stack)[-1]
-    return f"{os.path.relpath(f.filename, os.path.dirname(HERE)) if ours else f.filename}:{f.lineno} ({f.name}): {f.line}"
+    where = os.path.relpath(f.filename, os.path.dirname(HERE)) if ours else f.filename
+    return f"{where}:{f.lineno} ({f.name}): {f.line}"
 
 
 def syncs_of(fn) -> collections.Counter:

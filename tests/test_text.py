@@ -107,6 +107,19 @@ def test_clip_runs_without_padding_mask_same_real_tokens(clip):
     torch.testing.assert_close(out.pooled, ref.pooler_output.float(), atol=1e-5, rtol=1e-5)
 
 
+def test_clip_padding_on_the_left_keeps_the_mask(clip_dir):
+    """Pads before the real tokens would be seen by them under the causal mask: the padding mask stays."""
+    enc = HFTextEncoder(clip_dir)
+    enc.tokenizer.padding_side = "left"
+    seen = []
+    hook = enc.model.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(set(kwargs)), with_kwargs=True)
+    try:
+        out = enc.encode(["a cat on the mat", "dog"])
+    finally:
+        hook.remove()
+    assert "attention_mask" in seen[0] and not out.mask[:, 0].all() and out.mask[:, -1].all()
+
+
 def test_truncation_warns_once(clip_dir):
     enc = HFTextEncoder(clip_dir, max_length=8)
     long = "a cat on the mat " * 10

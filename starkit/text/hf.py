@@ -201,13 +201,16 @@ class HFTextEncoder(TextEncoder):
                                return_tensors="pt", return_attention_mask=True)
         if padding == "max_length" or batch["input_ids"].shape[1] >= self.max_length:
             self._warn_truncation(prompts)  # a second tokenisation, only when a prompt may have been cut
-        names = ["input_ids", "attention_mask"] + (["token_type_ids"] if "token_type_ids" in batch and self.kind == "bert" else [])
+        names = ["input_ids", "attention_mask"]
+        if "token_type_ids" in batch and self.kind == "bert":
+            names.append("token_type_ids")
         inputs = {name: _to_device(batch[name], device) for name in names}
         model_inputs = dict(inputs)
-        if self.kind == "clip":
+        if self.kind == "clip" and getattr(self.tokenizer, "padding_side", "right") == "right":
             # CLIP's text tower is causal and pads after the end-of-text token: no real token ever sees a pad,
             # so without the padding mask the real tokens and the pooled features are the same (pads, masked
             # below, differ), and Transformers' mask building makes no host synchronisation (2 per call).
+            # (A tokenizer padding on the left puts pads before the real tokens: it keeps the mask.)
             del model_inputs["attention_mask"]
         from starkit.utils.compiling import compile_errors_named
         with compile_errors_named(f"the text encoder {type(self.model).__name__}", "HFTextEncoder(compile=False)"):
