@@ -88,3 +88,12 @@ def test_bench_attention_tiny_and_find_syncs_needs_a_gpu(tmp_path, capsys):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):
             find_syncs.main([])
+
+
+def test_bench_fp8_tiny(tmp_path):
+    """bench_fp8.py (a decision aid for issue 7): FP8 row-wise products agree with bf16 to e4m3's precision."""
+    import bench_fp8
+    out = tmp_path / "fp8.json"
+    bench_fp8.main(["--tiny", "--json", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["bf16_ms"] > 0 and row["fp8_ms"] > 0 and 0 < row["rel_error"] < 0.1

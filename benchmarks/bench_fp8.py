@@ -1,0 +1,107 @@
+"""Would FP8 matrix products bring d30 @1024 generation to issue 7's targets? The linear layers of the
+d30 transformer and sampler head at the token counts of the last scales, timed in bf16 and as FP8
+(e4m3, one scale per row of the activations and per output channel of the weights,
+``torch._scaled_mm``), with and without the activations' quantization, and the error against bf16.
+
+    python benchmarks/bench_fp8.py --json $OUT/fp8.json      # H200 (sm90), ~1 min
+    python benchmarks/bench_fp8.py --tiny                    # CPU smoke run (small shapes)
+
+A decision aid, not a path of the library: starkit generates in bf16. ``share of a d30 @1024 call``
+needs the per-layer split of a call (profile_generate.py); this script gives the per-GEMM ratios only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from bench_tokenizer import timed  # noqa: E402  (CUDA-event median of a call)
+
+WIDTH, FFN, VOCAB = 1920, 7680, 4096  # d30
+LAYERS = {"qkv": (WIDTH, 3 * WIDTH), "proj": (WIDTH, WIDTH), "fc1": (WIDTH, FFN), "fc2": (FFN, WIDTH),
+          "logits": (WIDTH, VOCAB)}
+E4M3_MAX = 448.0
+
+
+def quantize_rows(x: torch.Tensor):
+    """x ``(M, K)`` -> e4m3 ``(M, K)`` and float32 scales ``(M, 1)`` with x ~= q * scale."""
+    scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
+    return (x.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def fp8_linear(x_q, x_scale, w_q, w_scale, bias):
+    """``x @ w.T + bias`` from e4m3 operands: x_q ``(M, K)``, w_q ``(N, K)``, scales ``(M, 1)``, ``(1, N)``.
+    (Where the row-wise kernel takes no bias, the bias is added after it.)"""
+    global _BIAS_IN_KERNEL
+    if _BIAS_IN_KERNEL:
+        try:
+            return torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale, bias=bias,
+                                    out_dtype=torch.bfloat16)
+        except RuntimeError:
+            _BIAS_IN_KERNEL = False
+    return torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16) + bias
+
+
+_BIAS_IN_KERNEL = True
+
+
+def run(tiny: bool, dev: torch.device, warmup: int, repeats: int) -> list:
+    rows = []
+    tokens = {"b1 64x64 (2 rows)": 2 * 4097, "b16 64x64 (32 rows)": 32 * 4097} if not tiny else {"tiny": 64}
+    layers = LAYERS if not tiny else {"tiny": (64, 96)}
+    g = torch.Generator(device=dev).manual_seed(0)
+    for tname, M in tokens.items():
+        for lname, (K, N) in layers.items():
+            x = torch.randn(M, K, device=dev, generator=g).to(torch.bfloat16)
+            w = (torch.randn(N, K, device=dev, generator=g) * K ** -0.5).to(torch.bfloat16)
+            bias = torch.zeros(N, device=dev, dtype=torch.bfloat16)
+            w_q, w_scale = quantize_rows(w)  # per output channel: (N, K), (N, 1)
+            w_scale = w_scale.t().contiguous()  # (1, N)
+            x_q, x_scale = quantize_rows(x)
+            ref = F.linear(x, w, bias)
+            out = fp8_linear(x_q, x_scale, w_q, w_scale, bias)
+            err = float((out.float() - ref.float()).norm() / ref.float().norm())
+            t_bf16 = timed(lambda: F.linear(x, w, bias), warmup, repeats, dev)
+            t_fp8 = timed(lambda: fp8_linear(x_q, x_scale, w_q, w_scale, bias), warmup, repeats, dev)
+            t_fp8_q = timed(lambda: fp8_linear(*quantize_rows(x), w_q, w_scale, bias), warmup, repeats, dev)
+            flops = 2 * M * K * N
+            rows.append({"tokens": tname, "layer": lname, "M": M, "K": K, "N": N, "bf16_ms": t_bf16 * 1e3,
+                         "fp8_ms": t_fp8 * 1e3, "fp8_with_quant_ms": t_fp8_q * 1e3,
+                         "bf16_tflops": flops / t_bf16 / 1e12, "fp8_tflops": flops / t_fp8 / 1e12,
+                         "speedup": t_bf16 / t_fp8, "speedup_with_quant": t_bf16 / t_fp8_q, "rel_error": err})
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run on small shapes")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    if args.tiny:
+        args.warmup, args.repeats = 1, 2
+    rows = run(args.tiny, dev, args.warmup, args.repeats)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "torch": torch.__version__, "rows": rows}, f, indent=1)
+    print(f"\n### FP8 against bf16 linear layers ({name}, torch {torch.__version__}; bias "
+          f"{'in the kernel' if _BIAS_IN_KERNEL else 'added after it'})\n")
+    print("| tokens | layer | M x K x N | bf16 ms (TFLOP/s) | fp8 ms (TFLOP/s) | speed-up | with quantizing x | rel. error |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['tokens']} | {r['layer']} | {r['M']} x {r['K']} x {r['N']} | {r['bf16_ms']:.3f} "
+              f"({r['bf16_tflops']:.0f}) | {r['fp8_ms']:.3f} ({r['fp8_tflops']:.0f}) | {r['speedup']:.2f}x | "
+              f"{r['speedup_with_quant']:.2f}x | {r['rel_error']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
