@@ -18,6 +18,9 @@
 #   tokenizer : the 1024 px tokenizer, compiled (TOKENIZER_VARIANTS=compile_max: max-autotune, >200 s), against VAR
 #   generate  : d30 @1024 stable generation with CUDA graphs, the compiled decoder, the compiled sampler head and
 #               the compiled block regions (generate(compile_blocks=True)), against the official code
+#   attention : benchmarks/bench_attention.py, the SDPA/Flex kernels at starkit's shapes (not in the default list)
+#   syncs     : benchmarks/find_syncs.py, host synchronisations of a d16 @256 step and generation (not in the default list)
+#   fp8       : benchmarks/bench_fp8.py, FP8 against bf16 for d30's linear layers (not in the default list)
 # Pick stages with STAGES="train tokenizer" (default: check generate, 510 s of limits: a device call runs 600 s at
 # most, so keep the sum of the chosen stages' limits below that); *_LIMIT variables set time limits.
 # Narrower runs: T1024_COMPILE=on (compiled rows only), SMALL_CONFIGS=d16@256, SMALL_ARGS / GENERATE_ARGS add
@@ -80,8 +83,18 @@ for stage in $stages; do
       run generate_1024 "${GENERATE_LIMIT:-360}" python "$here/bench_generate.py" "${official_star[@]}" "${tiny[@]}" \
         --configs d30@1024 --cuda-graphs --skip-eager --compile-decoder --compile-head --compile-blocks --compile-text \
         --samplers stable --warmup 1 --repeats 2 ${GENERATE_ARGS:-} --json "$out/generate_1024.json" ;;
+    attention)
+      attention_args=(--json "$out/attention.json")
+      [ -n "${TINY:-}" ] && attention_args+=(--tiny)
+      run attention "${ATTENTION_LIMIT:-200}" python "$here/bench_attention.py" "${attention_args[@]}" ;;
+    syncs)
+      run syncs "${SYNCS_LIMIT:-120}" python "$here/find_syncs.py" --config d16@256 --batch 8 ;;
+    fp8)
+      fp8_args=(--json "$out/fp8.json")
+      [ -n "${TINY:-}" ] && fp8_args+=(--tiny)
+      run fp8 "${FP8_LIMIT:-120}" python "$here/bench_fp8.py" "${fp8_args[@]}" ;;
     *) echo "unknown stage $stage (check, train, train_d30, train_tokens, train_images, train_1024, tokenizer, generate," \
-            "generate_small)" >&2 ;;
+            "generate_small, attention, syncs, fp8)" >&2 ;;
   esac
 done
 echo
