@@ -94,9 +94,10 @@ def run_case(case, dev, dtype, warmup, repeats):
         grad = torch.randn(B, H, Lq, d, device=dev, dtype=dtype, generator=g)
 
         def step():
+            qq.grad = kk.grad = vv.grad = None  # no accumulation across calls
             out = call(qq, kk, vv)
             out.backward(grad)
-            return out
+            return torch.cat([out.detach().flatten(), qq.grad.flatten(), kk.grad.flatten(), vv.grad.flatten()])
         return step
 
     candidates = [(n, b) for n, b in BACKENDS.items()] if dev.type == "cuda" else [("math", SDPBackend.MATH)]
@@ -110,7 +111,7 @@ def run_case(case, dev, dtype, warmup, repeats):
         flex = flex_attention_fn(dev)
         rows.append(measure(name, "flex", make(lambda qq, kk, vv: flex(qq, kk, vv, block_mask=flex_mask, scale=1.0)),
                             flops, warmup, repeats, dev))
-    for r in rows:  # numeric agreement with the first backend that ran
+    for r in rows:  # numeric agreement with the first backend that ran (output, and gradients with backward)
         out = r.pop("_out", None)
         if out is None:
             continue

@@ -60,7 +60,7 @@ def run(tiny: bool, dev: torch.device, warmup: int, repeats: int) -> list:
         for lname, (K, N) in layers.items():
             x = torch.randn(M, K, device=dev, generator=g).to(torch.bfloat16)
             w = (torch.randn(N, K, device=dev, generator=g) * K ** -0.5).to(torch.bfloat16)
-            bias = torch.zeros(N, device=dev, dtype=torch.bfloat16)
+            bias = (torch.randn(N, device=dev, generator=g) * 0.1).to(torch.bfloat16)  # nonzero: a lost bias shows
             w_q, w_scale = quantize_rows(w)  # per output channel: (N, K), (N, 1)
             w_scale = w_scale.t().contiguous()  # (1, N)
             x_q, x_scale = quantize_rows(x)
@@ -86,6 +86,9 @@ def main(argv=None) -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    if dev.type == "cuda" and torch.cuda.get_device_capability(dev) < (8, 9):
+        raise SystemExit(f"bench_fp8.py needs FP8 matrix products (compute capability 8.9+: Ada, Hopper or later); "
+                         f"{torch.cuda.get_device_name(dev)} has {torch.cuda.get_device_capability(dev)}.")
     if args.tiny:
         args.warmup, args.repeats = 1, 2
     rows = run(args.tiny, dev, args.warmup, args.repeats)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import shutil
 import sys
 import tempfile
 import traceback
@@ -77,40 +78,43 @@ def main(argv=None) -> None:
     dev = torch.device("cuda")
     size, res = args.config.split("@")
     pn = {"256": bg.P256, "1024": bg.P1024}[res]
-    workdir = tempfile.mkdtemp(prefix="find_syncs_")
-    text, _ = bg.build_text_encoder(args.text, False, dev, workdir)
-    tok = bg.build_tokenizer(False, pn, dev)
-    gen = bg.build_generator(size, False, pn, tok, text, dev)
-    side = 16 * pn[-1]
-    if not args.skip_train:
-        gen.train()
-        opt = gen.configure_optimizers()["optimizer"]
-        params = [p for g in opt.param_groups for p in g["params"]]
-        data = bg.make_batch(args.batch, side, dev)
+    workdir = tempfile.mkdtemp(prefix="find_syncs_")  # the text tower is saved here (~0.7 GB for CLIP)
+    try:
+        text, _ = bg.build_text_encoder(args.text, False, dev, workdir)
+        tok = bg.build_tokenizer(False, pn, dev)
+        gen = bg.build_generator(size, False, pn, tok, text, dev)
+        side = 16 * pn[-1]
+        if not args.skip_train:
+            gen.train()
+            opt = gen.configure_optimizers()["optimizer"]
+            params = [p for g in opt.param_groups for p in g["params"]]
+            data = bg.make_batch(args.batch, side, dev)
 
-        def step():
-            with bg.autocast(dev):
-                loss = gen._loss(data, "train")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 2.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            step()  # warm-up: lazy initialisations are not per-step costs
-        report(f"training step {args.config} batch {args.batch}", syncs_of(step))
-        del opt, params
-    gen.eval()
-    stable = bg.stable_sampler_for(gen, dev)
-    for sampler_name, sampler in (("parallel", None), ("stable", stable)):
-        for graphs in (False, True):
-            def call():
-                with torch.no_grad():
-                    gen.generate(["a red circle"], seed=0, sampler=sampler, cuda_graphs=graphs, **bg.SAMPLING)
+            def step():
+                with bg.autocast(dev):
+                    loss = gen._loss(data, "train")
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 2.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                call()
-            report(f"generate {args.config} batch 1, {sampler_name}, cuda_graphs={graphs}", syncs_of(call))
+                step()  # warm-up: lazy initialisations are not per-step costs
+            report(f"training step {args.config} batch {args.batch}", syncs_of(step))
+            del opt, params
+        gen.eval()
+        stable = bg.stable_sampler_for(gen, dev)
+        for sampler_name, sampler in (("parallel", None), ("stable", stable)):
+            for graphs in (False, True):
+                def call():
+                    with torch.no_grad():
+                        gen.generate(["a red circle"], seed=0, sampler=sampler, cuda_graphs=graphs, **bg.SAMPLING)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    call()
+                report(f"generate {args.config} batch 1, {sampler_name}, cuda_graphs={graphs}", syncs_of(call))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
