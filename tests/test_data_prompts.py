@@ -93,6 +93,23 @@ def test_resume_skips_existing_outputs(tmp_path):
     assert rest == everything[3:]  # same seeds and names as before, only the missing ones
 
 
+def test_resume_refuses_a_folder_written_for_other_prompts(tmp_path):
+    """Existing images whose sidecars name another prompt or seed: one clear error, not a silent no-op."""
+    out = tmp_path / "out"
+    out.mkdir()
+    first = _items(PromptDataModule(prompts=["a red circle"], output_dir=str(out)))
+    png = expected_output_path(str(out), first[0]["name"])
+    with open(png, "wb") as f:
+        f.write(b"png")
+    with open(png[:-4] + ".json", "w") as f:
+        json.dump({"prompt": "a red circle", "seed": first[0]["seed"]}, f)
+    assert _items(PromptDataModule(prompts=["a red circle"], output_dir=str(out))) == []  # same request: resumed
+    with pytest.raises(ValueError, match="another request.*a blue cross.*another output_dir"):
+        PromptDataModule(prompts=["a blue cross"], output_dir=str(out)).setup("predict")
+    with pytest.raises(ValueError, match="seed 7"):
+        PromptDataModule(prompts=["a red circle"], seed=7, output_dir=str(out)).setup("predict")
+
+
 def test_empty_sources_are_one_clear_error(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n\n")

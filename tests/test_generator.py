@@ -544,3 +544,26 @@ def test_token_cross_entropy_equals_transposed_form():
     (grad_ref,) = torch.autograd.grad(ref.mean(), logits)
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)  # the same math, another reduction order
     torch.testing.assert_close(grad_ours, grad_ref, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("sampler", ["parallel", "stable"])
+def test_per_image_seeds_make_each_image_independent_of_its_batch(sampler):
+    """generate(seed=[...]) / predict_step: an image depends on its prompt and its own seed, not on the other
+    images of the batch, their order or the batch size (the promise of starkit predict's per-prompt seeds)."""
+    from starkit.samplers import StableSampler
+    gen = make_tiny_generator(**({"sampler": StableSampler(steps=3, steps_last=3, random_steps=2, causal_scales=2,
+                                                           use_head=False)}
+                                 if sampler == "stable" else {})).eval()
+    _, alone = gen.generate(["a blue square"], seed=[5], return_indices=True)
+    _, batch = gen.generate(["a red circle", "a blue square", "a green star"], seed=[99, 5, 7], return_indices=True)
+    assert all(torch.equal(a[0], b[1]) for a, b in zip(alone, batch))
+    _, shared = gen.generate(["a red circle", "a blue square"], seed=99, return_indices=True)
+    assert not all(torch.equal(a[0], b[1]) for a, b in zip(alone, shared))  # one stream: the batch matters
+    out = gen.predict_step({"prompt": ["a red circle", "a blue square"], "seed": [99, 5]}, 0)
+    one = gen.predict_step({"prompt": ["a blue square"], "seed": [5]}, 0)
+    assert torch.equal(out["images"][1], one["images"][0])
+    # a list per prompt with several images each: image j of prompt i gets seed[i] + j
+    _, two = gen.generate(["a blue square"], seed=[4], num_images_per_prompt=2, return_indices=True)
+    assert all(torch.equal(a[0], t[1]) for a, t in zip(alone, two))
+    with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
+        gen.generate(["a", "b", "c"], seed=[1, 2])

@@ -72,6 +72,19 @@ def test_interrupted_prediction_resumes_without_overwriting(tmp_path, tiny_model
     assert os.path.getmtime(out / "000000_00.png") == mtime
 
 
+def test_image_writer_uses_the_data_modules_folder_and_refuses_another(tmp_path, tiny_model_dir):
+    """The predict recipes set the folder once (the data module's output_dir); a writer set to another folder
+    than the one the resume check reads is one clear error."""
+    out = tmp_path / "mine"
+    common = ["predict", "--config", os.path.join(REPO, "recipes/predict/tiny.yaml"),
+              f"--model.init_args.path={tiny_model_dir}", "--trainer.accelerator=cpu",
+              "--data.init_args.num_images_per_prompt=1", '--data.init_args.prompts=["a red circle"]']
+    main(common + [f"--data.init_args.output_dir={out}"])
+    assert sorted(os.listdir(out)) == ["000000_00.json", "000000_00.png"]
+    with pytest.raises(ValueError, match="ImageWriter writes to .*other.* but the data module"):
+        main(common + [f"--data.init_args.output_dir={out}", f"--trainer.callbacks.init_args.output_dir={tmp_path / 'other'}"])
+
+
 def test_console_script_exits_zero_after_a_successful_run(tmp_path):
     import shutil
     import subprocess

@@ -138,3 +138,29 @@ def test_tiny_three_stage_progression_and_sampler_head_through_the_cli(tmp_path,
     assert len(snapshots) == 3
     images = gen.generate(["a red circle"], seed=0)
     assert images.shape == (1, 3, 64, 64)
+
+
+def test_checkpoint_of_an_init_from_run_loads_and_exports_without_its_source(tmp_path):
+    """The checkpoint holds the trained weights: load_from_checkpoint and export do not read init_from again,
+    so they work after the source run was moved or deleted."""
+    from starkit.cli import main
+    from starkit.export import export_checkpoint
+    from starkit.generator import ScaleWiseGenerator
+    recipes = os.path.join(REPO, "recipes", "generator")
+    first = str(tmp_path / "first")
+    main(["fit", "--config", os.path.join(recipes, "tiny.yaml"), *FAST, f"--trainer.default_root_dir={first}"])
+    source = str(tmp_path / "source.ckpt")
+    os.rename(_last_ckpt(first), source)
+    second = str(tmp_path / "second")
+    main(["fit", "--config", os.path.join(recipes, "tiny.yaml"), *FAST, f"--trainer.default_root_dir={second}",
+          f"--model.init_args.init_from={source}"])
+    ckpt = _last_ckpt(second)
+    os.remove(source)
+    gen = ScaleWiseGenerator.load_from_checkpoint(ckpt, map_location="cpu")
+    assert gen.hparams.init_from is None
+    _, sd = _transformer(ckpt)
+    assert all(torch.equal(v, sd[f"transformer.{k}"]) for k, v in gen.transformer.state_dict().items())
+    export_checkpoint(ckpt, str(tmp_path / "model"))
+    assert os.path.exists(tmp_path / "model" / "generator.safetensors")
+    with pytest.raises(FileNotFoundError, match="init_from=null"):
+        ScaleWiseGenerator.load_from_checkpoint(ckpt, map_location="cpu", init_from=source)

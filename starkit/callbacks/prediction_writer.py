@@ -20,14 +20,33 @@ class ImageWriter(BasePredictionWriter):
     rerun of an interrupted prediction writes only the missing ones.
 
     Args:
-        output_dir: folder of the images (created if needed).
+        output_dir: folder of the images (created if needed). None: the data module's ``output_dir``
+            (``PromptDataModule(output_dir=...)``, the folder its resume check reads), else "outputs".
+            Given both, they must be the same folder.
     """
 
-    def __init__(self, output_dir: str = "outputs") -> None:
+    def __init__(self, output_dir: Optional[str] = None) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = output_dir
         self.written = 0
         self.skipped = 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        data_dir = getattr(getattr(getattr(trainer, "datamodule", None), "dataset", None), "output_dir", None)
+        if self.output_dir is None:
+            self.output_dir = data_dir or "outputs"
+        elif data_dir is not None and os.path.normpath(data_dir) != os.path.normpath(self.output_dir):
+            raise ValueError(f"ImageWriter writes to {self.output_dir!r} but the data module skips the images that exist "
+                             f"in {data_dir!r}: set one folder (ImageWriter's output_dir can be left out: it then "
+                             f"uses the data module's).")
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.written, self.skipped = 0, 0
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lightning.pytorch.utilities import rank_zero_info
+        skipped = f"; {self.skipped} already existed and were kept" if self.skipped else ""
+        rank_zero_info(f"ImageWriter: {self.written} images written to {self.output_dir!r}{skipped}")
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
                            batch_indices: Optional[Sequence[int]], batch: Any, batch_idx: int,
@@ -41,7 +60,6 @@ class ImageWriter(BasePredictionWriter):
                 self.skipped += 1
                 continue
             meta = {"prompt": prediction["prompt"][i], "seed": prediction["seed"][i],
-                    "batch_seed": prediction.get("batch_seed"), "position_in_batch": i,
                     "settings": prediction.get("settings"), "checkpoint": str(ckpt) if ckpt else None,
                     "model": type(pl_module).__name__}
             atomic_write_bytes(os.path.join(self.output_dir, f"{name}.json"),

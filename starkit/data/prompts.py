@@ -230,12 +230,37 @@ class PromptDataModule(L.LightningDataModule):
             raise ValueError(f"no prompts found in {self.source}")
         total = self.num_prompts * self.dataset.num_images_per_prompt
         if self.dataset.has_outputs():
-            done = sum(1 for item in self.dataset.all_items() if self.dataset.is_done(item))
+            done = 0
+            for item in self.dataset.all_items():
+                if self.dataset.is_done(item):
+                    done += 1
+                    self._check_existing(item)
             if done:
                 rank_zero_info(
                     f"starkit.data: {done} of {total} images already exist in "
                     f"{self.dataset.output_dir!r}; generating the other {total - done}"
                 )
+
+    def _check_existing(self, item: dict) -> None:
+        """An existing image is kept only if its JSON sidecar (when there is one) was written for the same
+        prompt and seed: otherwise the folder holds another request's images, and skipping them would
+        silently generate nothing for this one."""
+        png = expected_output_path(self.dataset.output_dir, item["name"])
+        sidecar = os.path.splitext(png)[0] + ".json"
+        try:
+            with open(sidecar, encoding="utf-8") as f:
+                meta = json.load(f)
+        except (OSError, ValueError):
+            return  # no readable sidecar (written by another tool): the image counts as done
+        if not isinstance(meta, dict):
+            return
+        old = (meta.get("prompt"), meta.get("seed"))
+        if old != (item["prompt"], item["seed"]):
+            raise ValueError(
+                f"{png} already exists for another request (prompt {old[0]!r}, seed {old[1]}), but this run wants "
+                f"prompt {item['prompt']!r}, seed {item['seed']} under that name. Existing images are never "
+                f"overwritten, so nothing would be generated for it: use another output_dir (e.g. "
+                f"--data.init_args.output_dir=outputs/new), or delete the old files.")
 
     @property
     def num_images_per_prompt(self) -> int:

@@ -13,6 +13,7 @@ Frozen components stay out of its checkpoint and are rebuilt from their own conf
 from __future__ import annotations
 
 import copy
+import numbers
 import warnings
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -159,6 +160,14 @@ class ScaleWiseGenerator(L.LightningModule):
         if init_from:
             from starkit.generator.progressive import init_transformer_from
             init_transformer_from(self, init_from)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        """Lightning's ``load_from_checkpoint``, without re-reading ``init_from``: the checkpoint holds the
+        trained weights, so the run it started from (perhaps moved or deleted since) is not needed.
+        Pass ``init_from=...`` explicitly to read it anyway."""
+        kwargs.setdefault("init_from", None)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     # ------------------------------------------------------------------ components
     @staticmethod
@@ -359,7 +368,8 @@ class ScaleWiseGenerator(L.LightningModule):
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, prompts: Union[str, Sequence[str]], cfg: Optional[float] = None, top_k: Optional[int] = None,
-                 top_p: Optional[float] = None, temperature: Optional[float] = None, seed: Optional[int] = None,
+                 top_p: Optional[float] = None, temperature: Optional[float] = None,
+                 seed: Union[None, int, Sequence[int]] = None,
                  num_images_per_prompt: int = 1, sampler: Optional[ScaleSampler] = None,
                  use_ema: bool = True, return_indices: bool = False, cuda_graphs: bool = False,
                  compile_blocks: bool = False):
@@ -368,7 +378,10 @@ class ScaleWiseGenerator(L.LightningModule):
         Args:
             prompts: one prompt or a list (the empty string "" is allowed).
             cfg, top_k, top_p, temperature: override the sampler's settings for this call.
-            seed: seed of a torch.Generator (same seed, same images); None: not seeded.
+            seed: one int: the seed of the call's torch.Generator (same seed and prompts, same images);
+                a list: one seed per prompt (with ``num_images_per_prompt`` K, image j of prompt i gets
+                ``seed[i] + j``), each image drawn from its own stream, so it does not depend on the
+                other images of the batch (``starkit predict`` does this); None: not seeded.
             num_images_per_prompt: images per prompt (consecutive in the output).
             sampler: another sampler for this call (default: the generator's).
             use_ema: sample with the EMA transformer when there is one.
@@ -393,6 +406,12 @@ class ScaleWiseGenerator(L.LightningModule):
         from starkit.generator.sampling import run_sampling
         if isinstance(prompts, str):
             prompts = [prompts]
+        if seed is not None and not isinstance(seed, numbers.Integral) and not (torch.is_tensor(seed) and seed.dim() == 0):
+            seeds = [int(s) for s in seed]
+            if len(seeds) != len(prompts):
+                raise ValueError(f"generate() got {len(seeds)} seeds for {len(prompts)} prompts: give one int, or one "
+                                 f"seed per prompt.")
+            seed = [s + j for s in seeds for j in range(num_images_per_prompt)]
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         sampler = (sampler or self.sampler).with_settings(cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature)
         net = self.ema if (use_ema and self.ema is not None) else self.transformer
@@ -417,7 +436,7 @@ class ScaleWiseGenerator(L.LightningModule):
                 warnings.warn("cuda_graphs is not supported for AdaLN (VAR) transformers yet: predicting without "
                               "CUDA graphs.", UserWarning, stacklevel=2)
             options["cuda_graphs"] = False
-        images = self.generate(prompts, seed=seeds[0], **options)
+        images = self.generate(prompts, seed=seeds, **options)  # each image from its own seed
         return {"images": images.mul(255).round().clamp(0, 255).to(torch.uint8).cpu(), "prompt": prompts,
-                "seed": seeds, "name": list(batch.get("name", [])), "batch_seed": seeds[0],
+                "seed": seeds, "name": list(batch.get("name", [])),
                 "settings": self.sampler.hparams and dict(self.sampler.hparams)}

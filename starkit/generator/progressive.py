@@ -65,7 +65,9 @@ def load_source(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Ten
         patch_nums = _old_patch_nums_from_hparams(ckpt.get("hyper_parameters", {}))
         source = "ema." if any(k.startswith("ema.") for k in tensors) else "transformer."
     else:
-        raise FileNotFoundError(f"init_from={path!r}: no such checkpoint file or model directory.")
+        raise FileNotFoundError(f"init_from={path!r}: no such checkpoint file or model directory (relative paths "
+                                f"are read from the working directory). Resuming a run with --ckpt_path does not "
+                                f"need it: add --model.init_args.init_from=null.")
     net = {k[len(source):]: v for k, v in tensors.items() if k.startswith(source)}
     if not net:
         raise ValueError(f"init_from={path!r} holds no '{source}*' weights (is it a ScaleWiseGenerator checkpoint?).")

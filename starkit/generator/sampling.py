@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import List, Optional, Sequence, Tuple
+import numbers
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -32,20 +33,36 @@ def encode_with_guidance(text_encoder: TextEncoder, prompts: Sequence[str], guid
 
 
 @torch.no_grad()
+def random_source(seed, num_images: int, device):
+    """None, a ``torch.Generator`` (one seed for the call), or :class:`RowGenerators` (one seed per image)."""
+    if seed is None:
+        return None
+    if isinstance(seed, numbers.Integral) or (torch.is_tensor(seed) and seed.dim() == 0):
+        return torch.Generator(device).manual_seed(int(seed))
+    from starkit.samplers.functional import RowGenerators
+    seeds = [int(s) for s in seed]
+    if len(seeds) != num_images:
+        raise ValueError(f"got {len(seeds)} seeds for {num_images} images: give one int for the call or one "
+                         f"per image.")
+    return RowGenerators(seeds, device)
+
+
 def run_sampling(net: ScaleTransformer, tokenizer: ScaleTokenizer, text_encoder: TextEncoder, sampler: ScaleSampler,
-                 prompts: Sequence[str], seed: Optional[int], device, static_steps: Optional[dict] = None,
+                 prompts: Sequence[str], seed: Union[None, int, Sequence[int]], device, static_steps: Optional[dict] = None,
                  fused: bool = False) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """Generate one image per prompt. Returns images ``(B, 3, H, W)`` in [0, 1] and the K index maps.
 
     ``static_steps``: a dict kept by the caller between calls; given, the scale steps run on static
     buffers (:class:`~starkit.generator.graphs.StaticScaleSteps`), replayed from CUDA graphs on the GPU.
-    ``fused``: the blocks' element-wise work in compiled regions (:mod:`starkit.generator.fused`)."""
+    ``fused``: the blocks' element-wise work in compiled regions (:mod:`starkit.generator.fused`).
+    ``seed``: None, one int for the call's random stream, or one int per prompt (each image's draws from
+    its own stream, :class:`~starkit.samplers.functional.RowGenerators`)."""
     device = torch.device(device)
     if tuple(tokenizer.patch_nums) != tuple(net.patch_nums):
         raise ValueError(f"tokenizer patch_nums {tokenizer.patch_nums} differ from the generator's {net.patch_nums}.")
     B, K = len(prompts), len(net.patch_nums)
     guided = float(getattr(sampler, "cfg", 0.0) or 0.0) > 0
-    generator = torch.Generator(device).manual_seed(int(seed)) if seed is not None else None
+    generator = random_source(seed, B, device)
     text = encode_with_guidance(text_encoder, prompts, guided, device)
     rows = text.pooled.shape[0]
     with autocast_for(device, cache_enabled=static_steps is None):

@@ -1,9 +1,56 @@
 """Sampling primitives shared by the samplers: guidance, filtering, draws without host sync."""
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
+
+
+class RowGenerators:
+    """One random stream per image: row ``b`` of every draw comes from ``torch.Generator`` seeded with
+    ``seeds[b]``, so an image depends on its own seed only, not on the other images of its batch, the
+    batch size or the order (what ``starkit predict`` promises for per-prompt seeds). Costs one small
+    kernel per row and draw instead of one per draw.
+
+    Args:
+        seeds: one integer per image row.
+        device: where the draws are made.
+    """
+
+    def __init__(self, seeds: Sequence[int], device) -> None:
+        self.seeds = [int(s) for s in seeds]
+        self.generators = [torch.Generator(device).manual_seed(s) for s in self.seeds]
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def fill_rows(self, out: torch.Tensor, fill) -> torch.Tensor:
+        """``fill(row_view, generator)`` on each row of ``out`` ``(B, ...)`` in place; returns ``out``."""
+        if out.shape[0] != len(self.generators):
+            raise ValueError(f"{out.shape[0]} rows to draw for {len(self.generators)} per-image seeds.")
+        for row, generator in zip(out, self.generators):
+            fill(row, generator)
+        return out
+
+
+RandomSource = Union[None, torch.Generator, RowGenerators]
+
+
+def exponential_noise(like: torch.Tensor, generator: RandomSource = None) -> torch.Tensor:
+    """Exp(1) noise shaped like ``like`` ``(B, ...)``, from one generator or one per row."""
+    out = torch.empty_like(like)
+    if isinstance(generator, RowGenerators):
+        return generator.fill_rows(out, lambda row, g: row.exponential_(1.0, generator=g))
+    return out.exponential_(1.0, generator=generator)
+
+
+def uniform_noise(like: torch.Tensor, low: float = 0.0, high: float = 1.0,
+                  generator: RandomSource = None) -> torch.Tensor:
+    """U(low, high) noise shaped like ``like`` ``(B, ...)``, from one generator or one per row."""
+    out = torch.empty_like(like)
+    if isinstance(generator, RowGenerators):
+        return generator.fill_rows(out, lambda row, g: row.uniform_(low, high, generator=g))
+    return out.uniform_(low, high, generator=generator)
 
 
 def guidance_weight(cfg: float, scale: int, num_scales: int, schedule: str = "linear") -> float:
@@ -90,28 +137,28 @@ def candidates(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optiona
     return Candidates(filter_logits(logits, None, top_p).softmax(dim=-1), None)
 
 
-def draw(cands: Candidates, generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def draw(cands: Candidates, generator: RandomSource = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """One draw per row among the candidates -> vocabulary ids ``(...)`` and the probability of each
     drawn token under the filtered distribution ``(...)`` (STAR's confidence score).
 
     Exponential race (argmax of p / E, E ~ Exp(1)): exactly the categorical distribution, no host sync."""
-    noise = torch.empty_like(cands.probs).exponential_(1.0, generator=generator)
+    noise = exponential_noise(cands.probs, generator)
     choice = (cands.probs / noise).argmax(dim=-1, keepdim=True)  # (..., 1) position among the candidates
     prob = cands.probs.gather(-1, choice)[..., 0]
     ids = choice if cands.indices is None else cands.indices.gather(-1, choice)
     return ids[..., 0], prob
 
 
-def sample_categorical(logits: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample_categorical(logits: torch.Tensor, generator: RandomSource = None) -> torch.Tensor:
     """One draw per row from softmax(logits) ``(..., V)`` -> indices ``(...)``: :func:`draw` over the whole
     vocabulary (the exponential race: exactly categorical, no host synchronisation, unlike torch.multinomial)."""
     return draw(Candidates(logits.float().softmax(dim=-1), None), generator)[0]
 
 
 def gumbel_soft_tokens(logits: torch.Tensor, codebook: torch.Tensor, tau: float,
-                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                       generator: RandomSource = None) -> torch.Tensor:
     """Gumbel-softmax mixture of codebook rows ``(B, l, Cvae)`` (VAR's ``more_smooth``)."""
-    uniform = torch.empty_like(logits, dtype=torch.float32).uniform_(1e-10, 1.0, generator=generator)
+    uniform = uniform_noise(logits.float(), 1e-10, 1.0, generator)
     gumbels = -torch.log(-torch.log(uniform))
     weights = ((logits.float() + gumbels) / tau).softmax(dim=-1)  # (B, l, V)
     return weights @ codebook.float()

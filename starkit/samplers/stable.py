@@ -22,7 +22,8 @@ from typing import List, Optional
 import torch
 
 from starkit.samplers.base import HeadTrainingBatch, ScaleSampler, ScaleStep
-from starkit.samplers.functional import apply_guidance, candidates, draw, guidance_weight, validate_settings
+from starkit.samplers.functional import (apply_guidance, candidates, draw, guidance_weight, uniform_noise,
+                                         validate_settings)
 from starkit.utils.losses import token_cross_entropy
 
 SCHEDULES = ("arccos", "cosine", "linear", "root", "square")
@@ -245,7 +246,7 @@ class StableSampler(ScaleSampler):
             if count >= h:  # reveal everything left: no choice to make, no random draw
                 idx.scatter_(1, hidden_pos, drawn)
                 break
-            score = torch.rand(B, h, device=device, generator=gen) if s < self.random_steps else confidence
+            score = uniform_noise(confidence, generator=gen) if s < self.random_steps else confidence  # (B, h)
             pick = score.topk(count, dim=-1).indices  # (B, count) among the hidden rows
             new_pos, new_tok = hidden_pos.gather(1, pick), drawn.gather(1, pick)  # (B, count) each
             idx.scatter_(1, new_pos, new_tok)
