@@ -164,3 +164,27 @@ def test_checkpoint_of_an_init_from_run_loads_and_exports_without_its_source(tmp
     assert os.path.exists(tmp_path / "model" / "generator.safetensors")
     with pytest.raises(FileNotFoundError, match="init_from=null"):
         ScaleWiseGenerator.load_from_checkpoint(ckpt, map_location="cpu", init_from=source)
+
+
+def test_init_from_a_run_folder_takes_its_newest_last_checkpoint(tmp_path):
+    """init_from: runs/<name> (what the tiny stage recipes say) resolves to the newest last.ckpt of any version,
+    so a second run of the previous stage is the one used (not a hard-coded version_0)."""
+    import time
+    from starkit.generator.progressive import newest_checkpoint_of_run
+    run = tmp_path / "runs" / "generator-tiny"
+    paths = []
+    for version in (0, 1):
+        d = run / "lightning_logs" / f"version_{version}" / "checkpoints"
+        d.mkdir(parents=True)
+        src = make_tiny_generator()
+        with torch.no_grad():
+            src.transformer.head_logits.weight.fill_(float(version + 1))
+        paths.append(_save_ckpt(src, d / "last.ckpt"))
+        time.sleep(0.05)
+    os.utime(paths[0], (time.time() - 100, time.time() - 100))
+    assert newest_checkpoint_of_run(str(run)) == paths[1]
+    dst = make_tiny_generator(init_from=str(run))
+    assert torch.all(dst.transformer.head_logits.weight == 2.0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="without a last.ckpt"):
+        make_tiny_generator(init_from=str(tmp_path / "empty"))

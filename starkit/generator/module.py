@@ -70,8 +70,9 @@ class ScaleWiseGenerator(L.LightningModule):
             inside the step). The first steps are slow while compiling; validation and sampling
             stay eager. On an H200 (docs/performance.md): d16 @256 1.58x the eager step, d30
             @256 1.56x and d30 @1024 (batch 8) 1.39x the official trainer; not measured at 512 px.
-        init_from: a starkit checkpoint or model directory whose transformer initialises
-            this one (progressive resolution: scales may differ).
+        init_from: a starkit checkpoint, a model directory, or a training run's folder (its newest
+            ``last.ckpt``) whose transformer initialises this one (progressive resolution: scales
+            may differ). Read when the model is built for training, not by ``load_from_checkpoint``.
         stage: "generator" trains the transformer; "sampler_head" freezes it and trains only
             the sampler's own weights (STAR's stage 4, e.g. ``StableSampler``'s head).
         adaln: VAR's AdaLN blocks and head, conditioned on the pooled vector (class-conditional

@@ -39,6 +39,22 @@ def _old_patch_nums_from_hparams(hp: dict) -> Optional[Tuple[int, ...]]:
     return None
 
 
+def newest_checkpoint_of_run(path: str) -> str:
+    """A training run's folder (``trainer.default_root_dir``, e.g. ``runs/generator-tiny``) -> its newest
+    ``last.ckpt`` (by modification time, over every ``lightning_logs/version_*``); a model directory, a file
+    or a missing path is returned as it is."""
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "generator.safetensors")):
+        return path
+    import glob
+    found = glob.glob(os.path.join(path, "**", "last.ckpt"), recursive=True)
+    if not found:
+        return path
+    newest = max(found, key=os.path.getmtime)
+    from lightning.pytorch.utilities import rank_zero_info
+    rank_zero_info(f"init_from {path}: the newest last.ckpt of the run is {newest}")
+    return newest
+
+
 def load_source(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor], Optional[Tuple[int, ...]]]:
     """Read a Lightning checkpoint or a model directory.
 
@@ -46,11 +62,13 @@ def load_source(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Ten
         (transformer state dict without prefix, sampler state dict without prefix, old patch_nums or None).
         From a checkpoint, the EMA weights are preferred when present.
     """
+    path = newest_checkpoint_of_run(path)
     if os.path.isdir(path):
         from safetensors.torch import load_file
         weights = os.path.join(path, "generator.safetensors")
         if not os.path.isfile(weights):
-            raise FileNotFoundError(f"init_from={path!r} is a directory without generator.safetensors.")
+            raise FileNotFoundError(f"init_from={path!r} is a directory without generator.safetensors (a model "
+                                    f"directory) and without a last.ckpt below it (a training run's folder).")
         tensors = load_file(weights)
         patch_nums = None
         cfg_path = os.path.join(path, "starkit.json")
