@@ -27,6 +27,7 @@ _COMPONENT_MODULES = (
     "starkit.data",
     "starkit.callbacks",
     "starkit.eval",
+    "starkit.pipeline",  # PretrainedGenerator: a model directory as a LightningModule (predict recipes)
 )
 for _name in _COMPONENT_MODULES:
     try:
@@ -41,6 +42,15 @@ EXTRA_COMMANDS = {
     "convert": "starkit.convert.cli:main",
     "tokenize": "starkit.data.tokens:main",
 }
+
+
+DESCRIPTION = (
+    "starkit: train, fine-tune and run STAR-style scale-wise text-to-image models. "
+    "fit / validate / test / predict take a recipe (--config recipes/...yaml) and options (--help after the "
+    "subcommand lists them; --model.help CLASS documents a component). "
+    "Other commands: starkit export CKPT DIR (a checkpoint -> a model directory), starkit convert "
+    "(official STAR / VAR weights -> a model directory), starkit tokenize (images -> token rows); each has --help."
+)
 
 
 class _TopLevelInstantiator(_InstantiatorFn):
@@ -81,6 +91,7 @@ class StarkitCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", RunConfigSaver)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("parser_kwargs", {"prog": "starkit", "description": DESCRIPTION})
         super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
 
     def _instantiate_trainer(self, config: dict, callbacks: list):

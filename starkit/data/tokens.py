@@ -182,12 +182,15 @@ def main(argv=None) -> None:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--root", help="folder of images with same-name .txt captions")
     src.add_argument("--manifest", help='JSONL of {"image": path, "caption": text}')
-    ap.add_argument("--resolution", type=int, default=256)
+    ap.add_argument("--resolution", type=int, default=256,
+                    help="side of the centre crop in pixels (default: %(default)s); the tokenizer's last scale times "
+                         "its downsampling factor")
     ap.add_argument("--patch-nums", default=None, help="comma list of scales (default: the tokenizer's)")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--num-workers", type=int, default=4)
-    ap.add_argument("--device", default=None)
+    ap.add_argument("--out", required=True, help="output folder of the token rows and their metadata")
+    ap.add_argument("--batch-size", type=int, default=32, help="images per encoding batch (default: %(default)s)")
+    ap.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+                    help="image-decoding worker processes (default: min(4, CPU cores) = %(default)s)")
+    ap.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available, else cpu)")
     args = ap.parse_args(argv)
     tokenizer = MultiScaleVQ.from_pretrained(args.tokenizer)
     if args.patch_nums:

@@ -165,9 +165,10 @@ class HFTextEncoder(TextEncoder):
         if os.path.isdir(source):
             return OSError(f"Could not load a text encoder from the directory {source!r}: {err}")
         if local_files_only:
+            only = (' --include "text_encoder/*" "tokenizer/*"' if "stable-diffusion" in name.lower() else "")
             return OSError(f"The text encoder {name!r} is not in the local Hugging Face cache and starkit does not "
-                           f"download at run time. Download it beforehand, e.g. `hf download {name}` (or "
-                           f"`huggingface-cli download {name}`), or pass a local directory, or set "
+                           f"download at run time. Download it beforehand, e.g. `hf download {name}{only}` (or "
+                           f"`huggingface-cli download {name}{only}`), or pass a local directory, or set "
                            f"local_files_only: false to allow the download. ({err})")
         return OSError(f"Could not load the text encoder {name!r}: {err}")
 

@@ -25,7 +25,11 @@ def load_weights_file(path: str) -> Dict[str, torch.Tensor]:
     if os.path.isdir(path):
         path = os.path.join(path, "model.safetensors")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no tokenizer weights at {path!r}")
+        hint = (" VAR's tokenizer is the file vae_ch160v4096z32.pth of the Hugging Face repository FoundationVision/var "
+                "(`hf download FoundationVision/var vae_ch160v4096z32.pth --local-dir checkpoints`)"
+                if "vae_ch160v4096z32" in os.path.basename(path) else "")
+        raise FileNotFoundError(f"no tokenizer weights at {path!r}: give a VAR .pth, a .safetensors file or a "
+                                f"tokenizer directory (MultiScaleVQ.save_pretrained).{hint}")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         return load_file(path, device="cpu")
