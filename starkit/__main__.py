@@ -1,5 +1,5 @@
 """``python -m starkit`` runs the same CLI as the ``starkit`` command."""
-from starkit.cli import main
+from starkit.cli import run
 
 if __name__ == "__main__":
-    main()
+    run()

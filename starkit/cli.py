@@ -153,7 +153,24 @@ if __name__ == "__main__":
     main()
 
 
+def error_summary(err: BaseException) -> str:
+    """The cause of a failed command in one line: the first message jsonargparse collected while building
+    the config's classes (its own error ends in a dump of the whole config), else the error's first line."""
+    text = str(err)
+    causes = [line.strip()[2:] for line in text.splitlines()
+              if line.strip().startswith("- ") and "Expected a <class 'NoneType'>" not in line]
+    first = causes[0] if causes else (text.splitlines()[0] if text.strip() else "")
+    return f"{type(err).__name__}: {first}" if not causes else first
+
+
 def run() -> None:
-    """Console-script entry point: runs :func:`main` and exits 0 on success (``main`` returns
-    the CLI object, which ``sys.exit`` would print and turn into exit status 1)."""
-    main()
+    """Console-script entry point (``starkit`` and ``python -m starkit``): runs :func:`main`, exits 0 on
+    success (``main`` returns the CLI object, which ``sys.exit`` would print and turn into status 1). On an
+    error, the traceback is printed, then the cause alone on the last line, and the status is 1."""
+    import traceback
+    try:
+        main()
+    except Exception as err:  # noqa: BLE001 - every error: the traceback stays, the cause comes last
+        traceback.print_exc()
+        print(f"\nstarkit: error: {error_summary(err)}", file=sys.stderr)
+        sys.exit(1)

@@ -96,3 +96,20 @@ def test_console_script_exits_zero_after_a_successful_run(tmp_path):
                                    "--data.init_args.num_train=8", "--data.init_args.num_val=2"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_failed_command_ends_with_its_cause_on_one_line(tmp_path):
+    """jsonargparse's error ends in a dump of the whole config; the command's last line names the cause."""
+    import subprocess
+    import sys
+    from starkit.cli import error_summary
+    result = subprocess.run([sys.executable, "-m", "starkit", "fit", "--config",
+                             os.path.join(REPO, "recipes/generator/tiny.yaml"), "--trainer.fast_dev_run=1",
+                             "--model.init_args.tokenizer.init_args.pretrained=nope/vae_ch160v4096z32.pth"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("starkit: error: no tokenizer weights at 'nope/vae_ch160v4096z32.pth'")
+    assert "FoundationVision/var" in last
+    assert error_summary(ValueError("bad value\nmore")) == "ValueError: bad value"
