@@ -10,6 +10,7 @@ Model directory layout (written by :meth:`StarPipeline.save_pretrained` / ``star
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from typing import List, Optional, Sequence, Union
 
@@ -172,7 +173,8 @@ class StarPipeline:
     def device(self) -> torch.device:
         return self.generator.device
 
-    def __call__(self, prompts: Union[str, Sequence[str]], seed: Optional[int] = None, cfg: Optional[float] = None,
+    def __call__(self, prompts: Union[str, Sequence[str]], seed: Union[None, int, Sequence[int]] = None,
+                 cfg: Optional[float] = None,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, temperature: Optional[float] = None,
                  num_images_per_prompt: int = 1, sampler=None, batch_size: int = 16,
                  cuda_graphs: bool = False, compile_blocks: bool = False) -> List[Image.Image]:
@@ -180,7 +182,8 @@ class StarPipeline:
 
         Args:
             prompts: a prompt or a list of prompts.
-            seed: sampling seed (same seed, same images).
+            seed: sampling seed (same seed, same images); or a list with one seed per prompt: each image is
+                then drawn from its own seed, whatever the batching (see :meth:`ScaleWiseGenerator.generate`).
             cfg, top_k, top_p, temperature: sampling settings for this call.
             num_images_per_prompt: images per prompt (consecutive in the result).
             sampler: a :class:`~starkit.samplers.ScaleSampler` to use instead of the model's.
@@ -195,11 +198,16 @@ class StarPipeline:
         prompts = list(prompts)
         if not prompts:
             raise ValueError("The prompt list is empty: give at least one prompt.")
+        per_prompt = seed is not None and not isinstance(seed, numbers.Integral)
+        if per_prompt and len(list(seed)) != len(prompts):
+            raise ValueError(f"{len(list(seed))} seeds for {len(prompts)} prompts: give one int, or one seed per prompt.")
         out: List[Image.Image] = []
         for b, start in enumerate(range(0, len(prompts), batch_size)):
+            batch_seed = (list(seed)[start:start + batch_size] if per_prompt
+                          else None if seed is None else seed + b)
             images = self.generator.generate(
                 prompts[start:start + batch_size], cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature,
-                seed=None if seed is None else seed + b, num_images_per_prompt=num_images_per_prompt, sampler=sampler,
+                seed=batch_seed, num_images_per_prompt=num_images_per_prompt, sampler=sampler,
                 cuda_graphs=cuda_graphs, compile_blocks=compile_blocks)
             out.extend(images_to_pil(images))
         return out

@@ -20,6 +20,12 @@ def test_pipeline_from_model_directory_generates_reproducible_images(tiny_model_
     assert all(a.tobytes() == b.tobytes() for a, b in zip(images, again))
     with pytest.raises(ValueError, match="empty"):
         pipe([])
+    # one seed per prompt: the same images whatever the batching
+    per_prompt = pipe(["a red circle", "two blue squares", "a green star"], seed=[3, 4, 5], batch_size=2)
+    one_batch = pipe(["a red circle", "two blue squares", "a green star"], seed=[3, 4, 5], batch_size=3)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(per_prompt, one_batch))
+    with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
+        pipe(["a", "b", "c"], seed=[1, 2])
 
 
 def test_save_pretrained_round_trip_keeps_outputs(tiny_model_dir, tmp_path):
