@@ -91,7 +91,8 @@ class StarkitCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", RunConfigSaver)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
-        kwargs.setdefault("parser_kwargs", {"prog": "starkit", "description": DESCRIPTION})
+        kwargs.setdefault("parser_kwargs", {"prog": "starkit", "description": DESCRIPTION,
+                                            **{name: {"prog": f"starkit {name}"} for name in self.subcommands()}})
         super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
