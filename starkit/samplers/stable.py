@@ -114,8 +114,9 @@ class StableSampler(ScaleSampler):
         compile_head: run the head's blocks under ``torch.compile`` when sampling (dynamic shapes:
             one graph for every scale and batch size, one more for a single row). The first sampling
             call compiles (tens of seconds on a GPU); later calls fuse the head's normalisations,
-            rotary and GELU. H200, d30 @1024: 5.6% faster at batch 16, 2% at batch 1 (measured when the
-            final norm and logits were compiled too).
+            rotary and GELU. H200, d30 @1024: 5.6% faster at batch 16, 2% at batch 1 (alone, when the final
+            norm and logits were compiled too); in this blocks-only form, with every compiled path, 0.4929 s
+            at batch 1 and 0.4125 s/image at batch 16 (docs/performance.md, fourth comparison).
     """
 
     has_weights = True
