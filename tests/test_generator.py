@@ -567,3 +567,18 @@ def test_per_image_seeds_make_each_image_independent_of_its_batch(sampler):
     assert all(torch.equal(a[0], t[1]) for a, t in zip(alone, two))
     with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
         gen.generate(["a", "b", "c"], seed=[1, 2])
+
+
+def test_run_sampling_builds_no_autograd_graph():
+    """run_sampling is no_grad itself (not only through generate()): called directly, no graph is kept."""
+    from starkit.generator.sampling import run_sampling
+    gen = make_tiny_generator().eval()
+    seen = []
+    real = gen.sampler.sample_scale
+
+    def spy(step):
+        seen.append((torch.is_grad_enabled(), step.logits.requires_grad))
+        return real(step)
+    gen.sampler.sample_scale = spy
+    run_sampling(gen.transformer, gen.tokenizer, gen.text_encoder, gen.sampler, ["a red circle"], 0, "cpu")
+    assert seen and not any(grad or requires for grad, requires in seen)

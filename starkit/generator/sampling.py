@@ -32,12 +32,16 @@ def encode_with_guidance(text_encoder: TextEncoder, prompts: Sequence[str], guid
     return text.to(device)
 
 
-@torch.no_grad()
+def is_single_seed(seed) -> bool:
+    """Whether ``seed`` is one integer (a Python or NumPy int, or a 0-d tensor), not one seed per image."""
+    return isinstance(seed, numbers.Integral) or (torch.is_tensor(seed) and seed.dim() == 0)
+
+
 def random_source(seed, num_images: int, device):
     """None, a ``torch.Generator`` (one seed for the call), or :class:`RowGenerators` (one seed per image)."""
     if seed is None:
         return None
-    if isinstance(seed, numbers.Integral) or (torch.is_tensor(seed) and seed.dim() == 0):
+    if is_single_seed(seed):
         return torch.Generator(device).manual_seed(int(seed))
     from starkit.samplers.functional import RowGenerators
     seeds = [int(s) for s in seed]
@@ -47,6 +51,7 @@ def random_source(seed, num_images: int, device):
     return RowGenerators(seeds, device)
 
 
+@torch.no_grad()
 def run_sampling(net: ScaleTransformer, tokenizer: ScaleTokenizer, text_encoder: TextEncoder, sampler: ScaleSampler,
                  prompts: Sequence[str], seed: Union[None, int, Sequence[int]], device, static_steps: Optional[dict] = None,
                  fused: bool = False) -> Tuple[torch.Tensor, List[torch.Tensor]]:
