@@ -20,7 +20,6 @@ mask allows. ``max |diff|`` is against the first backend that ran for the shape.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -31,6 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+from bench_generator import write_results  # noqa: E402
 from bench_tokenizer import P1024, P256, timed  # noqa: E402  (CUDA-event median of a call)
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -183,8 +183,7 @@ def main(argv=None) -> None:
         print(f"{case[0]}: done", flush=True)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": name, "torch": torch.__version__, "rows": rows, "layout_choices": layout}, f, indent=1)
+        write_results(args.json, name, args, rows, layout_choices=layout)
     print(f"\n### Attention kernels ({name}, torch {torch.__version__})\n")
     print("| shape | backend | ms | TFLOP/s | max abs diff |")
     print("|---|---|---|---|---|")

@@ -12,7 +12,6 @@ needs the per-layer split of a call (profile_generate.py); this script gives the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from bench_generator import write_results  # noqa: E402
 from bench_tokenizer import timed  # noqa: E402  (CUDA-event median of a call)
 
 WIDTH, FFN, VOCAB = 1920, 7680, 4096  # d30
@@ -94,8 +94,7 @@ def main(argv=None) -> None:
     rows = run(args.tiny, dev, args.warmup, args.repeats)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": name, "torch": torch.__version__, "rows": rows}, f, indent=1)
+        write_results(args.json, name, args, rows)
     print(f"\n### FP8 against bf16 linear layers ({name}, torch {torch.__version__}; bias "
           f"{'in the kernel' if _BIAS_IN_KERNEL else 'added after it'})\n")
     print("| tokens | layer | M x K x N | bf16 ms (TFLOP/s) | fp8 ms (TFLOP/s) | speed-up | with quantizing x | rel. error |")

@@ -10,7 +10,6 @@ Model directory layout (written by :meth:`StarPipeline.save_pretrained` / ``star
 from __future__ import annotations
 
 import json
-import numbers
 import os
 from typing import List, Optional, Sequence, Union
 
@@ -198,13 +197,14 @@ class StarPipeline:
         prompts = list(prompts)
         if not prompts:
             raise ValueError("The prompt list is empty: give at least one prompt.")
-        per_prompt = seed is not None and not isinstance(seed, numbers.Integral)
-        if per_prompt and len(list(seed)) != len(prompts):
-            raise ValueError(f"{len(list(seed))} seeds for {len(prompts)} prompts: give one int, or one seed per prompt.")
+        from starkit.generator.sampling import is_single_seed
+        seeds = None if seed is None or is_single_seed(seed) else list(seed)  # one per prompt
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one int, or one seed per prompt.")
         out: List[Image.Image] = []
         for b, start in enumerate(range(0, len(prompts), batch_size)):
-            batch_seed = (list(seed)[start:start + batch_size] if per_prompt
-                          else None if seed is None else seed + b)
+            batch_seed = (seeds[start:start + batch_size] if seeds is not None
+                          else None if seed is None else int(seed) + b)
             images = self.generator.generate(
                 prompts[start:start + batch_size], cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature,
                 seed=batch_seed, num_images_per_prompt=num_images_per_prompt, sampler=sampler,

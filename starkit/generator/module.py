@@ -13,7 +13,6 @@ Frozen components stay out of its checkpoint and are rebuilt from their own conf
 from __future__ import annotations
 
 import copy
-import numbers
 import warnings
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -404,10 +403,10 @@ class ScaleWiseGenerator(L.LightningModule):
         Returns:
             images ``(N, 3, H, W)`` float in [0, 1] (and the list of indices if asked).
         """
-        from starkit.generator.sampling import run_sampling
+        from starkit.generator.sampling import is_single_seed, run_sampling
         if isinstance(prompts, str):
             prompts = [prompts]
-        if seed is not None and not isinstance(seed, numbers.Integral) and not (torch.is_tensor(seed) and seed.dim() == 0):
+        if seed is not None and not is_single_seed(seed):
             seeds = [int(s) for s in seed]
             if len(seeds) != len(prompts):
                 raise ValueError(f"generate() got {len(seeds)} seeds for {len(prompts)} prompts: give one int, or one "

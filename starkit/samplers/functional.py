@@ -18,8 +18,7 @@ class RowGenerators:
     """
 
     def __init__(self, seeds: Sequence[int], device) -> None:
-        self.seeds = [int(s) for s in seeds]
-        self.generators = [torch.Generator(device).manual_seed(s) for s in self.seeds]
+        self.generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
 
     def __len__(self) -> int:
         return len(self.generators)
@@ -158,9 +157,9 @@ def sample_categorical(logits: torch.Tensor, generator: RandomSource = None) -> 
 def gumbel_soft_tokens(logits: torch.Tensor, codebook: torch.Tensor, tau: float,
                        generator: RandomSource = None) -> torch.Tensor:
     """Gumbel-softmax mixture of codebook rows ``(B, l, Cvae)`` (VAR's ``more_smooth``)."""
-    uniform = uniform_noise(logits.float(), 1e-10, 1.0, generator)
-    gumbels = -torch.log(-torch.log(uniform))
-    weights = ((logits.float() + gumbels) / tau).softmax(dim=-1)  # (B, l, V)
+    logits = logits.float()
+    gumbels = -torch.log(-torch.log(uniform_noise(logits, 1e-10, 1.0, generator)))
+    weights = ((logits + gumbels) / tau).softmax(dim=-1)  # (B, l, V)
     return weights @ codebook.float()
 
 
