@@ -11,6 +11,9 @@ Checks (the table is printed last; "ok" compares against the bf16 tolerance give
   * compile_blocks + cuda_graphs: the same tokens as compile_blocks alone (the same kernels, replayed);
   * cuda_graphs: the same tokens as the eager loop (issue 7's first check, kept here);
   * compile_head: the stable sampler head's logits, compiled (StableSampler(compile_head=True)) vs eager;
+  * the head's sampling form (SamplerHead.for_scale: fixed inputs once per scale, the last block on the
+    wanted rows only) vs its forward;
+  * fc1_gelu: the FFN's first layer with GELU in cuBLASLt's epilogue vs linear + tanh GELU;
   * compile text: the CLIP tower's pooled features, compiled vs eager (a random CLIP of SD-2.1's size).
 """
 from __future__ import annotations
@@ -110,6 +113,27 @@ def main(argv=None) -> None:
             d = rel_diff(head(hidden, shown, pooled, len(pn) - 1, first, rot),
                          head.compiled_forward()(hidden, shown, pooled, len(pn) - 1, first, rot))
         rows.append(("compile_head: head logits (max rel. diff)", f"{d:.2e}", d <= args.tolerance))
+        with torch.no_grad(), amp:  # sampling's form: fixed inputs once per scale, the last block on some rows
+            positions = torch.rand(2, l, device=dev).argsort(dim=1)[:, :l // 3].sort(dim=1).values  # (2, h)
+            full = head(hidden, shown, pooled, len(pn) - 1, first, rot)  # (2, l, V)
+            part = head.for_scale(hidden, pooled, len(pn) - 1, first, rot, fused=True)(shown, positions)
+            d = rel_diff(full.gather(1, positions[..., None].expand(-1, -1, full.shape[-1])), part)
+        rows.append(("head for_scale, fused, a third of the rows: logits (max rel. diff)", f"{d:.2e}",
+                     d <= args.tolerance))
+
+        from starkit.generator.fused import fc1_gelu
+        import torch.nn.functional as F
+        fc1 = net.blocks[0].ffn.fc1
+        for dt in (torch.float32, torch.bfloat16):  # float32 shows the GELU's form: tanh (ok) or exact
+            h = torch.randn(3, 300, C, device=dev, generator=g).to(dt)
+            w, b = fc1.weight.detach().to(dt), fc1.bias.detach().to(dt) + 0.5
+            with torch.no_grad():
+                got = fc1_gelu(h, w, b)
+                tanh_d = rel_diff(F.gelu(F.linear(h, w, b).float(), approximate="tanh"), got)
+                erf_d = rel_diff(F.gelu(F.linear(h, w, b).float()), got)
+            rows.append((f"fc1_gelu (GELU in the matrix product's epilogue), {str(dt)[6:]}: max rel. diff to "
+                         f"tanh GELU / exact GELU", f"{tanh_d:.2e} / {erf_d:.2e}",
+                         tanh_d <= args.tolerance and (dt != torch.float32 or tanh_d < erf_d)))
 
         clip, _ = bg.build_text_encoder("clip", args.tiny, dev, workdir)
         a = clip.encode(prompts)

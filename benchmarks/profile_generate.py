@@ -65,6 +65,39 @@ class PhaseTimer:
         setattr(obj, name, timed)
 
 
+# kernel-name patterns -> category, first match wins (names of CUDA kernels as torch.profiler reports them)
+CATEGORIES = (("attention", ("fmha", "flash", "sdpa", "attention", "cudnn_generated")),
+              ("matrix products", ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul", "_mm_", "cublas")),
+              ("compiled (triton) fusions", ("triton_",)),
+              ("convolutions", ("conv", "implicit", "winograd", "wgrad", "dgrad")),
+              ("copies and casts", ("copy", "cast", "memcpy", "memset", "fill")),
+              ("reductions, sort, top-k", ("reduce", "sort", "topk", "scan", "radix", "softmax", "norm")),
+              ("other element-wise", ("elementwise", "vectorized", "unrolled", "index", "gather", "scatter", "cat")))
+
+
+def categorise(name: str) -> str:
+    low = name.lower()
+    for category, patterns in CATEGORIES:
+        if any(p in low for p in patterns):
+            return category
+    return "other"
+
+
+def print_categories(events) -> None:
+    """Device time of the call's kernels by category (the profiler's kernel-level events only)."""
+    totals, counts = collections.defaultdict(float), collections.defaultdict(int)
+    for e in events:
+        if e.self_device_time_total <= 0 or e.key.startswith(("aten::", "cuda", "Command Buffer")):
+            continue  # operator-level rows repeat their kernels' time; runtime calls and profiler records are not kernels
+        totals[categorise(e.key)] += e.self_device_time_total / 1000
+        counts[categorise(e.key)] += e.count
+    total = sum(totals.values())
+    print("\n| kernel category | ms of device time | share | kernel launches |\n|---|---|---|---|")
+    for k, v in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"| {k} | {v:.1f} | {100 * v / max(total, 1e-9):.0f}% | {counts[k]} |")
+    print(f"| all kernels | {total:.1f} | | |")
+
+
 def profile_case(case: str, args, dev, text) -> None:
     config, sampler_name, batch = case.split(":")
     B = int(batch)
@@ -72,13 +105,16 @@ def profile_case(case: str, args, dev, text) -> None:
     tok = bg.build_tokenizer(args.tiny, pn, dev)
     gen = bg.build_generator(config.split("@")[0], args.tiny, pn, tok, text, dev).eval()
     sampler = stable_for(gen, pn, dev) if sampler_name == "stable" else None
+    if sampler is not None and args.compile_head:
+        sampler = sampler.with_settings(compile_head=True)
     if args.compile_decoder and dev.type == "cuda":
         tok.optimize_for_inference(channels_last=True)
     prompts = [bg.CAPTIONS[i % len(bg.CAPTIONS)] for i in range(B)]
 
     def call():
         with torch.no_grad():
-            gen.generate(prompts, seed=0, sampler=sampler, cuda_graphs=args.cuda_graphs, **bg.SAMPLING)
+            gen.generate(prompts, seed=0, sampler=sampler, cuda_graphs=args.cuda_graphs,
+                         compile_blocks=args.compile_blocks, **bg.SAMPLING)
 
     timer = PhaseTimer(dev)
     net = gen.ema if gen.ema is not None else gen.transformer  # what generate() samples with
@@ -106,7 +142,8 @@ def profile_case(case: str, args, dev, text) -> None:
             call()
         timer.enabled = False
         total_plain = sorted(plain)[len(plain) // 2]
-        print(f"\n## {case} (cuda_graphs={args.cuda_graphs}): unsynchronised call {total_plain * 1000:.1f} ms "
+        print(f"\n## {case} (cuda_graphs={args.cuda_graphs}, compile_head={args.compile_head}, "
+              f"compile_blocks={args.compile_blocks}, compile_decoder={args.compile_decoder}): unsynchronised call {total_plain * 1000:.1f} ms "
               f"(median of {args.repeats})")
         phases = {k: v / args.repeats for k, v in timer.totals.items()}
         print("| phase (synchronised) | ms per call | share |\n|---|---|---|")
@@ -121,6 +158,7 @@ def profile_case(case: str, args, dev, text) -> None:
             events = prof.key_averages()
             device_total = sum(e.self_device_time_total for e in events) / 1000
             print(f"\nkernels of one call: {device_total:.1f} ms of device time in all")
+            print_categories(events)
             print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=70))
     finally:
         timer.restore()
@@ -135,6 +173,8 @@ def main(argv=None) -> None:
     ap.add_argument("--cuda-graphs", action="store_true")
     ap.add_argument("--compile-decoder", action="store_true",
                     help="tokenizer.optimize_for_inference(channels_last=True)")
+    ap.add_argument("--compile-head", action="store_true", help="StableSampler(compile_head=True)")
+    ap.add_argument("--compile-blocks", action="store_true", help="generate(compile_blocks=True)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rows", type=int, default=25)

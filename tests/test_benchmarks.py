@@ -97,3 +97,15 @@ def test_bench_fp8_tiny(tmp_path):
     bench_fp8.main(["--tiny", "--json", str(out)])
     (row,) = json.loads(out.read_text())["rows"]
     assert row["bf16_ms"] > 0 and row["fp8_ms"] > 0 and 0 < row["rel_error"] < 0.1
+
+
+def test_bench_kernels_tiny(tmp_path, capsys):
+    """bench_kernels.py: the fc1+GELU and padded conv_out rows, timed, with the padded conv's outputs exact."""
+    import bench_kernels
+    out = tmp_path / "kernels.json"
+    bench_kernels.main(["--tiny", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["case"][:10] for r in rows] == ["fc1 + GELU", "decoder co", "decoder co"]
+    assert all(r["before_ms"] > 0 and r["after_ms"] > 0 for r in rows)
+    assert all(r["max_abs_diff"] == 0 for r in rows[1:])
+    assert "| fc1 + GELU, tiny |" in capsys.readouterr().out

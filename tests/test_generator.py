@@ -487,7 +487,7 @@ def test_compiled_block_regions_keep_two_graphs_per_width_over_scales_batches_an
     for prompts in (["a"], ["a", "b", "c"], ["a"] * 5):
         for graphs in (False, True):
             gen.generate(prompts, seed=0, compile_blocks=True, cuda_graphs=graphs)
-    for fn in (fused.attention_inputs, fused.cross_inputs, fused.output_and_ffn):
+    for fn in (fused.attention_inputs, fused.cross_inputs, fused.ffn_inputs, fused.ffn_output):
         assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(fn.__code__)) == 2, fn.__name__
     block = gen.transformer.blocks[-1].train()
     x = torch.randn(2, 4, gen.transformer.width)

@@ -316,3 +316,24 @@ def test_stage1_checkpoint_with_discriminator_loads_into_a_plain_tokenizer(tmp_p
     assert not any(k.startswith("discriminator.") for k in plain.state_dict())
     x = torch.rand(1, 3, 4, 4) * 2 - 1
     assert all(torch.equal(a, b) for a, b in zip(plain.encode(x), trained.encode(x)))
+
+
+def test_padded_output_conv_decodes_the_same_images_and_follows_weight_updates(monkeypatch):
+    # On CUDA the decoder's last conv runs with zero filters padded to 8 output channels at inference (a fast
+    # kernel instead of cuDNN's generic one for 3 channels): the same images, rebuilt after a weight update.
+    from starkit.tokenizers import cnn
+    tok = tiny()
+    f = torch.randn(2, TINY["z_channels"], 4, 4)
+    with torch.no_grad():
+        monkeypatch.setattr(cnn, "PADDED_OUTPUT_CONV_DEVICES", ())
+        plain = tok.decode_latent(f)
+        monkeypatch.setattr(cnn, "PADDED_OUTPUT_CONV_DEVICES", ("cpu",))
+        padded = tok.decode_latent(f)
+        weight, _ = tok.decoder._inference_cache["conv_out_padded"][1]
+        assert weight.shape[0] == 8 and not weight[3:].any()
+        torch.testing.assert_close(padded, plain)
+        tok.decoder.conv_out.bias.add_(0.25)  # an in-place update: the padded copy is rebuilt
+        monkeypatch.setattr(cnn, "PADDED_OUTPUT_CONV_DEVICES", ())
+        plain = tok.decode_latent(f)
+        monkeypatch.setattr(cnn, "PADDED_OUTPUT_CONV_DEVICES", ("cpu",))
+        torch.testing.assert_close(tok.decode_latent(f), plain)

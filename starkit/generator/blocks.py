@@ -14,9 +14,19 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from starkit.positional import as_cis, rotate_float32
+from starkit.utils.inference_cache import (clear_inference_caches, inference_cached, inference_param,  # noqa: F401
+                                           version_key)
+
+
+def take_rows(x: torch.Tensor, rows: torch.Tensor, dim: int) -> torch.Tensor:
+    """The tokens ``rows`` ``(B, h)`` of ``x`` along its token dimension ``dim``: ``(B, l, C)`` with dim 1
+    -> ``(B, h, C)``; ``(B, H, l, d)`` with dim 2 -> ``(B, H, h, d)``."""
+    shape = list(x.shape)
+    shape[dim] = rows.shape[1]
+    index = rows.view(rows.shape[0], *([1] * (dim - 1)), rows.shape[1], *([1] * (x.dim() - dim - 1)))
+    return x.gather(dim, index.expand(shape))
 
 
 class DropPath(nn.Module):
@@ -72,55 +82,6 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
-def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    """Global optimizer-step post-hook: marks every parameter the step may have changed. Fused and
-    foreach optimizers write parameters without raising their autograd version counter, so the
-    version alone would not show the update."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            p._starkit_steps = getattr(p, "_starkit_steps", 0) + 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_step)
-_CACHE_EPOCH = [0]  # raised by clear_inference_caches: what was cast before is gone
-
-
-def version_key(tensors) -> Tuple:
-    """Storage, version, optimizer steps, dtype and device of each tensor: changes when any is
-    updated in place (an optimizer step, fused ones included; ``load_state_dict``), replaced or cast.
-    Writes through ``.data`` are not seen: after one, call :func:`clear_inference_caches`."""
-    return (_CACHE_EPOCH[0],) + tuple((t.data_ptr(), t._version, getattr(t, "_starkit_steps", 0), t.dtype, t.device)
-                                      for t in tensors)
-
-
-def inference_cached(module: nn.Module, name: str, params: Tuple[torch.Tensor, ...], build):
-    """``build()``, computed once and reused while gradients are off and ``params`` are unchanged
-    (same storage and version: an optimizer step, ``load_state_dict`` or ``.to()`` rebuilds it).
-    Generation calls every layer at every scale: this saves the small kernels that only re-derive
-    a parameter (bias concatenations, clamped exponentials). With gradients on, always ``build()``."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():  # compiled graphs derive it in the graph
-        return build()
-    key = version_key(params)
-    cache = module.__dict__.setdefault("_inference_cache", {})
-    hit = cache.get(name)
-    if hit is None or hit[0] != key:
-        hit = cache[name] = (key, build())
-    return hit[1]
-
-
-def inference_param(module: nn.Module, name: str, params: Tuple[torch.Tensor, ...], build, x: torch.Tensor):
-    """``build()`` (a tensor derived from ``params``), in the autocast dtype of ``x``'s device when autocast
-    is on; while gradients are off it is built once per version of ``params`` and kept in ``module``.
-
-    Autocast casts float32 weights at every call (its own cache is off while CUDA graphs are
-    captured and does not outlive one ``autocast`` region): in generation that is a full read of
-    the weights per scale and per sampler step. The cast copy costs its size in the autocast dtype."""
-    if torch.is_grad_enabled():
-        return build()
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
-    return inference_cached(module, f"{name}:{dtype}", params, lambda: build() if dtype is None else build().to(dtype))
-
-
 def autocast_weight(module: nn.Module, name: str, tensor: Optional[torch.Tensor], x: torch.Tensor):
     """``tensor`` (a weight or bias of ``module``) in the autocast dtype of ``x``'s device, cast once per
     weight version at inference (:func:`inference_param`); as it is without autocast or with gradients."""
@@ -135,16 +96,6 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, autocast_weight(self, "weight", self.weight, x), autocast_weight(self, "bias", self.bias, x))
-
-
-def clear_inference_caches(module: nn.Module) -> None:
-    """Drop what :func:`inference_cached` keeps in ``module`` and its children (bias concatenations,
-    weights cast to the autocast dtype): after validation, so that training does not carry a cast
-    copy of the weights that the next optimizer step makes stale anyway. Raises the cache epoch in
-    every :func:`version_key`, so CUDA graphs that read the dropped copies are captured again."""
-    _CACHE_EPOCH[0] += 1
-    for m in module.modules():
-        m.__dict__.pop("_inference_cache", None)
 
 
 class QKNorm(nn.Module):
@@ -191,7 +142,9 @@ class SelfAttention(nn.Module):
                                lambda: torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias)), x)
 
     def forward(self, x: torch.Tensor, rotary: Optional[tuple] = None, mask: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None) -> torch.Tensor:
+                cache: Optional[KVCache] = None, query_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x`` ``(B, l, C)`` -> ``(B, l, C)``; with ``query_rows`` ``(B, h)`` only those tokens' outputs
+        ``(B, h, C)`` (keys and values still from all ``l``: the sampler head's last block)."""
         B, l, C = x.shape
         weight = autocast_weight(self.mat_qkv, "weight", self.mat_qkv.weight, x)
         bias = self._qkv_bias(x)
@@ -202,6 +155,8 @@ class SelfAttention(nn.Module):
                             else as_cis(rotary))
         if cache is not None:  # sampling: attend to every cached position, no mask needed
             k, v = cache.append(k, v)
+        if query_rows is not None:
+            q, l = take_rows(q, query_rows, dim=2), query_rows.shape[1]  # (B, H, h, d)
         if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask (training)
             out = flex_attention_fn(q.device)(q, k, v, block_mask=mask, scale=1.0)  # (B, H, l, d)
         else:
@@ -284,10 +239,17 @@ class Block(nn.Module):
             self.ada_lin = nn.Sequential(nn.SiLU(), Linear(adaln_cond_dim, 6 * width))
 
     def forward(self, x: torch.Tensor, rotary=None, mask=None, text_kv=None, text_bias=None,
-                cache: Optional[KVCache] = None, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
+                cache: Optional[KVCache] = None, cond: Optional[torch.Tensor] = None,
+                query_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x`` ``(B, l, C)`` -> ``(B, l, C)``. ``query_rows`` ``(B, h)``: the output of those tokens only,
+        ``(B, h, C)``, attending to all ``l`` (the last block of the sampler head, whose logits are wanted
+        for the hidden tokens only); not with AdaLN."""
         if hasattr(self, "ada_lin"):
+            if query_rows is not None:
+                raise ValueError("query_rows is not supported by AdaLN blocks.")
             return self._forward_adaln(x, rotary, mask, text_kv, text_bias, cache, cond)
-        x = x + self.drop_path(self.attn(self.norm(x), rotary=rotary, mask=mask, cache=cache))
+        out = self.attn(self.norm(x), rotary=rotary, mask=mask, cache=cache, query_rows=query_rows)
+        x = (x if query_rows is None else take_rows(x, query_rows, dim=1)) + self.drop_path(out)
         if self.cross_attn is not None and text_kv is not None:
             x = x + self.cross_attn(self.norm(x), text_kv, text_bias)
         return x + self.drop_path(self.ffn(self.norm(x)))

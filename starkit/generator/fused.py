@@ -4,14 +4,16 @@ In eager mode a block of the generator runs about thirty element-wise passes ove
 besides the matrix products and attention: three LayerNorms and their casts, the float32 QK L2-norm
 and rotary of queries and keys (and of the cross-attention queries), GELU and the residual
 additions. At d30 @1024 with batch 16 each pass over the last scale moves 0.5-1 GB. Here those
-passes are three compiled regions per block, cut around what must stay outside them (the KV-cache
+passes are four compiled regions per block, cut around what must stay outside them (the KV-cache
 write and the two attentions)::
 
     attention_inputs     LayerNorm -> qkv -> QK-norm, rotary -> q, k, v
     (eager)              KV-cache append, self-attention
     cross_inputs         x + proj(out) -> LayerNorm -> q -> QK-norm            (blocks with text)
     (eager)              cross-attention to the text keys/values
-    output_and_ffn       x + proj(out) -> LayerNorm -> fc1 -> GELU -> fc2 -> x + ...
+    ffn_inputs           x + proj(out) -> LayerNorm
+    (eager)              fc1 with bias and GELU in the matrix product's epilogue (fc1_gelu)
+    ffn_output           x + fc2(...)
 
 The regions are plain functions of tensors: the weights come in already cast to the autocast dtype
 (:func:`~starkit.generator.blocks.autocast_weight`, once per weight version), so no cast runs
@@ -30,7 +32,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from starkit.generator.blocks import Block, KVCache, autocast_weight
+from starkit.generator.blocks import Block, KVCache, autocast_weight, take_rows
 from starkit.positional import as_cis, rotate_float32
 
 
@@ -64,18 +66,32 @@ def cross_inputs(x: torch.Tensor, out: torch.Tensor, proj_w: torch.Tensor, proj_
     return x, F.normalize(q.float(), dim=-1).mul(q_scale).to(out.dtype)
 
 
-def output_and_ffn(x: torch.Tensor, out: torch.Tensor, proj_w: torch.Tensor, proj_b: torch.Tensor,
-                   fc1_w: torch.Tensor, fc1_b: torch.Tensor, fc2_w: torch.Tensor, fc2_b: torch.Tensor,
-                   eps: float) -> torch.Tensor:
-    """The last attention's residual, then the FFN's: the block's output ``(B, l, C)``."""
+def ffn_inputs(x: torch.Tensor, out: torch.Tensor, proj_w: torch.Tensor, proj_b: torch.Tensor, eps: float,
+               dtype: torch.dtype):
+    """The last attention's residual ``x`` ``(B, l, C)`` and the FFN's normalised input (in ``dtype``)."""
     x = x + _project(out, proj_w, proj_b)
-    h = F.layer_norm(x.float(), (x.shape[-1],), eps=eps).to(fc1_w.dtype)
-    return x + F.linear(F.gelu(F.linear(h, fc1_w, fc1_b), approximate="tanh"), fc2_w, fc2_b)
+    return x, F.layer_norm(x.float(), (x.shape[-1],), eps=eps).to(dtype)
+
+
+def ffn_output(x: torch.Tensor, g: torch.Tensor, fc2_w: torch.Tensor, fc2_b: torch.Tensor) -> torch.Tensor:
+    """The FFN's residual: ``x + fc2(g)`` ``(B, l, C)``, with g = GELU(fc1(h)) ``(B, l, 4C)``."""
+    return x + F.linear(g, fc2_w, fc2_b)
+
+
+def fc1_gelu(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``GELU_tanh(h @ weight.T + bias)`` ``(B, l, C)`` -> ``(B, l, 4C)`` in one matrix product whose epilogue
+    applies the bias and GELU on CUDA (cuBLASLt's ``GELU_BIAS`` epilogue, the tanh form, through
+    ``torch._addmm_activation``): the activation's pass over the ``(B, l, 4C)`` tensor is not a kernel of its
+    own. Off CUDA the linear layer and the tanh GELU (``_addmm_activation``'s CPU path applies the exact GELU)."""
+    if not h.is_cuda:
+        return F.gelu(F.linear(h, weight, bias), approximate="tanh")
+    B, l, C = h.shape
+    return torch._addmm_activation(bias, h.reshape(B * l, C), weight.t(), use_gelu=True).view(B, l, -1)
 
 
 # which dimensions of which arguments vary between calls: x (rows, tokens), out (rows, tokens), rotary (tokens)
 _DYNAMIC_DIMS = {"attention_inputs": {0: (0, 1), 4: (0,)}, "cross_inputs": {0: (0, 1), 1: (0, 2)},
-                 "output_and_ffn": {0: (0, 1), 1: (0, 2)}}
+                 "ffn_inputs": {0: (0, 1), 1: (0, 2)}, "ffn_output": {0: (0, 1), 1: (0, 1)}}
 
 
 def run_compiled(fn, *args):
@@ -96,19 +112,24 @@ def _weights(linear, x):
 
 
 def fused_block(block: Block, x: torch.Tensor, rotary: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                text_kv=None, text_bias: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None
-                ) -> torch.Tensor:
-    """``block(x, rotary=..., text_kv=..., text_bias=..., cache=...)`` at inference with the compiled
-    regions. ``rotary``: the real ``(cos, sin)`` tables of the tokens (not the complex form), or None.
-    A block in training mode with drop-path runs eagerly (drop-path is random)."""
+                text_kv=None, text_bias: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
+                query_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``block(x, rotary=..., text_kv=..., text_bias=..., cache=..., query_rows=...)`` at inference with the
+    compiled regions. ``rotary``: the real ``(cos, sin)`` tables of the tokens (not the complex form), or None.
+    ``query_rows`` ``(B, h)``: only those tokens' outputs (after the self-attention's inputs, which need all
+    tokens, everything runs on the h rows). A block in training mode with drop-path runs eagerly (drop-path
+    is random)."""
     if block.training or hasattr(block, "ada_lin"):
-        return block(x, rotary=as_cis(rotary), text_kv=text_kv, text_bias=text_bias, cache=cache)
+        return block(x, rotary=as_cis(rotary), text_kv=text_kv, text_bias=text_bias, cache=cache,
+                     query_rows=query_rows)
     attn, eps = block.attn, block.norm.eps
     qkv_w = autocast_weight(attn.mat_qkv, "weight", attn.mat_qkv.weight, x)
     q, k, v = run_compiled(attention_inputs, x, qkv_w, attn._qkv_bias(x), attn.qk_norm.scale(), rotary,
                            attn.num_heads, eps)
     if cache is not None:
         k, v = cache.append(k, v)
+    if query_rows is not None:
+        q, x = take_rows(q, query_rows, dim=2), take_rows(x, query_rows, dim=1)  # (B, H, h, d), (B, h, C)
     out = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # (B, H, l, d)
     proj_w, proj_b = _weights(attn.proj, x)
     cross = block.cross_attn
@@ -122,4 +143,5 @@ def fused_block(block: Block, x: torch.Tensor, rotary: Optional[Tuple[torch.Tens
         proj_w, proj_b = _weights(cross.proj, x)
     fc1_w, fc1_b = _weights(block.ffn.fc1, x)
     fc2_w, fc2_b = _weights(block.ffn.fc2, x)
-    return run_compiled(output_and_ffn, x, out, proj_w, proj_b, fc1_w, fc1_b, fc2_w, fc2_b, eps)
+    x, h = run_compiled(ffn_inputs, x, out, proj_w, proj_b, eps, fc1_w.dtype)
+    return run_compiled(ffn_output, x, fc1_gelu(h, fc1_w, fc1_b), fc2_w, fc2_b)

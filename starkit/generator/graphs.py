@@ -20,7 +20,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from starkit.generator.blocks import version_key
+from starkit.utils.inference_cache import version_key
 from starkit.generator.transformer import ScaleTransformer
 
 

@@ -22,9 +22,10 @@ import math
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from starkit.generator.blocks import Block, Linear
+from starkit.generator.blocks import Block, Linear, inference_param
 from starkit.positional import as_cis
 
 
@@ -92,7 +93,8 @@ class SamplerHead(nn.Module):
             fused: run the blocks with their element-wise work in compiled regions
                 (:func:`starkit.generator.fused.fused_block`; inference only).
             positions: ``(R, h)`` token positions whose logits are wanted (the still hidden ones when
-                sampling), or None for all ``l``. The blocks always run on every token.
+                sampling), or None for all ``l``. The last block computes only these tokens' outputs
+                (its keys and values come from all tokens).
 
         Returns:
             float32 logits ``(R, l, V)``, or ``(R, h, V)`` with ``positions``.
@@ -115,43 +117,83 @@ class SamplerHead(nn.Module):
         """The blocks, the norm and the logits head: ``(R, 1 + l, C)`` -> float32 logits ``(R, l, V)``.
         ``rotary``: the (cos, sin) tables of ``[prefix; scale tokens]``, or None. ``fused``: blocks with
         compiled element-wise regions (:mod:`starkit.generator.fused`). ``positions`` ``(R, h)``: only
-        these tokens get logits ``(R, h, V)`` (norm, logits head and everything after on h rows)."""
-        return self.logits_at(self.run_blocks(x, rotary, fused), positions)
+        these tokens get logits ``(R, h, V)``; the last block, the norm and the logits head run on h rows."""
+        if positions is None:
+            return self.logits(self.run_blocks(x, rotary, fused)[:, 1:])  # the prefix has no logits
+        return self.logits(self.run_blocks(x, rotary, fused, rows=positions + 1))  # (+1: past the prefix)
 
     def run_blocks(self, x: torch.Tensor, rotary: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                   fused: bool = False) -> torch.Tensor:
-        """The blocks only: ``(R, 1 + l, C)`` -> ``(R, 1 + l, C)``."""
+                   fused: bool = False, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The blocks: ``(R, 1 + l, C)`` -> ``(R, 1 + l, C)``, or with ``rows`` ``(R, h)`` (indices into the
+        ``1 + l`` tokens) the last block's output at those tokens only, ``(R, h, C)``."""
         if fused and not torch.compiler.is_compiling():
             from starkit.generator.fused import fused_block
             run = functools.partial(fused_block, rotary=rotary)
         else:  # complex tables, built once for all blocks; compiled code keeps (cos, sin)
             run = functools.partial(Block.__call__, rotary=rotary if torch.compiler.is_compiling() else as_cis(rotary))
-        for block in self.blocks:
-            x = run(block, x)
+        for i, block in enumerate(self.blocks):
+            x = run(block, x, query_rows=rows if i == len(self.blocks) - 1 else None)
         return x
 
-    def logits_at(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The blocks' output ``(R, 1 + l, C)`` -> float32 logits of every token ``(R, l, V)``, or of the
-        tokens at ``positions`` ``(R, h)`` -> ``(R, h, V)``."""
-        x = x[:, 1:]  # (R, l, C): the prefix has no logits
-        if positions is not None:
-            x = x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))  # (R, h, C)
-        return self.head_logits(self.logit_norm(x)).float()  # (R, l or h, V)
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Token features ``(R, n, C)`` -> float32 logits ``(R, n, V)`` (the final norm and the logits head)."""
+        return self.head_logits(self.logit_norm(x)).float()
+
+    def revealed_weight(self, x: torch.Tensor) -> torch.Tensor:
+        """``proj.weight[:, :C] @ word_embed.weight`` ``(C, Cvae)``: what a revealed embedding adds to the
+        blocks' input (the input is linear in it), formed once per weight version at inference."""
+        return inference_param(self, "revealed_weight", (self.proj.weight, self.word_embed.weight),
+                               lambda: self.proj.weight[:, :self.width].float() @ self.word_embed.weight.float(), x)
+
+    def for_scale(self, hidden: torch.Tensor, pooled: torch.Tensor, scale: int, rotary_first: Optional[tuple] = None,
+                  rotary: Optional[tuple] = None, fused: bool = False, compiled: bool = False):
+        """Sampling one scale over several reveal steps: what does not change between the steps is computed
+        once. The blocks' input is ``proj`` of a concatenation, linear in the revealed embeddings, so it is
+        ``base + revealed @ revealed_weight.T`` with ``base`` (the input with nothing revealed) formed here.
+
+        Args:
+            hidden, pooled, scale, rotary_first, rotary: as in :meth:`forward`, fixed for the scale.
+            fused: the blocks' compiled regions (``generate(compile_blocks=True)``).
+            compiled: the blocks under ``torch.compile`` (``StableSampler(compile_head=True)``; dynamic shapes).
+
+        Returns:
+            ``predict(revealed, positions=None)``: revealed embeddings ``(R', l, Cvae)`` (``R'`` divides R: the
+            guided halves share them) and the positions ``(R, h)`` whose logits are wanted (None: all) ->
+            float32 logits ``(R, h, V)``; equal to :meth:`forward` up to rounding.
+        """
+        R, l = hidden.shape[:2]
+        base = self.embed_inputs(hidden, hidden.new_zeros(R, l, self.word_embed.in_features), pooled, scale)
+        rot = _cat_rotary(rotary_first, rotary)
+        if compiled:
+            from starkit.utils.compiling import compile_errors_named, compile_once
+            blocks = compile_once(SamplerHead._input_and_blocks, dynamic=True)
+        else:
+            blocks = SamplerHead._input_and_blocks
+
+        def predict(revealed: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+            revealed = revealed.repeat(R // revealed.shape[0], 1, 1)  # (R, l, Cvae): the halves' shared rows
+            added = F.linear(revealed.to(base.dtype), self.revealed_weight(base).to(base.dtype))  # (R, l, C)
+            rows = None if positions is None else positions + 1  # past the prefix
+            if compiled:
+                for t, dim in ((base, 2), (added, 2), *((table, 1) for table in rot or ())):
+                    torch._dynamo.mark_static(t, dim)  # widths: not unified with a token count of the same size
+                with compile_errors_named("the sampler head for compile_head", "compile_head=False"):
+                    x = blocks(self, base, added, rot, rows, False)
+            else:
+                x = blocks(self, base, added, rot, rows, fused)
+            return self.logits(x if rows is not None else x[:, 1:])
+        return predict
+
+    def _input_and_blocks(self, base: torch.Tensor, added: torch.Tensor, rotary, rows, fused: bool) -> torch.Tensor:
+        """``base`` ``(R, 1 + l, C)`` plus ``added`` ``(R, l, C)`` on the tokens, then :meth:`run_blocks`."""
+        return self.run_blocks(torch.cat([base[:, :1], base[:, 1:] + added], dim=1), rotary, fused, rows)
 
     def compiled_forward(self):
-        """:meth:`forward` with the blocks (:meth:`run_blocks`) under ``torch.compile`` (dynamic shapes:
-        one graph serves every scale and batch size, plus one for a single row; it fuses the
-        normalisations, rotary, GELU and residual additions that run as separate kernels in eager
-        mode). The hidden-row selection, final norm and logits head run outside, so the varying
-        ``positions`` of the reveal steps add no graphs. The compiled function is the class's, shared
-        by all heads and holding none of them: copies and pickles of a head are unaffected, and each
-        head runs with its own weights."""
-        from starkit.utils.compiling import compile_errors_named, compile_once
-
+        """:meth:`forward` for sampling with the blocks under ``torch.compile`` (:meth:`for_scale` with
+        ``compiled=True``; dynamic shapes: a graph for all rows and one for some rows serve every scale,
+        batch size and number of hidden rows, plus one or two for a single row). The compiled function is the class's, shared by all heads and
+        holding none of them: copies and pickles of a head are unaffected, and each head runs with its own
+        weights."""
         def forward(hidden, revealed, pooled, scale, rotary_first=None, rotary=None, positions=None):
-            x = self.embed_inputs(hidden, revealed, pooled, scale)
-            with compile_errors_named("the sampler head for compile_head", "compile_head=False"):
-                # the unbound function compiled once (the head is an argument)
-                x = compile_once(SamplerHead.run_blocks, dynamic=True)(self, x, _cat_rotary(rotary_first, rotary))
-            return self.logits_at(x, positions)
+            return self.for_scale(hidden, pooled, scale, rotary_first, rotary, compiled=True)(revealed, positions)
         return forward

@@ -177,15 +177,36 @@ class StableSampler(ScaleSampler):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _head_forward(self, compile_blocks: bool = False):
-        """The head's forward for sampling: compiled whole (:meth:`SamplerHead.compiled_forward`) with
-        ``compile_head``; with the blocks' compiled regions under ``generate(compile_blocks=True)`` (a
-        :class:`SamplerHead`; another head module is called as it is); else the head itself."""
+        """A head that is not a :class:`SamplerHead` (a user's callable), as the reveal loop calls it; a
+        SamplerHead goes through :meth:`SamplerHead.for_scale` instead (see :meth:`_scale_predictor`)."""
         from starkit.samplers.head import SamplerHead  # (not at the top: head.py imports the generator's blocks)
-        if self.compile_head and self.head is not None:
+        if self.compile_head and isinstance(self.head, SamplerHead):
             return self.head.compiled_forward()
         if compile_blocks and isinstance(self.head, SamplerHead):
             return functools.partial(self.head, fused=True)
         return self.head
+
+    def _scale_predictor(self, step: ScaleStep):
+        """``predict(shown, positions)`` for the reveal steps of one scale: revealed embeddings ``(B, l, Cvae)``
+        (shared by the guided halves) and the positions ``(R, h)`` of the wanted rows (None: all) -> float32
+        logits ``(R, h, V)``. A :class:`SamplerHead` forms what stays fixed over the scale once
+        (:meth:`SamplerHead.for_scale`: compiled blocks with ``compile_head``, compiled regions under
+        ``generate(compile_blocks=True)``); another head is called with the whole inputs at each step."""
+        from starkit.samplers.head import SamplerHead
+        if isinstance(self.head, SamplerHead):
+            return self.head.for_scale(step.hidden, step.pooled_text, step.scale, step.rotary_first, step.rotary,
+                                       fused=step.compile_blocks, compiled=self.compile_head)
+        head = self._head_forward(step.compile_blocks)
+        gathers = _takes_positions(head)
+
+        def predict(shown: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
+            rows = torch.cat([shown, shown], dim=0) if step.guided else shown  # both halves share the tokens
+            if gathers:
+                return head(step.hidden, rows, step.pooled_text, step.scale, step.rotary_first, step.rotary,
+                            positions=positions)  # (R, h, V)
+            logits = head(step.hidden, rows, step.pooled_text, step.scale, step.rotary_first, step.rotary)
+            return logits if positions is None else _take(logits, positions)  # all logits, then the hidden rows
+        return predict
 
     def causal_scale_ids(self, num_scales: int) -> range:
         return range(max(num_scales - self.causal_scales, 0), num_scales)
@@ -223,20 +244,13 @@ class StableSampler(ScaleSampler):
         idx = torch.zeros(B, l, dtype=torch.long, device=device)
         shown = torch.zeros(B, l, step.codebook.shape[-1], device=device, dtype=torch.float32)  # (B, l, Cvae)
         hidden_pos = torch.arange(l, device=device).expand(B, l)  # (B, h): positions not revealed yet, ascending
-        head = self._head_forward(step.compile_blocks)
-        gathers = _takes_positions(head)
+        predict = self._scale_predictor(step) if self.use_head else None
         all_cands = None
         for s, count in enumerate(counts):
             h = hidden_pos.shape[1]
             if self.use_head:
-                rows = torch.cat([shown, shown], dim=0) if step.guided else shown  # both halves share the tokens
                 pos = None if h == l else (torch.cat([hidden_pos, hidden_pos]) if step.guided else hidden_pos)
-                if gathers:
-                    logits = head(step.hidden, rows, step.pooled_text, step.scale, step.rotary_first, step.rotary,
-                                  positions=pos)  # (R, h, V)
-                else:  # a head without ``positions``: all logits, then the hidden rows
-                    logits = head(step.hidden, rows, step.pooled_text, step.scale, step.rotary_first, step.rotary)
-                    logits = logits if pos is None else _take(logits, pos)
+                logits = predict(shown, pos)  # (R, h, V)
                 drawn, confidence = draw(self._candidates(logits, t, step.guided), gen)  # (B, h) each
             else:  # the generator's logits do not change within the scale: filter once, draw the hidden rows
                 if all_cands is None:

@@ -20,6 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from starkit.utils.inference_cache import inference_cached
+
+#: device types on which the decoder's last conv runs with its output channels padded to 8 at inference
+PADDED_OUTPUT_CONV_DEVICES = ("cuda",)
+
 
 def group_norm(channels: int) -> nn.GroupNorm:
     """GroupNorm(32 groups, eps 1e-6), the normalisation used everywhere in the autoencoder."""
@@ -204,7 +209,19 @@ class Decoder(nn.Module):
                     h = level.attn[j](h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.output_conv(F.silu(self.norm_out(h)))
+
+    def output_conv(self, h: torch.Tensor) -> torch.Tensor:
+        """``conv_out`` ``(B, c, H, W)`` -> ``(B, 3, H, W)``. At inference on CUDA its output channels are padded
+        with zero filters to a multiple of 8 and the extra channels dropped: with 3 output channels cuDNN
+        runs a generic kernel (25.8 ms per call at 1024 px and batch 4 on an H200,
+        docs/performance.md), with 8 a tensor-core one. Training (gradients on) runs the plain conv."""
+        conv, pad = self.conv_out, -self.conv_out.out_channels % 8
+        if pad == 0 or torch.is_grad_enabled() or h.device.type not in PADDED_OUTPUT_CONV_DEVICES:
+            return conv(h)
+        weight, bias = inference_cached(self, "conv_out_padded", (conv.weight, conv.bias), lambda: (
+            F.pad(conv.weight, (0, 0, 0, 0, 0, 0, 0, pad)), F.pad(conv.bias, (0, pad))))
+        return F.conv2d(h, weight, bias, conv.stride, conv.padding)[:, :conv.out_channels]
 
     @property
     def last_layer(self) -> torch.Tensor:

@@ -1,0 +1,86 @@
+"""Two kernel-level changes of d30 @1024 generation, each against what it replaced, at the real shapes:
+
+* the FFN's first layer: ``F.linear`` then tanh GELU (two kernels; the GELU a full pass over ``(M, 4C)``)
+  against :func:`starkit.generator.fused.fc1_gelu` (GELU in cuBLASLt's epilogue);
+* the VQ decoder's last conv (160 -> 3 channels at 1024 px, channels_last bf16): as it is, against its
+  filters zero-padded to 8 output channels (:meth:`starkit.tokenizers.cnn.Decoder.output_conv`).
+
+    python benchmarks/bench_kernels.py --json $OUT/kernels.json     # H200, ~30 s
+    python benchmarks/bench_kernels.py --tiny                       # CPU smoke run (small shapes)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+from bench_generator import write_results  # noqa: E402
+from bench_tokenizer import timed  # noqa: E402  (CUDA-event median of a call)
+
+from starkit.generator.fused import fc1_gelu  # noqa: E402
+
+
+def run(tiny: bool, dev: torch.device, warmup: int, repeats: int) -> list:
+    rows, dt = [], torch.bfloat16 if dev.type == "cuda" else torch.float32
+    g = torch.Generator(device=dev).manual_seed(0)
+    C = 64 if tiny else 1920
+    for name, M in ({"tiny": 64} if tiny else {"b1, 64x64 scale (2 rows)": 2 * 4097,
+                                               "b16, 64x64 scale (32 rows)": 32 * 4097}).items():
+        h = torch.randn(1, M, C, device=dev, generator=g).to(dt)
+        w = (torch.randn(4 * C, C, device=dev, generator=g) * C ** -0.5).to(dt)
+        b = torch.randn(4 * C, device=dev, generator=g).to(dt)
+        before = timed(lambda: F.gelu(F.linear(h, w, b), approximate="tanh"), warmup, repeats, dev)
+        after = timed(lambda: fc1_gelu(h, w, b), warmup, repeats, dev)
+        rows.append({"case": f"fc1 + GELU, {name}", "before": "linear, then GELU", "after": "fc1_gelu (epilogue)",
+                     "before_ms": before * 1e3, "after_ms": after * 1e3, "speedup": before / after,
+                     "tflops_after": 2 * M * C * 4 * C / after / 1e12})
+    channels, side = (16, 64) if tiny else (160, 1024)
+    for batch in (1, 4):
+        x = torch.randn(batch, channels, side, side, device=dev, generator=g).to(dt)
+        x = x.contiguous(memory_format=torch.channels_last)
+        w = (torch.randn(3, channels, 3, 3, device=dev, generator=g) * 0.05).to(dt)
+        w = w.contiguous(memory_format=torch.channels_last)
+        bias = torch.zeros(3, device=dev, dtype=dt)
+        w8, b8 = F.pad(w, (0, 0, 0, 0, 0, 0, 0, 5)), F.pad(bias, (0, 5))
+        want, got = F.conv2d(x, w, bias, 1, 1), F.conv2d(x, w8, b8, 1, 1)[:, :3]
+        err = float((want.float() - got.float()).abs().max())
+        before = timed(lambda: F.conv2d(x, w, bias, 1, 1), warmup, repeats, dev)
+        after = timed(lambda: F.conv2d(x, w8, b8, 1, 1)[:, :3], warmup, repeats, dev)
+        rows.append({"case": f"decoder conv_out {channels}->3 at {side} px, batch {batch}", "before": "3 outputs",
+                     "after": "padded to 8", "before_ms": before * 1e3, "after_ms": after * 1e3,
+                     "speedup": before / after, "max_abs_diff": err})
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run on small shapes")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    if args.tiny:
+        args.warmup, args.repeats = 1, 2
+    with torch.no_grad():
+        rows = run(args.tiny, dev, args.warmup, args.repeats)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    if args.json:
+        write_results(args.json, name, args, rows)
+    print(f"\n### Kernel changes of d30 @1024 generation ({name}, torch {torch.__version__})\n")
+    print("| case | before | after | before ms | after ms | speed-up | note |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        note = (f"{r['tflops_after']:.0f} TFLOP/s after" if "tflops_after" in r
+                else f"max abs. diff {r['max_abs_diff']:.1e}")
+        print(f"| {r['case']} | {r['before']} | {r['after']} | {r['before_ms']:.3f} | {r['after_ms']:.3f} | "
+              f"{r['speedup']:.2f}x | {note} |")
+
+
+if __name__ == "__main__":
+    main()
