@@ -109,6 +109,8 @@ def time_ours(config: str, args, dev, text, ceiling) -> list:
     if len(variants) > 1:
         all_on = ("all compiled", args.compile_head, args.compile_blocks, text_ok)
         variants = [all_on] if args.only_all_compiled else variants + [all_on]
+        if args.head_in_regions and args.compile_head and args.compile_blocks:  # the head through the block regions
+            variants.append(("all compiled, head in regions", False, True, text_ok))
     for label, head, blocks, compile_text in variants:
         for sampler_name in args.samplers.split(","):
             if sampler_name != "stable" and not (blocks or compile_text):
@@ -238,6 +240,9 @@ def main(argv=None) -> None:
                     help="also rows with generate(compile_blocks=True) (with the compiled head too under --compile-head)")
     ap.add_argument("--only-all-compiled", action="store_true",
                     help="with several --compile-* paths: only the row with all of them (not each alone)")
+    ap.add_argument("--head-in-regions", action="store_true",
+                    help="with --compile-head and --compile-blocks: also the all-compiled row without compile_head "
+                         "(the stable sampler's head then runs through the blocks' compiled regions)")
     ap.add_argument("--text", choices=("clip", "random"), default="clip")
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

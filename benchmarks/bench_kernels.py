@@ -2,8 +2,10 @@
 
 * the FFN's first layer: ``F.linear`` then tanh GELU (two kernels; the GELU a full pass over ``(M, 4C)``)
   against :func:`starkit.generator.fused.fc1_gelu` (GELU in cuBLASLt's epilogue);
-* the VQ decoder's last conv (160 -> 3 channels at 1024 px, channels_last bf16): as it is, against its
-  filters zero-padded to 8 output channels (:meth:`starkit.tokenizers.cnn.Decoder.output_conv`).
+* the VQ decoder's last conv (160 -> 3 channels at 1024 px, channels_last bf16): cuDNN's conv against
+  :func:`starkit.tokenizers.cnn.tap_conv3x3` (one matrix product to the 9 taps, then a shifted sum), eager and
+  compiled (the decoder runs compiled). (Zero-padding the filters to 8 outputs was tried first: 24.5 ->
+  24.8 ms at batch 4, no gain; H200, 2026-11-29.)
 
     python benchmarks/bench_kernels.py --json $OUT/kernels.json     # H200, ~30 s
     python benchmarks/bench_kernels.py --tiny                       # CPU smoke run (small shapes)
@@ -24,6 +26,7 @@ from bench_generator import write_results  # noqa: E402
 from bench_tokenizer import timed  # noqa: E402  (CUDA-event median of a call)
 
 from starkit.generator.fused import fc1_gelu  # noqa: E402
+from starkit.tokenizers.cnn import tap_conv3x3  # noqa: E402
 
 
 def run(tiny: bool, dev: torch.device, warmup: int, repeats: int) -> list:
@@ -47,14 +50,15 @@ def run(tiny: bool, dev: torch.device, warmup: int, repeats: int) -> list:
         w = (torch.randn(3, channels, 3, 3, device=dev, generator=g) * 0.05).to(dt)
         w = w.contiguous(memory_format=torch.channels_last)
         bias = torch.zeros(3, device=dev, dtype=dt)
-        w8, b8 = F.pad(w, (0, 0, 0, 0, 0, 0, 0, 5)), F.pad(bias, (0, 5))
-        want, got = F.conv2d(x, w, bias, 1, 1), F.conv2d(x, w8, b8, 1, 1)[:, :3]
-        err = float((want.float() - got.float()).abs().max())
+        want = F.conv2d(x, w, bias, 1, 1)
         before = timed(lambda: F.conv2d(x, w, bias, 1, 1), warmup, repeats, dev)
-        after = timed(lambda: F.conv2d(x, w8, b8, 1, 1)[:, :3], warmup, repeats, dev)
-        rows.append({"case": f"decoder conv_out {channels}->3 at {side} px, batch {batch}", "before": "3 outputs",
-                     "after": "padded to 8", "before_ms": before * 1e3, "after_ms": after * 1e3,
-                     "speedup": before / after, "max_abs_diff": err})
+        compiled = torch.compile(tap_conv3x3, dynamic=False) if dev.type == "cuda" else tap_conv3x3
+        for label, fn in (("tap_conv3x3, eager", tap_conv3x3), ("tap_conv3x3, compiled", compiled)):
+            err = float((want.float() - fn(x, w, bias).float()).abs().max())
+            after = timed(lambda: fn(x, w, bias), warmup, repeats, dev)
+            rows.append({"case": f"decoder conv_out {channels}->3 at {side} px, batch {batch}", "before": "conv2d",
+                         "after": label, "before_ms": before * 1e3, "after_ms": after * 1e3,
+                         "speedup": before / after, "max_abs_diff": err})
     return rows
 
 

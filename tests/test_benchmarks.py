@@ -100,12 +100,12 @@ def test_bench_fp8_tiny(tmp_path):
 
 
 def test_bench_kernels_tiny(tmp_path, capsys):
-    """bench_kernels.py: the fc1+GELU and padded conv_out rows, timed, with the padded conv's outputs exact."""
+    """bench_kernels.py: the fc1+GELU and tap-conv rows, timed, the tap conv giving the conv's outputs."""
     import bench_kernels
     out = tmp_path / "kernels.json"
     bench_kernels.main(["--tiny", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert [r["case"][:10] for r in rows] == ["fc1 + GELU", "decoder co", "decoder co"]
+    assert [r["case"][:10] for r in rows] == ["fc1 + GELU"] + ["decoder co"] * 4
     assert all(r["before_ms"] > 0 and r["after_ms"] > 0 for r in rows)
-    assert all(r["max_abs_diff"] == 0 for r in rows[1:])
+    assert all(r["max_abs_diff"] < 1e-4 for r in rows[1:])  # float32 on the CPU
     assert "| fc1 + GELU, tiny |" in capsys.readouterr().out
