@@ -582,3 +582,13 @@ def test_run_sampling_builds_no_autograd_graph():
     gen.sampler.sample_scale = spy
     run_sampling(gen.transformer, gen.tokenizer, gen.text_encoder, gen.sampler, ["a red circle"], 0, "cpu")
     assert seen and not any(grad or requires for grad, requires in seen)
+
+
+def test_fc1_gelu_operator_is_the_linear_layer_and_tanh_gelu_and_compiles_as_an_opaque_call():
+    from starkit.generator.blocks import fc1_gelu
+    torch.manual_seed(0)
+    h, w, b = torch.randn(2, 5, 8), torch.randn(32, 8), torch.randn(32)
+    want = torch.nn.functional.gelu(torch.nn.functional.linear(h, w, b), approximate="tanh")
+    torch.testing.assert_close(fc1_gelu(h, w, b), want)
+    torch.library.opcheck(fc1_gelu, (h, w, b))  # the fake (meta) implementation agrees with the real one
+    torch.testing.assert_close(torch.compile(fc1_gelu, backend="eager", fullgraph=True)(h, w, b), want)

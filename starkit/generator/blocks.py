@@ -203,6 +203,25 @@ class CrossAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, l, C))
 
 
+@torch.library.custom_op("starkit::fc1_gelu", mutates_args=())
+def fc1_gelu(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``GELU_tanh(h @ weight.T + bias)`` ``(..., C)`` -> ``(..., 4C)`` in one matrix product whose epilogue
+    applies the bias and GELU on CUDA (cuBLASLt's ``GELU_BIAS`` epilogue, the tanh form, through
+    ``torch._addmm_activation``): the activation's pass over the ``(..., 4C)`` tensor is not a kernel of its
+    own. An opaque operator, so that ``torch.compile`` calls it as it is (its lowering of
+    ``_addmm_activation`` would split the GELU off again). Off CUDA the linear layer and the tanh GELU
+    (``_addmm_activation``'s CPU path applies the exact GELU). Inference only: no gradient."""
+    if not h.is_cuda:
+        return F.gelu(F.linear(h, weight, bias), approximate="tanh")
+    return torch._addmm_activation(bias, h.reshape(-1, h.shape[-1]), weight.t(), use_gelu=True).view(
+        *h.shape[:-1], weight.shape[0])
+
+
+@fc1_gelu.register_fake
+def _(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return h.new_empty(*h.shape[:-1], weight.shape[0])
+
+
 class FFN(nn.Module):
     """Two-layer MLP with tanh-approximated GELU."""
 
@@ -212,7 +231,10 @@ class FFN(nn.Module):
         self.fc2 = Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        if torch.is_grad_enabled() or not x.is_cuda:
+            return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        weight = autocast_weight(self.fc1, "weight", self.fc1.weight, x)  # inference on CUDA: GELU in the epilogue
+        return self.fc2(fc1_gelu(x.to(weight.dtype), weight, autocast_weight(self.fc1, "bias", self.fc1.bias, x)))
 
 
 class Block(nn.Module):

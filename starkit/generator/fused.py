@@ -32,7 +32,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from starkit.generator.blocks import Block, KVCache, autocast_weight, take_rows
+from starkit.generator.blocks import Block, KVCache, autocast_weight, fc1_gelu, take_rows  # noqa: F401
 from starkit.positional import as_cis, rotate_float32
 
 
@@ -76,17 +76,6 @@ def ffn_inputs(x: torch.Tensor, out: torch.Tensor, proj_w: torch.Tensor, proj_b:
 def ffn_output(x: torch.Tensor, g: torch.Tensor, fc2_w: torch.Tensor, fc2_b: torch.Tensor) -> torch.Tensor:
     """The FFN's residual: ``x + fc2(g)`` ``(B, l, C)``, with g = GELU(fc1(h)) ``(B, l, 4C)``."""
     return x + F.linear(g, fc2_w, fc2_b)
-
-
-def fc1_gelu(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``GELU_tanh(h @ weight.T + bias)`` ``(B, l, C)`` -> ``(B, l, 4C)`` in one matrix product whose epilogue
-    applies the bias and GELU on CUDA (cuBLASLt's ``GELU_BIAS`` epilogue, the tanh form, through
-    ``torch._addmm_activation``): the activation's pass over the ``(B, l, 4C)`` tensor is not a kernel of its
-    own. Off CUDA the linear layer and the tanh GELU (``_addmm_activation``'s CPU path applies the exact GELU)."""
-    if not h.is_cuda:
-        return F.gelu(F.linear(h, weight, bias), approximate="tanh")
-    B, l, C = h.shape
-    return torch._addmm_activation(bias, h.reshape(B * l, C), weight.t(), use_gelu=True).view(B, l, -1)
 
 
 # which dimensions of which arguments vary between calls: x (rows, tokens), out (rows, tokens), rotary (tokens)
