@@ -111,12 +111,12 @@ class StableSampler(ScaleSampler):
         schedule: reveal schedule (MaskGIT): "arccos" (STAR), "cosine", "linear", "root", "square".
         head_depth: blocks of the sampler head (STAR: 3).
         use_head: predict with the sampler head; False: causal reveal on the generator's logits.
-        compile_head: run the head's blocks under ``torch.compile`` when sampling (dynamic shapes:
-            one graph for every scale and batch size, one more for a single row). The first sampling
-            call compiles (tens of seconds on a GPU); later calls fuse the head's normalisations,
-            rotary and GELU. H200, d30 @1024: 5.6% faster at batch 16, 2% at batch 1 (alone, when the final
-            norm and logits were compiled too); in this blocks-only form, with every compiled path, 0.4929 s
-            at batch 1 and 0.4125 s/image at batch 16 (docs/performance.md, fourth comparison).
+        compile_head: run the head's blocks under ``torch.compile`` when sampling (dynamic shapes: a
+            graph for all rows and one for the hidden rows serve every scale, batch size and reveal step, plus
+            single-row forms). The first sampling call compiles (tens of seconds on a GPU). H200, d30 @1024,
+            with ``generate(compile_blocks=True)``, CUDA graphs and the compiled decoder and CLIP: 0.4433 s at
+            batch 1 and 0.3785 s/image at batch 16 (the head through the blocks' regions instead: 0.5145 s and
+            0.3809 s/image; docs/performance.md, fifth comparison).
     """
 
     has_weights = True
