@@ -172,3 +172,44 @@ def test_trainer_predict_gets_list_batches(tmp_path):
     assert [b["name"] for b in batches] == [["000000_00", "000000_01", "000001_00", "000001_01"],
                                             ["000002_00", "000002_01"]]
     assert batches[0]["seed"] == [0, 1, 2, 3]
+
+
+def test_the_stream_counts_its_items_for_the_progress_bar(tmp_path, monkeypatch):
+    # predict's progress bar showed "1/--": the stream now has a length once setup() counted this rank's items
+    # (existing outputs skipped); each rank/worker split counts exactly what its shards yield.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "000000_00.png").write_bytes(b"png")
+    dm = PromptDataModule(prompts=[f"p{i}" for i in range(5)], num_images_per_prompt=2, batch_size=4,
+                          output_dir=str(out))
+    with pytest.raises(TypeError):
+        len(dm.dataset)  # not counted yet: Lightning reads this as "no length"
+    dm.setup("predict")
+    assert len(dm.dataset) == 9 and len(dm.predict_dataloader()) == 3
+    stream = dm.dataset
+    for world, workers in ((1, 2), (3, 1), (2, 3)):
+        for rank in range(world):
+            yielded = 0
+            for worker in range(workers):
+                monkeypatch.setattr(prompts_module, "shard_info",
+                                    lambda r=rank, w=worker: (r * workers + w, world * workers))
+                yielded += sum(1 for _ in stream)
+            assert stream.count_for_rank(rank, world, workers) == yielded
+
+
+def test_trainer_predict_progress_bar_knows_the_total(tmp_path):
+    import lightning as L
+    import torch
+
+    class Echo(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+        def predict_step(self, batch, batch_idx):
+            return batch
+
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.predict(Echo(), datamodule=PromptDataModule(prompts=["a", "b", "c"], num_images_per_prompt=2,
+                                                         batch_size=4), return_predictions=False)
+    assert trainer.num_predict_batches == [2]

@@ -119,3 +119,14 @@ def test_a_failed_command_ends_with_its_cause_on_one_line(tmp_path):
     assert last.startswith("starkit: error: no tokenizer weights at 'nope/vae_ch160v4096z32.pth'")
     assert "FoundationVision/var" in last
     assert error_summary(ValueError("bad value\nmore")) == "ValueError: bad value"
+
+
+def test_python_m_starkit_help_names_the_command(tmp_path):
+    """``python -m starkit ... --model.help X``: the usage line says ``starkit``, not ``__main__.py``."""
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-m", "starkit", "fit", "--model.help", "ScaleWiseGenerator"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("usage: starkit ") and "__main__" not in result.stdout

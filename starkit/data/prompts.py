@@ -126,6 +126,24 @@ class PromptStream(IterableDataset):
     ):
         self.prompts, self.prompt_file = prompts, prompt_file
         self.num_images_per_prompt, self.seed, self.output_dir = num_images_per_prompt, seed, output_dir
+        self.length: Optional[int] = None  # items this process will yield, once counted (PromptDataModule.setup)
+
+    def __len__(self) -> int:
+        """The items this rank yields (all its DataLoader workers together), once :meth:`count_for_rank` has
+        been stored in ``length``; before that unknown (a ``TypeError``, which Lightning reads as "no
+        length"). It gives the predict progress bar its total."""
+        if self.length is None:
+            raise TypeError("PromptStream: the number of items is not counted yet")
+        return self.length
+
+    def count_for_rank(self, rank: int, world: int, workers: int) -> int:
+        """How many items rank ``rank`` of ``world`` will yield with ``workers`` DataLoader workers (shards
+        ``rank * workers .. rank * workers + workers - 1`` of ``world * workers``), existing outputs skipped."""
+        num_shards, first = world * max(workers, 1), rank * max(workers, 1)
+        resume = self.has_outputs()
+        return sum(1 for item in self.all_items()
+                   if first <= item["index"] % num_shards < first + max(workers, 1)
+                   and not (resume and self.is_done(item)))
 
     def records(self) -> Iterator[PromptRecord]:
         """The prompts, in order, as ``(prompt, seed or None, name or None)``."""
@@ -240,6 +258,10 @@ class PromptDataModule(L.LightningDataModule):
                     f"starkit.data: {done} of {total} images already exist in "
                     f"{self.dataset.output_dir!r}; generating the other {total - done}"
                 )
+        rank, world = 0, 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        self.dataset.length = self.dataset.count_for_rank(rank, world, self.num_workers)
 
     def _check_existing(self, item: dict) -> None:
         """An existing image is kept only if its JSON sidecar (when there is one) was written for the same
