@@ -116,10 +116,13 @@ def main(argv=None) -> None:
         with torch.no_grad(), amp:  # sampling's form: fixed inputs once per scale, the last block on some rows
             positions = torch.rand(2, l, device=dev).argsort(dim=1)[:, :l // 3].sort(dim=1).values  # (2, h)
             full = head(hidden, shown, pooled, len(pn) - 1, first, rot)  # (2, l, V)
-            part = head.for_scale(hidden, pooled, len(pn) - 1, first, rot, fused=True)(shown, positions)
-            d = rel_diff(full.gather(1, positions[..., None].expand(-1, -1, full.shape[-1])), part)
-        rows.append(("head for_scale, fused, a third of the rows: logits (max rel. diff)", f"{d:.2e}",
-                     d <= args.tolerance))
+            want = full.gather(1, positions[..., None].expand(-1, -1, full.shape[-1]))
+            fused_d = rel_diff(want, head.for_scale(hidden, pooled, len(pn) - 1, first, rot, fused=True)(shown, positions))
+            compiled_d = rel_diff(want, head.for_scale(hidden, pooled, len(pn) - 1, first, rot, compiled=True)(
+                shown, positions))
+        for form, d in (("fused", fused_d), ("compiled", compiled_d)):
+            rows.append((f"head for_scale, {form}, a third of the rows: logits (max rel. diff)", f"{d:.2e}",
+                         d <= args.tolerance))
 
         from starkit.generator.fused import fc1_gelu
         import torch.nn.functional as F

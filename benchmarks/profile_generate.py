@@ -66,10 +66,10 @@ class PhaseTimer:
 
 
 # kernel-name patterns -> category, first match wins (names of CUDA kernels as torch.profiler reports them)
-CATEGORIES = (("attention", ("fmha", "flash", "sdpa", "attention", "cudnn_generated")),
+CATEGORIES = (("convolutions", ("fprop_implicit", "conv", "winograd", "wgrad", "dgrad")),
+              ("attention", ("fmha", "flash", "sdpa", "attention")),
               ("matrix products", ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul", "_mm_", "cublas")),
               ("compiled (triton) fusions", ("triton_",)),
-              ("convolutions", ("conv", "implicit", "winograd", "wgrad", "dgrad")),
               ("copies and casts", ("copy", "cast", "memcpy", "memset", "fill")),
               ("reductions, sort, top-k", ("reduce", "sort", "topk", "scan", "radix", "softmax", "norm")),
               ("other element-wise", ("elementwise", "vectorized", "unrolled", "index", "gather", "scatter", "cat")))

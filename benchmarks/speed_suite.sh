@@ -21,8 +21,8 @@
 #   attention : benchmarks/bench_attention.py, the SDPA/Flex kernels at starkit's shapes (not in the default list)
 #   syncs     : benchmarks/find_syncs.py, host synchronisations of a d16 @256 step and generation (not in the default list)
 #   fp8       : benchmarks/bench_fp8.py, FP8 against bf16 for d30's linear layers (not in the default list)
-#   kernels   : benchmarks/bench_kernels.py, fc1 with GELU in the epilogue and the padded decoder conv_out against
-#               what they replaced (not in the default list)
+#   kernels   : benchmarks/bench_kernels.py, fc1 with GELU in the epilogue and the decoder's conv_out as tap_conv3x3
+#               against what they replaced (not in the default list)
 # Pick stages with STAGES="train tokenizer" (default: check generate, 510 s of limits: a device call runs 600 s at
 # most, so keep the sum of the chosen stages' limits below that); *_LIMIT variables set time limits.
 # Narrower runs: T1024_COMPILE=on (compiled rows only), SMALL_CONFIGS=d16@256, SMALL_ARGS / GENERATE_ARGS add

@@ -592,3 +592,22 @@ def test_fc1_gelu_operator_is_the_linear_layer_and_tanh_gelu_and_compiles_as_an_
     torch.testing.assert_close(fc1_gelu(h, w, b), want)
     torch.library.opcheck(fc1_gelu, (h, w, b))  # the fake (meta) implementation agrees with the real one
     torch.testing.assert_close(torch.compile(fc1_gelu, backend="eager", fullgraph=True)(h, w, b), want)
+
+
+def test_ffn_uses_the_fc1_gelu_operator_only_at_inference_on_a_plain_layer(monkeypatch):
+    from starkit.generator import blocks
+    calls = []
+    real = blocks.fc1_gelu
+    monkeypatch.setattr(blocks, "fc1_gelu", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(blocks, "FC1_GELU_DEVICES", ("cpu",))
+    torch.manual_seed(0)
+    ffn, x = blocks.FFN(8, 32), torch.randn(2, 3, 8)
+    want = ffn.fc2(torch.nn.functional.gelu(ffn.fc1(x), approximate="tanh"))
+    ffn(x).sum().backward()  # gradients on: the plain layers (the operator has no gradient)
+    assert calls == []
+    with torch.no_grad():
+        torch.testing.assert_close(ffn(x), want.detach())
+        assert calls == [1]
+        ffn.fc1.register_forward_hook(lambda m, i, o: o * 0)  # a hooked (or replaced) fc1 runs as written
+        torch.testing.assert_close(ffn(x), ffn.fc2(torch.zeros(2, 3, 32)))
+        assert calls == [1]

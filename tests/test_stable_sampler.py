@@ -389,3 +389,59 @@ def test_block_query_rows_are_the_rows_of_the_whole_output():
         want = full.gather(1, rows[..., None].expand(-1, -1, 32))
         torch.testing.assert_close(block(x, query_rows=rows), want)
         torch.testing.assert_close(fused_block(block, x, query_rows=rows), want, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_head_stays_compiled_across_widths_shapes_and_reveal_forms(monkeypatch, caplog):
+    # The compiled blocks function is shared by every head: its graphs (all rows / some rows, one row / more,
+    # per width) must not reach dynamo's default limit of 8, past which it would silently run uncompiled.
+    import logging
+    from starkit.positional import RoPE2D
+    from starkit.samplers.head import SamplerHead
+    from starkit.utils import compiling
+    monkeypatch.setattr(compiling, "BACKEND", "eager")
+    torch._dynamo.reset()
+    caplog.set_level(logging.WARNING)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for C, heads in ((32, 2), (64, 4)):
+            head, pe = SamplerHead(C, 16, 8, 50, heads, 4).eval(), RoPE2D(C, heads, (1, 2, 4, 8))
+            for l, start in ((16, 5), (64, 21)):
+                first, rot = pe.rotary(slice(0, 1)), pe.rotary(slice(start, start + l))
+                for R in (1, 2, 4):
+                    hidden, pooled = torch.randn(R, l, C), torch.randn(R, 16)
+                    predict = head.for_scale(hidden, pooled, 2, first, rot, compiled=True)
+                    shown = torch.randn(max(R // 2, 1), l, 8)
+                    for h in (None, 1, 3):
+                        pos = None if h is None else torch.arange(h).expand(R, h).contiguous()
+                        got = predict(shown, pos)
+                        want = head(hidden, shown.repeat(R // shown.shape[0], 1, 1), pooled, 2, first, rot,
+                                    positions=pos)
+                        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    entries = torch._dynamo.eval_frame._debug_get_cache_entry_list(SamplerHead._input_and_blocks.__code__)
+    assert len(entries) > 8  # more graphs than dynamo's default limit ...
+    assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()
+                or "cache_size_limit" in r.getMessage()]  # ... and none refused
+
+
+def test_for_scale_follows_weight_updates_and_takes_unshared_rows(trained):
+    # revealed_weight (proj x word_embed) is kept per weight version: after an update of either weight the
+    # prediction is the updated forward's; revealed and positions may also come with all R rows; no RoPE.
+    import copy
+    head = copy.deepcopy(trained[0].sampler.head)
+    torch.manual_seed(2)
+    hidden, pooled, shown = torch.randn(2, 9, 32), torch.randn(2, 32), torch.randn(2, 9, 8)
+    positions = torch.tensor([[0, 4, 8], [1, 2, 3]])
+    with torch.no_grad():
+        for weight in (None, head.proj.weight, head.word_embed.weight):
+            if weight is not None:
+                weight.mul_(1.5)  # in place: a new version
+            want = head(hidden, shown, pooled, 2, positions=positions)
+            got = head.for_scale(hidden, pooled, 2)(shown, positions)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_query_rows_refuse_an_attention_mask():
+    from starkit.generator.blocks import Block
+    block = Block(32, 2, None).eval()
+    with pytest.raises(ValueError, match="query_rows with an attention mask"):
+        block(torch.randn(1, 4, 32), mask=torch.zeros(4, 4, dtype=torch.bool), query_rows=torch.tensor([[0, 1]]))

@@ -156,6 +156,9 @@ class SelfAttention(nn.Module):
         if cache is not None:  # sampling: attend to every cached position, no mask needed
             k, v = cache.append(k, v)
         if query_rows is not None:
+            if mask is not None:
+                raise ValueError("SelfAttention: query_rows with an attention mask is not supported (the mask's "
+                                 "query rows would not follow); the sampler head uses full attention.")
             q, l = take_rows(q, query_rows, dim=2), query_rows.shape[1]  # (B, H, h, d)
         if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask (training)
             out = flex_attention_fn(q.device)(q, k, v, block_mask=mask, scale=1.0)  # (B, H, l, d)
@@ -203,6 +206,11 @@ class CrossAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, l, C))
 
 
+#: device types on which FFN runs fc1 and GELU as one :func:`fc1_gelu` call at inference (a plain ``Linear`` fc1
+#: without hooks; the FFN of a module replaced or hooked runs as written)
+FC1_GELU_DEVICES = ("cuda",)
+
+
 @torch.library.custom_op("starkit::fc1_gelu", mutates_args=())
 def fc1_gelu(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``GELU_tanh(h @ weight.T + bias)`` ``(..., C)`` -> ``(..., 4C)`` in one matrix product whose epilogue
@@ -231,10 +239,16 @@ class FFN(nn.Module):
         self.fc2 = Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or not x.is_cuda:
-            return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-        weight = autocast_weight(self.fc1, "weight", self.fc1.weight, x)  # inference on CUDA: GELU in the epilogue
-        return self.fc2(fc1_gelu(x.to(weight.dtype), weight, autocast_weight(self.fc1, "bias", self.fc1.bias, x)))
+        fc1 = self.fc1
+        if (torch.is_grad_enabled() or x.device.type not in FC1_GELU_DEVICES or type(fc1) is not Linear
+                or fc1.bias is None or fc1._forward_hooks or fc1._forward_pre_hooks):
+            return self.fc2(F.gelu(fc1(x), approximate="tanh"))
+        weight = autocast_weight(fc1, "weight", fc1.weight, x)  # inference: GELU in the matrix product's epilogue
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(weight.dtype)  # what autocast does for F.linear
+        elif x.dtype != weight.dtype:
+            return self.fc2(F.gelu(fc1(x), approximate="tanh"))  # the plain layer's own dtype error
+        return self.fc2(fc1_gelu(x, weight, autocast_weight(fc1, "bias", fc1.bias, x)))
 
 
 class Block(nn.Module):

@@ -157,27 +157,32 @@ class SamplerHead(nn.Module):
             compiled: the blocks under ``torch.compile`` (``StableSampler(compile_head=True)``; dynamic shapes).
 
         Returns:
-            ``predict(revealed, positions=None)``: revealed embeddings ``(R', l, Cvae)`` (``R'`` divides R: the
-            guided halves share them) and the positions ``(R, h)`` whose logits are wanted (None: all) ->
-            float32 logits ``(R, h, V)``; equal to :meth:`forward` up to rounding.
+            ``predict(revealed, positions=None)``: revealed embeddings ``(R', l, Cvae)`` and the positions
+            ``(R', h)`` whose logits are wanted (None: all; ``R'`` divides R: the guided halves share them) ->
+            float32 logits ``(R, h, V)``; equal to :meth:`forward` up to rounding. The blocks are called
+            directly: forward hooks on the head and an overridden :meth:`forward` are not run (a subclass
+            can override :meth:`embed_inputs` and :meth:`_input_and_blocks`).
         """
         R, l = hidden.shape[:2]
         base = self.embed_inputs(hidden, hidden.new_zeros(R, l, self.word_embed.in_features), pooled, scale)
         rot = _cat_rotary(rotary_first, rotary)
         if compiled:
-            from starkit.utils.compiling import compile_errors_named, compile_once
-            blocks = compile_once(SamplerHead._input_and_blocks, dynamic=True)
+            from starkit.utils.compiling import compile_errors_named, compile_once, recompile_limit
+            blocks = compile_once(type(self)._input_and_blocks, dynamic=True)
         else:
-            blocks = SamplerHead._input_and_blocks
+            blocks = type(self)._input_and_blocks
 
         def predict(revealed: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
             revealed = revealed.repeat(R // revealed.shape[0], 1, 1)  # (R, l, Cvae): the halves' shared rows
+            if positions is not None and positions.shape[0] != R:
+                positions = positions.repeat(R // positions.shape[0], 1)  # (R, h)
             added = F.linear(revealed.to(base.dtype), self.revealed_weight(base).to(base.dtype))  # (R, l, C)
             rows = None if positions is None else positions + 1  # past the prefix
             if compiled:
                 for t, dim in ((base, 2), (added, 2), *((table, 1) for table in rot or ())):
                     torch._dynamo.mark_static(t, dim)  # widths: not unified with a token count of the same size
-                with compile_errors_named("the sampler head for compile_head", "compile_head=False"):
+                with compile_errors_named("the sampler head for compile_head", "compile_head=False"), \
+                        recompile_limit(64):  # (all rows / some rows) x (one row / more) x widths x autocast
                     x = blocks(self, base, added, rot, rows, False)
             else:
                 x = blocks(self, base, added, rot, rows, fused)
@@ -191,9 +196,9 @@ class SamplerHead(nn.Module):
     def compiled_forward(self):
         """:meth:`forward` for sampling with the blocks under ``torch.compile`` (:meth:`for_scale` with
         ``compiled=True``; dynamic shapes: a graph for all rows and one for some rows serve every scale,
-        batch size and number of hidden rows, plus one or two for a single row). The compiled function is the class's, shared by all heads and
-        holding none of them: copies and pickles of a head are unaffected, and each head runs with its own
-        weights."""
+        batch size and number of hidden rows, plus one or two for a single row, per width). The compiled
+        function is the class's, shared by all heads and holding none of them: copies and pickles of a head
+        are unaffected, and each head runs with its own weights."""
         def forward(hidden, revealed, pooled, scale, rotary_first=None, rotary=None, positions=None):
             return self.for_scale(hidden, pooled, scale, rotary_first, rotary, compiled=True)(revealed, positions)
         return forward

@@ -234,7 +234,9 @@ class Decoder(nn.Module):
         runs a generic kernel at ~1.4 TFLOP/s (6.3 ms per 1024 px image on an H200, docs/performance.md).
         Training (gradients on) runs the plain conv."""
         conv = self.conv_out
-        if torch.is_grad_enabled() or h.device.type not in TAP_CONV_DEVICES or conv.kernel_size != (3, 3):
+        if (torch.is_grad_enabled() or h.device.type not in TAP_CONV_DEVICES or conv.kernel_size != (3, 3)
+                or conv.stride != (1, 1) or conv.padding != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1
+                or conv.padding_mode != "zeros"):
             return conv(h)
         return tap_conv3x3(h, conv.weight, conv.bias)
 

@@ -29,6 +29,18 @@ def _compile_cached(fn: Callable, backend, kwargs: tuple):
     return torch.compile(fn, backend=backend, **dict(kwargs))
 
 
+@contextlib.contextmanager
+def recompile_limit(at_least: int):
+    """Dynamo's per-function graph limit raised to ``at_least`` inside the block (``recompile_limit``, or
+    ``cache_size_limit`` in older torch). A function compiled once for every model (:func:`compile_once`) gets
+    a graph per shape family, model width and autocast state; past the default limit (8) dynamo would run
+    the function uncompiled from then on, with only a log line."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    with config.patch(**{name: max(getattr(config, name), at_least)}):
+        yield
+
+
 def compiled_module(owner: torch.nn.Module, key: str, module: torch.nn.Module, **kwargs):
     """``torch.compile(module, **kwargs)`` (an ``OptimizedModule``: copies and pickles with its module) kept
     in ``owner.__dict__[key]``, outside the module tree so that state dicts do not change; built at the
