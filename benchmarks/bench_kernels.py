@@ -1,7 +1,7 @@
 """Two kernel-level changes of d30 @1024 generation, each against what it replaced, at the real shapes:
 
 * the FFN's first layer: ``F.linear`` then tanh GELU (two kernels; the GELU a full pass over ``(M, 4C)``)
-  against :func:`starkit.generator.fused.fc1_gelu` (GELU in cuBLASLt's epilogue);
+  against :func:`starkit.generator.blocks.fc1_gelu` (GELU in cuBLASLt's epilogue);
 * the VQ decoder's last conv (160 -> 3 channels at 1024 px, channels_last bf16): cuDNN's conv against
   :func:`starkit.tokenizers.cnn.tap_conv3x3` (one matrix product to the 9 taps, then a shifted sum), eager and
   compiled (the decoder runs compiled). (Zero-padding the filters to 8 outputs was tried first: 24.5 ->
@@ -25,7 +25,7 @@ sys.path.insert(0, HERE)
 from bench_generator import write_results  # noqa: E402
 from bench_tokenizer import timed  # noqa: E402  (CUDA-event median of a call)
 
-from starkit.generator.fused import fc1_gelu  # noqa: E402
+from starkit.generator.blocks import fc1_gelu  # noqa: E402
 from starkit.tokenizers.cnn import tap_conv3x3  # noqa: E402
 
 

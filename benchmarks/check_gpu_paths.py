@@ -124,7 +124,7 @@ def main(argv=None) -> None:
             rows.append((f"head for_scale, {form}, a third of the rows: logits (max rel. diff)", f"{d:.2e}",
                          d <= args.tolerance))
 
-        from starkit.generator.fused import fc1_gelu
+        from starkit.generator.blocks import fc1_gelu
         import torch.nn.functional as F
         fc1 = net.blocks[0].ffn.fc1
         for dt in (torch.float32, torch.bfloat16):  # float32 shows the GELU's form: tanh (ok) or exact

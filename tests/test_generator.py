@@ -275,7 +275,7 @@ def test_autocast_weights_are_cast_once_and_follow_updates():
         assert ours.weight.grad is not None and torch.equal(out.detach(), ref(x).detach())
     with torch.no_grad():  # no autocast: float32 weights as they are
         assert torch.equal(ours(x), ref(x))
-    from starkit.generator.blocks import clear_inference_caches
+    from starkit.utils.inference_cache import clear_inference_caches
     holder = torch.nn.Sequential(ours)
     clear_inference_caches(holder)  # what the generator does after validation during fit
     assert "_inference_cache" not in ours.__dict__
@@ -375,7 +375,7 @@ def test_fused_optimizer_steps_refresh_the_inference_caches():
         opt.step()
     assert fingerprint(gen.transformer) != before
     cached = val_loss()
-    from starkit.generator.blocks import clear_inference_caches
+    from starkit.utils.inference_cache import clear_inference_caches
     clear_inference_caches(gen)
     assert cached == val_loss()  # what the caches served equals a fresh cast of the new weights
 

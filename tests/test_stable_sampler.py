@@ -320,7 +320,7 @@ def test_hidden_rows_only_reveal_equals_the_full_rows_loop(trained, monkeypatch,
     for sampler in (reference, new):
         sampler.head = _HeadWithoutPositions(gen.sampler.head) if head == "user_head" else gen.sampler.head
         sampler._trained_host["value"] = True
-    assert stable_mod._takes_positions(new._head_forward()) == (head != "user_head")
+    assert stable_mod._takes_positions(new.head) == (head != "user_head")
     _, want = gen.generate(PROMPTS, seed=1, cfg=cfg, sampler=reference, return_indices=True)
     _, got = gen.generate(PROMPTS, seed=1, cfg=cfg, sampler=new, return_indices=True)
     assert all(torch.equal(a, b) for a, b in zip(want, got))

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from starkit.positional import as_cis, rotate_float32
-from starkit.utils.inference_cache import (clear_inference_caches, inference_cached, inference_param,  # noqa: F401
-                                           version_key)
+from starkit.utils.inference_cache import inference_cached, inference_param
 
 
 def take_rows(x: torch.Tensor, rows: torch.Tensor, dim: int) -> torch.Tensor:
@@ -240,15 +239,14 @@ class FFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc1 = self.fc1
+        autocast = torch.is_autocast_enabled(x.device.type)
         if (torch.is_grad_enabled() or x.device.type not in FC1_GELU_DEVICES or type(fc1) is not Linear
-                or fc1.bias is None or fc1._forward_hooks or fc1._forward_pre_hooks):
+                or fc1.bias is None or fc1._forward_hooks or fc1._forward_pre_hooks
+                or (not autocast and x.dtype != fc1.weight.dtype)):  # (a dtype mismatch: the plain layer's error)
             return self.fc2(F.gelu(fc1(x), approximate="tanh"))
         weight = autocast_weight(fc1, "weight", fc1.weight, x)  # inference: GELU in the matrix product's epilogue
-        if torch.is_autocast_enabled(x.device.type):
-            x = x.to(weight.dtype)  # what autocast does for F.linear
-        elif x.dtype != weight.dtype:
-            return self.fc2(F.gelu(fc1(x), approximate="tanh"))  # the plain layer's own dtype error
-        return self.fc2(fc1_gelu(x, weight, autocast_weight(fc1, "bias", fc1.bias, x)))
+        # x in the autocast dtype, as autocast does for F.linear (without autocast it already has the weight's)
+        return self.fc2(fc1_gelu(x.to(weight.dtype), weight, autocast_weight(fc1, "bias", fc1.bias, x)))
 
 
 class Block(nn.Module):

@@ -32,7 +32,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from starkit.generator.blocks import Block, KVCache, autocast_weight, fc1_gelu, take_rows  # noqa: F401
+from starkit.generator.blocks import Block, KVCache, autocast_weight, fc1_gelu, take_rows
 from starkit.positional import as_cis, rotate_float32
 
 

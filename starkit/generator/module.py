@@ -217,7 +217,7 @@ class ScaleWiseGenerator(L.LightningModule):
 
     def on_validation_end(self) -> None:
         if self.trainer is not None and self.trainer.state.fn == "fit":  # training goes on: free the cast copies
-            from starkit.generator.blocks import clear_inference_caches
+            from starkit.utils.inference_cache import clear_inference_caches
             clear_inference_caches(self)
 
     def compile_tokenizer_encoder(self) -> None:

@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from starkit.generator.blocks import Block, Linear, inference_param
+from starkit.generator.blocks import Block, Linear
 from starkit.positional import as_cis
+from starkit.utils.inference_cache import inference_param
 
 
 def _cat_rotary(first: Optional[tuple], scale: Optional[tuple]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
@@ -166,9 +167,12 @@ class SamplerHead(nn.Module):
         R, l = hidden.shape[:2]
         base = self.embed_inputs(hidden, hidden.new_zeros(R, l, self.word_embed.in_features), pooled, scale)
         rot = _cat_rotary(rotary_first, rotary)
+        weight = self.revealed_weight(base).to(base.dtype)  # (C, Cvae)
         if compiled:
             from starkit.utils.compiling import compile_errors_named, compile_once, recompile_limit
             blocks = compile_once(type(self)._input_and_blocks, dynamic=True)
+            for t, dim in ((base, 2), *((table, 1) for table in rot or ())):
+                torch._dynamo.mark_static(t, dim)  # widths: not unified with a token count of the same size
         else:
             blocks = type(self)._input_and_blocks
 
@@ -176,11 +180,10 @@ class SamplerHead(nn.Module):
             revealed = revealed.repeat(R // revealed.shape[0], 1, 1)  # (R, l, Cvae): the halves' shared rows
             if positions is not None and positions.shape[0] != R:
                 positions = positions.repeat(R // positions.shape[0], 1)  # (R, h)
-            added = F.linear(revealed.to(base.dtype), self.revealed_weight(base).to(base.dtype))  # (R, l, C)
+            added = F.linear(revealed.to(base.dtype), weight)  # (R, l, C)
             rows = None if positions is None else positions + 1  # past the prefix
             if compiled:
-                for t, dim in ((base, 2), (added, 2), *((table, 1) for table in rot or ())):
-                    torch._dynamo.mark_static(t, dim)  # widths: not unified with a token count of the same size
+                torch._dynamo.mark_static(added, 2)
                 with compile_errors_named("the sampler head for compile_head", "compile_head=False"), \
                         recompile_limit(64):  # (all rows / some rows) x (one row / more) x widths x autocast
                     x = blocks(self, base, added, rot, rows, False)

@@ -13,7 +13,6 @@ causal reveal runs on the generator's own logits.
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 import warnings
@@ -30,10 +29,9 @@ SCHEDULES = ("arccos", "cosine", "linear", "root", "square")
 
 
 def _takes_positions(head) -> bool:
-    """Whether a head callable accepts ``positions=`` (SamplerHead does; a user's head may not). A module,
-    or a partial of one, is judged by its ``forward`` (its ``__call__`` takes anything)."""
-    fn = head.func if isinstance(head, functools.partial) else head
-    fn = fn.forward if isinstance(fn, torch.nn.Module) else fn
+    """Whether a head callable accepts ``positions=`` (SamplerHead does; a user's head may not). A module is
+    judged by its ``forward`` (its ``__call__`` takes anything)."""
+    fn = head.forward if isinstance(head, torch.nn.Module) else head
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
@@ -176,27 +174,17 @@ class StableSampler(ScaleSampler):
         self._trained_host["value"] = None  # the buffer may change: read it again when next asked
         return super()._load_from_state_dict(*args, **kwargs)
 
-    def _head_forward(self, compile_blocks: bool = False):
-        """A head that is not a :class:`SamplerHead` (a user's callable), as the reveal loop calls it; a
-        SamplerHead goes through :meth:`SamplerHead.for_scale` instead (see :meth:`_scale_predictor`)."""
-        from starkit.samplers.head import SamplerHead  # (not at the top: head.py imports the generator's blocks)
-        if self.compile_head and isinstance(self.head, SamplerHead):
-            return self.head.compiled_forward()
-        if compile_blocks and isinstance(self.head, SamplerHead):
-            return functools.partial(self.head, fused=True)
-        return self.head
-
     def _scale_predictor(self, step: ScaleStep):
         """``predict(shown, positions)`` for the reveal steps of one scale: revealed embeddings ``(B, l, Cvae)``
         (shared by the guided halves) and the positions ``(R, h)`` of the wanted rows (None: all) -> float32
         logits ``(R, h, V)``. A :class:`SamplerHead` forms what stays fixed over the scale once
         (:meth:`SamplerHead.for_scale`: compiled blocks with ``compile_head``, compiled regions under
         ``generate(compile_blocks=True)``); another head is called with the whole inputs at each step."""
-        from starkit.samplers.head import SamplerHead
-        if isinstance(self.head, SamplerHead):
-            return self.head.for_scale(step.hidden, step.pooled_text, step.scale, step.rotary_first, step.rotary,
-                                       fused=step.compile_blocks, compiled=self.compile_head)
-        head = self._head_forward(step.compile_blocks)
+        from starkit.samplers.head import SamplerHead  # (not at the top: head.py imports the generator's blocks)
+        head = self.head
+        if isinstance(head, SamplerHead):
+            return head.for_scale(step.hidden, step.pooled_text, step.scale, step.rotary_first, step.rotary,
+                                  fused=step.compile_blocks, compiled=self.compile_head)
         gathers = _takes_positions(head)
 
         def predict(shown: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:

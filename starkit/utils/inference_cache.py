@@ -1,7 +1,8 @@
 """Values derived from parameters, computed once at inference and reused while the parameters are unchanged.
 
 Generation calls every layer at every scale and sampler step: weights cast to the autocast dtype, bias
-concatenations, clamped exponentials and padded filters are derived once per version of their parameters
+concatenations, clamped exponentials and the sampler head's revealed-token weight are derived once per version of
+their parameters
 (:func:`inference_cached`) instead of at every call. A version is the parameters' storage, autograd version
 and optimizer-step count (fused optimizers write without raising the autograd version: a global step hook
 counts them); :func:`clear_inference_caches` drops everything kept.
