@@ -153,7 +153,8 @@ def test_100k_line_file_streams_in_bounded_memory(tmp_path):
     assert peak < 2 * 2**20  # in fact well under a MiB: nothing grows with the file
 
 
-def test_trainer_predict_gets_list_batches(tmp_path):
+def _echo():
+    """A LightningModule whose predict_step returns its batch (what the data module feeds predict)."""
     import lightning as L
     import torch
 
@@ -165,10 +166,16 @@ def test_trainer_predict_gets_list_batches(tmp_path):
         def predict_step(self, batch, batch_idx):
             return batch
 
+    return Echo()
+
+
+def test_trainer_predict_gets_list_batches(tmp_path):
+    import lightning as L
+
     dm = PromptDataModule(prompts=["a", "b", "c"], num_images_per_prompt=2, batch_size=4)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=str(tmp_path))
-    batches = trainer.predict(Echo(), datamodule=dm)
+    batches = trainer.predict(_echo(), datamodule=dm)
     assert [b["name"] for b in batches] == [["000000_00", "000000_01", "000001_00", "000001_01"],
                                             ["000002_00", "000002_01"]]
     assert batches[0]["seed"] == [0, 1, 2, 3]
@@ -194,22 +201,13 @@ def test_the_stream_counts_its_items_for_the_progress_bar(tmp_path, monkeypatch)
                 monkeypatch.setattr(prompts_module, "shard_info",
                                     lambda r=rank, w=worker: (r * workers + w, world * workers))
                 yielded += sum(1 for _ in stream)
-            assert stream.count_for_rank(rank, world, workers) == yielded
+            assert stream.scan(rank, world, workers).mine == yielded
 
 
 def test_trainer_predict_progress_bar_knows_the_total(tmp_path):
     import lightning as L
-    import torch
-
-    class Echo(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.dummy = torch.nn.Parameter(torch.zeros(1))
-
-        def predict_step(self, batch, batch_idx):
-            return batch
 
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_model_summary=False, default_root_dir=str(tmp_path))
-    trainer.predict(Echo(), datamodule=PromptDataModule(prompts=["a", "b", "c"], num_images_per_prompt=2,
+    trainer.predict(_echo(), datamodule=PromptDataModule(prompts=["a", "b", "c"], num_images_per_prompt=2,
                                                          batch_size=4), return_predictions=False)
     assert trainer.num_predict_batches == [2]

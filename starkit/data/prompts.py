@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import lightning as L
 import torch
@@ -95,11 +95,25 @@ def _check_record(record, where: str) -> PromptRecord:
     return record["prompt"], seed, None if name is None else safe_name(name)
 
 
+def rank_and_world() -> Tuple[int, int]:
+    """``(rank, world_size)`` of this process: ``(0, 1)`` without ``torch.distributed``."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class ScanCounts(NamedTuple):
+    """What one pass over every item found: ``items`` in all, ``done`` (their image exists) and ``mine`` (the
+    items one rank will yield: in its shards and not done)."""
+
+    items: int
+    done: int
+    mine: int
+
+
 def shard_info() -> Tuple[int, int]:
     """``(shard_id, num_shards)`` for this process: rank-major, then DataLoader worker."""
-    rank, world = 0, 1
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank, world = rank_and_world()
     info = get_worker_info()
     worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
     return rank * workers + worker, world * workers
@@ -129,21 +143,30 @@ class PromptStream(IterableDataset):
         self.length: Optional[int] = None  # items this process will yield, once counted (PromptDataModule.setup)
 
     def __len__(self) -> int:
-        """The items this rank yields (all its DataLoader workers together), once :meth:`count_for_rank` has
+        """The items this rank yields (all its DataLoader workers together), once :meth:`scan`'s ``mine`` has
         been stored in ``length``; before that unknown (a ``TypeError``, which Lightning reads as "no
         length"). It gives the predict progress bar its total."""
         if self.length is None:
             raise TypeError("PromptStream: the number of items is not counted yet")
         return self.length
 
-    def count_for_rank(self, rank: int, world: int, workers: int) -> int:
-        """How many items rank ``rank`` of ``world`` will yield with ``workers`` DataLoader workers (shards
-        ``rank * workers .. rank * workers + workers - 1`` of ``world * workers``), existing outputs skipped."""
-        num_shards, first = world * max(workers, 1), rank * max(workers, 1)
+    def scan(self, rank: int, world: int, workers: int, on_done: Optional[Callable[[dict], None]] = None) -> ScanCounts:
+        """One pass over every item: how many there are, how many already have their image (``on_done(item)``
+        is called for each), and how many rank ``rank`` of ``world`` will yield with ``workers`` DataLoader
+        workers (shards ``rank * workers .. rank * workers + workers - 1`` of ``world * workers``)."""
+        workers = max(workers, 1)
+        num_shards, first = world * workers, rank * workers
         resume = self.has_outputs()
-        return sum(1 for item in self.all_items()
-                   if first <= item["index"] % num_shards < first + max(workers, 1)
-                   and not (resume and self.is_done(item)))
+        items = done = mine = 0
+        for item in self.all_items():
+            items += 1
+            if resume and self.is_done(item):
+                done += 1
+                if on_done is not None:
+                    on_done(item)
+            elif first <= item["index"] % num_shards < first + workers:
+                mine += 1
+        return ScanCounts(items, done, mine)
 
     def records(self) -> Iterator[PromptRecord]:
         """The prompts, in order, as ``(prompt, seed or None, name or None)``."""
@@ -243,25 +266,16 @@ class PromptDataModule(L.LightningDataModule):
             return
         if self.dataset.prompt_file is not None and not os.path.isfile(self.dataset.prompt_file):
             raise FileNotFoundError(f"prompt file {self.dataset.prompt_file!r} does not exist")
-        self.num_prompts = sum(1 for _ in self.dataset.records())
-        if self.num_prompts == 0:
+        counts = self.dataset.scan(*rank_and_world(), self.num_workers, on_done=self._check_existing)
+        if counts.items == 0:
             raise ValueError(f"no prompts found in {self.source}")
-        total = self.num_prompts * self.dataset.num_images_per_prompt
-        if self.dataset.has_outputs():
-            done = 0
-            for item in self.dataset.all_items():
-                if self.dataset.is_done(item):
-                    done += 1
-                    self._check_existing(item)
-            if done:
-                rank_zero_info(
-                    f"starkit.data: {done} of {total} images already exist in "
-                    f"{self.dataset.output_dir!r}; generating the other {total - done}"
-                )
-        rank, world = 0, 1
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        self.dataset.length = self.dataset.count_for_rank(rank, world, self.num_workers)
+        self.num_prompts = counts.items // self.dataset.num_images_per_prompt
+        if counts.done:
+            rank_zero_info(
+                f"starkit.data: {counts.done} of {counts.items} images already exist in "
+                f"{self.dataset.output_dir!r}; generating the other {counts.items - counts.done}"
+            )
+        self.dataset.length = counts.mine
 
     def _check_existing(self, item: dict) -> None:
         """An existing image is kept only if its JSON sidecar (when there is one) was written for the same
