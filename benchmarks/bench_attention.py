@@ -19,7 +19,6 @@ mask allows. ``max |diff|`` is against the first backend that ran for the shape.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -30,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-from bench_generator import write_results  # noqa: E402
+from bench_generator import device_name, kernel_bench_device, kernel_bench_parser, write_results  # noqa: E402
 from bench_tokenizer import P1024, P256, timed  # noqa: E402  (CUDA-event median of a call)
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -164,14 +163,10 @@ def model_layout_choices(dev, dtype) -> list:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke run on tiny shapes")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--json", default=None)
+    ap = kernel_bench_parser(__doc__, repeats=10, tiny_help="CPU smoke run on tiny shapes")
     ap.add_argument("--layout-only", action="store_true", help="only which kernel SDPA picks for the model's layouts")
     args = ap.parse_args(argv)
-    dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    dev = kernel_bench_device(args, shrink_tiny=False)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     rows = []
     layout = model_layout_choices(dev, dtype) if dev.type == "cuda" else []
@@ -181,7 +176,7 @@ def main(argv=None) -> None:
         rows += run_case(case, dev, dtype, args.warmup, args.repeats)
         r = rows[-1]
         print(f"{case[0]}: done", flush=True)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    name = device_name(dev)
     if args.json:
         write_results(args.json, name, args, rows, layout_choices=layout)
     print(f"\n### Attention kernels ({name}, torch {torch.__version__})\n")

@@ -11,7 +11,6 @@ needs the per-layer split of a call (profile_generate.py); this script gives the
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench_generator import write_results  # noqa: E402
+from bench_generator import device_name, kernel_bench_device, kernel_bench_parser, write_results  # noqa: E402
 from bench_tokenizer import timed  # noqa: E402  (CUDA-event median of a call)
 
 WIDTH, FFN, VOCAB = 1920, 7680, 4096  # d30
@@ -79,20 +78,13 @@ def run(tiny: bool, dev: torch.device, warmup: int, repeats: int) -> list:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke run on small shapes")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args(argv)
-    dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    args = kernel_bench_parser(__doc__, repeats=20).parse_args(argv)
+    dev = kernel_bench_device(args)
     if dev.type == "cuda" and torch.cuda.get_device_capability(dev) < (8, 9):
         raise SystemExit(f"bench_fp8.py needs FP8 matrix products (compute capability 8.9+: Ada, Hopper or later); "
-                         f"{torch.cuda.get_device_name(dev)} has {torch.cuda.get_device_capability(dev)}.")
-    if args.tiny:
-        args.warmup, args.repeats = 1, 2
+                         f"{device_name(dev)} has {torch.cuda.get_device_capability(dev)}.")
     rows = run(args.tiny, dev, args.warmup, args.repeats)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    name = device_name(dev)
     if args.json:
         write_results(args.json, name, args, rows)
     print(f"\n### FP8 against bf16 linear layers ({name}, torch {torch.__version__}; bias "

@@ -251,7 +251,7 @@ def main(argv=None) -> None:
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # as sample.py runs
     ceiling = matmul_ceiling(dev)
-    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    device_name = bg.device_name(dev)
     bg.log(f"{device_name}, torch {torch.__version__}, bf16 matmul ceiling {ceiling}")
     rows, workdir = [], tempfile.mkdtemp(prefix="bench_generate_")
     try:

@@ -482,6 +482,31 @@ def run_guarded(fn, rows: list, name: str, kind: str, batch: int, dev: torch.dev
     free_memory(dev)
 
 
+def device_name(dev: torch.device) -> str:
+    """The GPU's name, or "CPU": the device column of the printed tables and JSON files."""
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+
+
+def kernel_bench_parser(doc: str, repeats: int, tiny_help: str = "CPU smoke run on small shapes"):
+    """The options of the kernel-level benchmarks (bench_attention, bench_fp8, bench_kernels): ``--tiny``,
+    ``--warmup``, ``--repeats``, ``--json``; a script adds its own."""
+    import argparse
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help=tiny_help)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--json", default=None)
+    return ap
+
+
+def kernel_bench_device(args, shrink_tiny: bool = True) -> torch.device:
+    """The GPU when there is one and ``--tiny`` is not given, else the CPU; ``shrink_tiny``: a ``--tiny`` run
+    times 1 warm-up and 2 repeats."""
+    if args.tiny and shrink_tiny:
+        args.warmup, args.repeats = 1, 2
+    return torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+
+
 def write_results(path: str, device_name: str, args, rows: list, **extra) -> None:
     """The JSON file of a benchmark run: date (UTC), device, torch, the arguments, the rows and ``extra``."""
     with open(path, "w") as fh:

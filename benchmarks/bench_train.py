@@ -163,7 +163,7 @@ def main(argv=None) -> None:
     dev = torch.device(args.device)
     if args.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
-    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    device_name = bg.device_name(dev)
     rows, workdir = [], tempfile.mkdtemp(prefix="bench_train_")
     try:
         text, _ = bg.build_text_encoder(args.text, args.tiny, dev, workdir)

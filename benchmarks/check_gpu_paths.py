@@ -146,7 +146,7 @@ def main(argv=None) -> None:
         rows.append(("compile text: CLIP pooled features (max rel. diff)", f"{d:.2e}", d <= args.tolerance))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    name = bg.device_name(dev)
     print(f"\n### Compiled inference paths against eager ({name}, torch {torch.__version__})\n")
     print("| check | result | ok |\n|---|---|---|")
     for check, result, ok in rows:

@@ -251,7 +251,7 @@ def main(argv=None) -> None:
     commit = None
     with contextlib.suppress(OSError):
         commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    name = bg.device_name(dev)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(meta=dict(device=name, torch=torch.__version__, official_root=root, official_commit=commit or None,
