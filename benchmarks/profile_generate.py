@@ -29,12 +29,27 @@ import bench_generator as bg  # noqa: E402
 from bench_generate import PATCH_NUMS, TINY_PATCH_NUMS, stable_for  # noqa: E402
 
 
+class HostEvent:
+    """``torch.cuda.Event``'s ``record`` / ``elapsed_time`` on the host clock (CPU runs of the events mode)."""
+
+    def record(self) -> None:
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end: "HostEvent") -> float:
+        return (end.t - self.t) * 1000
+
+
 class PhaseTimer:
     """Wraps methods (of an object, or of a class for all its instances) so that each call is
-    synchronised and its host time added to a phase; :meth:`restore` undoes the wrapping."""
+    synchronised and its host time added to a phase; :meth:`restore` undoes the wrapping.
 
-    def __init__(self, dev: torch.device) -> None:
+    With ``events=True`` nothing is synchronised: each outermost call records a CUDA event before and
+    after it and its host time, per phase and scale (``scale_of(args)`` names the scale, or None: the
+    last one seen), read by :meth:`per_scale` once the call is over."""
+
+    def __init__(self, dev: torch.device, events: bool = False) -> None:
         self.dev, self.totals, self.enabled = dev, collections.defaultdict(float), False
+        self.events, self.records, self._scale, self._stack = events, [], -1, []  # records: see _recorded
         self._depth = 0
         self._wrapped = []  # (obj, name, original or None when the attribute was inherited)
 
@@ -46,11 +61,13 @@ class PhaseTimer:
                 setattr(obj, name, original)
         self._wrapped.clear()
 
-    def wrap(self, obj, name: str, phase: str) -> None:
+    def wrap(self, obj, name: str, phase: str, scale_of=None) -> None:
         original = getattr(obj, name)
         self._wrapped.append((obj, name, vars(obj).get(name)))
 
         def timed(*args, **kwargs):
+            if self.enabled and self.events:  # nested calls too: per_scale subtracts them from their caller
+                return self._recorded(original, phase, scale_of, args, kwargs)
             if not self.enabled or self._depth:
                 return original(*args, **kwargs)
             self._depth += 1
@@ -63,6 +80,56 @@ class PhaseTimer:
                 self.totals[phase] += time.perf_counter() - start
                 self._depth -= 1
         setattr(obj, name, timed)
+
+    def _recorded(self, original, phase, scale_of, args, kwargs):
+        if scale_of is not None:
+            self._scale = scale_of(args)
+        cuda = self.dev.type == "cuda"
+        start, end = ((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda
+                      else (HostEvent(), HostEvent()))
+        record = [phase, self._scale, start, end, 0.0, self._depth, []]  # ..., host s, depth, children
+        if self._stack:
+            self._stack[-1][6].append(record)
+        self.records.append(record)
+        self._stack.append(record)
+        self._depth += 1
+        host = time.perf_counter()
+        start.record()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            end.record()
+            record[4] = time.perf_counter() - host
+            self._depth -= 1
+            self._stack.pop()
+
+    def per_scale(self, patch_nums, calls: int) -> None:
+        """Print device and host ms per scale and phase (means over ``calls`` calls), then the device time
+        not covered by any wrapped call (host gaps and unwrapped work) over the whole span of each call."""
+        bg.sync(self.dev)
+        phases = list(dict.fromkeys(r[0] for r in self.records))
+        table = collections.defaultdict(lambda: [0.0, 0.0])
+        for phase, scale, start, end, host, _, children in self.records:  # self time: the nested calls taken out
+            cell = table[(phase, scale)]
+            cell[0] += (start.elapsed_time(end) - sum(c[2].elapsed_time(c[3]) for c in children)) / calls
+            cell[1] += (host - sum(c[4] for c in children)) * 1000 / calls
+        scales = sorted({r[1] for r in self.records})
+        print("\n| scale | pn | " + " | ".join(f"{p} device ms (host ms)" for p in phases) + " |")
+        print("|---|---|" + "---|" * len(phases))
+        for k in scales:
+            pn = patch_nums[k] if 0 <= k < len(patch_nums) else "-"
+            cells = [f"{table[(p, k)][0]:.2f} ({table[(p, k)][1]:.2f})" if (p, k) in table else "" for p in phases]
+            print(f"| {k} | {pn} | " + " | ".join(cells) + " |")
+        totals = [sum(v[0] for (p, _), v in table.items() if p == q) for q in phases]
+        hosts = [sum(v[1] for (p, _), v in table.items() if p == q) for q in phases]
+        print("| all | | " + " | ".join(f"{d:.1f} ({h:.1f})" for d, h in zip(totals, hosts)) + " |")
+        outer = [r for r in self.records if r[5] == 0]
+        per_call = len(outer) // max(calls, 1)
+        spans = [outer[i][2].elapsed_time(outer[i + per_call - 1][3]) for i in range(0, per_call * calls, per_call)]
+        span = sorted(spans)[len(spans) // 2]
+        print(f"\n(nested phases' times are taken out of their callers'.) First to last event of a call: {span:.1f} ms; "
+              f"in the wrapped calls: {sum(totals):.1f} ms; "
+              f"outside them (host gaps, unwrapped work): {span - sum(totals):.1f} ms")
 
 
 # kernel-name patterns -> category, first match wins (names of CUDA kernels as torch.profiler reports them)
@@ -109,6 +176,8 @@ def profile_case(case: str, args, dev, text) -> None:
         sampler = sampler.with_settings(compile_head=True)
     if args.compile_decoder and dev.type == "cuda":
         tok.optimize_for_inference(channels_last=True)
+    if hasattr(text, "compile_model"):
+        text.compile_model = args.compile_text
     prompts = [bg.CAPTIONS[i % len(bg.CAPTIONS)] for i in range(B)]
 
     def call():
@@ -116,17 +185,29 @@ def profile_case(case: str, args, dev, text) -> None:
             gen.generate(prompts, seed=0, sampler=sampler, cuda_graphs=args.cuda_graphs,
                          compile_blocks=args.compile_blocks, **bg.SAMPLING)
 
-    timer = PhaseTimer(dev)
     net = gen.ema if gen.ema is not None else gen.transformer  # what generate() samples with
-    timer.wrap(gen.text_encoder, "encode", "text encoding")
-    timer.wrap(net, "forward_scale", "transformer scales")
-    timer.wrap(net, "logits", "transformer scales")
     from starkit.generator.graphs import StaticScaleSteps
-    timer.wrap(StaticScaleSteps, "run", "transformer scales")  # the classes: instances are made during the call
-    timer.wrap(type(sampler if sampler is not None else gen.sampler), "sample_scale", "sampler")  # with_settings copies
-    timer.wrap(tok, "add_scale", "tokenizer (add_scale, next input)")
-    timer.wrap(tok, "next_scale_input", "tokenizer (add_scale, next input)")
-    timer.wrap(tok, "decode_latent", "VQ decode")
+    K = len(pn)
+
+    def wrapped(timer: PhaseTimer) -> PhaseTimer:
+        timer.wrap(gen.text_encoder, "encode", "text encoding", lambda a: -1)
+        timer.wrap(net, "forward_scale", "transformer scales", lambda a: a[1])
+        timer.wrap(net, "logits", "transformer scales")
+        timer.wrap(StaticScaleSteps, "run", "transformer scales", lambda a: a[1])  # classes: instances come later
+        timer.wrap(type(sampler if sampler is not None else gen.sampler), "sample_scale", "sampler",
+                   lambda a: a[1].scale)  # the class: generate() samples with with_settings copies
+        timer.wrap(tok, "add_scale", "tokenizer (add_scale, next input)", lambda a: a[1])
+        timer.wrap(tok, "next_scale_input", "tokenizer (add_scale, next input)", lambda a: a[1] - 1)
+        timer.wrap(tok, "decode_latent", "VQ decode", lambda a: K)
+        if timer.events and sampler is not None:  # inside the stable sampler's steps
+            from starkit.samplers import stable
+            from starkit.samplers.head import SamplerHead
+            timer.wrap(SamplerHead, "logits", "head norm + logits")
+            timer.wrap(type(sampler), "_candidates", "guidance + top-k/top-p")
+            timer.wrap(stable, "draw", "draw")
+        return timer
+
+    timer = wrapped(PhaseTimer(dev))
     try:
         for _ in range(args.warmup):
             call()
@@ -143,13 +224,24 @@ def profile_case(case: str, args, dev, text) -> None:
         timer.enabled = False
         total_plain = sorted(plain)[len(plain) // 2]
         print(f"\n## {case} (cuda_graphs={args.cuda_graphs}, compile_head={args.compile_head}, "
-              f"compile_blocks={args.compile_blocks}, compile_decoder={args.compile_decoder}): unsynchronised call {total_plain * 1000:.1f} ms "
+              f"compile_text={args.compile_text}, compile_blocks={args.compile_blocks}, compile_decoder={args.compile_decoder}): unsynchronised call {total_plain * 1000:.1f} ms "
               f"(median of {args.repeats})")
         phases = {k: v / args.repeats for k, v in timer.totals.items()}
         print("| phase (synchronised) | ms per call | share |\n|---|---|---|")
         for k, v in sorted(phases.items(), key=lambda kv: -kv[1]):
             print(f"| {k} | {v * 1000:.1f} | {100 * v / sum(phases.values()):.0f}% |")
         print(f"| sum | {sum(phases.values()) * 1000:.1f} | |")
+        timer.restore()
+        if args.per_scale:  # device time per scale, nothing synchronised (the host clock on a CPU)
+            timer = wrapped(PhaseTimer(dev, events=True))
+            timer.enabled = True
+            for _ in range(args.repeats):
+                call()
+            timer.enabled = False
+            print(f"\nper scale (CUDA events around each phase call, no synchronisation; scale -1: text, "
+                  f"{K}: decode; mean of {args.repeats} calls; 'sampler': the stable sampler's head blocks and "
+                  f"reveal steps, the phases after it are the rest of the sampler's time):")
+            timer.per_scale(pn, args.repeats)
         if dev.type == "cuda" and not args.no_kernels:
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -179,6 +271,9 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--no-kernels", action="store_true", help="skip the torch.profiler kernel table")
+    ap.add_argument("--per-scale", action="store_true",
+                    help="also device and host ms per scale and phase from CUDA events (no synchronisation)")
+    ap.add_argument("--compile-text", action="store_true", help="the CLIP text encoder compiled (HFTextEncoder)")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--text", choices=("clip", "random"), default="clip")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -467,6 +467,8 @@ def test_compiled_block_regions_give_the_eager_images_with_and_without_static_st
             b = net.forward_scale(xk, k, fused_caches, kvs, bias, fused=True)
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
             assert fused_caches[0].length == eager_caches[0].length
+            for fc, ec in zip(fused_caches, eager_caches):  # the regions write the keys and values in place
+                torch.testing.assert_close(fc.valid(), ec.valid(), rtol=1e-4, atol=1e-4)
     assert callable(fused_block)
     a, ia = gen.generate(["a red circle", "two blue squares"], seed=1, return_indices=True)
     b, ib = gen.generate(["a red circle", "two blue squares"], seed=1, return_indices=True, compile_blocks=True)

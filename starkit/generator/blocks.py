@@ -21,11 +21,22 @@ from starkit.utils.inference_cache import inference_cached, inference_param
 
 def take_rows(x: torch.Tensor, rows: torch.Tensor, dim: int) -> torch.Tensor:
     """The tokens ``rows`` ``(B, h)`` of ``x`` along its token dimension ``dim``: ``(B, l, C)`` with dim 1
-    -> ``(B, h, C)``; ``(B, H, l, d)`` with dim 2 -> ``(B, H, h, d)``."""
+    -> ``(B, h, C)``; ``(B, H, l, d)`` with dim 2 -> ``(B, H, h, d)``, laid out as ``(B, h, H, d)`` in memory
+    (the layout :func:`token_major` gives queries)."""
+    if dim == 2 and x.dim() == 4:
+        return take_rows(x.transpose(1, 2), rows, dim=1).transpose(1, 2)
     shape = list(x.shape)
     shape[dim] = rows.shape[1]
     index = rows.view(rows.shape[0], *([1] * (dim - 1)), rows.shape[1], *([1] * (x.dim() - dim - 1)))
     return x.gather(dim, index.expand(shape))
+
+
+def token_major(q: torch.Tensor) -> torch.Tensor:
+    """Queries ``(B, H, l, d)`` laid out as ``(B, l, H, d)`` in memory (same values and shape). cuDNN's and
+    FlashAttention's SDPA give their output the query's layout, so the output projection's input
+    ``out.transpose(1, 2).reshape(B, l, C)`` is then a view, not a copy of the attention output. Applied in
+    compiled inference code, where it costs nothing: the kernel that forms the queries writes this layout."""
+    return q.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 class DropPath(nn.Module):
@@ -74,11 +85,21 @@ class KVCache:
         self.length = 0  # number of valid positions
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + k.shape[2]
-        self.k[:, :, self.length:end] = k
-        self.v[:, :, self.length:end] = v
-        self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+        """Write ``k``, ``v`` ``(B, H, l, d)`` after the valid positions; returns all valid keys and values."""
+        k_slot, v_slot = self.reserve(k.shape[2])
+        k_slot.copy_(k)
+        v_slot.copy_(v)
+        return self.valid()
+
+    def reserve(self, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The next ``n`` positions' key and value slots ``(B, H, n, d)`` (views, to be written by the caller:
+        the compiled blocks write them in the kernel that forms the keys), counted as valid from now on."""
+        start, self.length = self.length, self.length + n
+        return self.k[:, :, start:self.length], self.v[:, :, start:self.length]
+
+    def valid(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The valid keys and values ``(B, H, length, d)`` (views)."""
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]
 
 
 def autocast_weight(module: nn.Module, name: str, tensor: Optional[torch.Tensor], x: torch.Tensor):
@@ -119,7 +140,10 @@ class QKNorm(nn.Module):
         kf = F.normalize(k.float(), dim=-1)
         if cis is not None:
             qf, kf = rotate_float32(qf, cis), rotate_float32(kf, cis)
-        return qf.to(q.dtype), kf.to(k.dtype)
+        q_out = qf.to(q.dtype)
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled():  # compiled sampling (the sampler head)
+            q_out = token_major(q_out)
+        return q_out, kf.to(k.dtype)
 
 
 class SelfAttention(nn.Module):

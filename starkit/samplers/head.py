@@ -17,6 +17,7 @@ weights of that layout map one to one.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from typing import Optional, Tuple
@@ -27,7 +28,7 @@ from torch import nn
 
 from starkit.generator.blocks import Block, Linear
 from starkit.positional import as_cis
-from starkit.utils.inference_cache import inference_param
+from starkit.utils.inference_cache import inference_cached, inference_param
 
 
 def _cat_rotary(first: Optional[tuple], scale: Optional[tuple]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
@@ -168,9 +169,11 @@ class SamplerHead(nn.Module):
         base = self.embed_inputs(hidden, hidden.new_zeros(R, l, self.word_embed.in_features), pooled, scale)
         rot = _cat_rotary(rotary_first, rotary)
         weight = self.revealed_weight(base).to(base.dtype)  # (C, Cvae)
+        runner = self
         if compiled:
             from starkit.utils.compiling import compile_errors_named, compile_once, recompile_limit
             blocks = compile_once(type(self)._input_and_blocks, dynamic=True)
+            runner = self.with_blocks_in_autocast_dtype(base)
             for t, dim in ((base, 2), *((table, 1) for table in rot or ())):
                 torch._dynamo.mark_static(t, dim)  # widths: not unified with a token count of the same size
         else:
@@ -186,11 +189,34 @@ class SamplerHead(nn.Module):
                 torch._dynamo.mark_static(added, 2)
                 with compile_errors_named("the sampler head for compile_head", "compile_head=False"), \
                         recompile_limit(64):  # (all rows / some rows) x (one row / more) x widths x autocast
-                    x = blocks(self, base, added, rot, rows, False)
+                    x = blocks(runner, base, added, rot, rows, False)
             else:
                 x = blocks(self, base, added, rot, rows, fused)
             return self.logits(x if rows is not None else x[:, 1:])
         return predict
+
+    def with_blocks_in_autocast_dtype(self, x: torch.Tensor) -> "SamplerHead":
+        """This head with its blocks' linear layers in the autocast dtype of ``x``'s device (a shallow copy
+        sharing every other module; the blocks copied and cast once per weight version, and kept), or the head
+        itself without autocast. A compiled graph reading float32 weights under autocast casts each of them
+        at every call (graphs cannot keep :func:`inference_param`'s cast copies): four weight matrices per
+        block at every reveal step. Only the linear layers are cast (autocast casts them too); the query
+        scale stays float32."""
+        if not torch.is_autocast_enabled(x.device.type) or torch.is_grad_enabled():
+            return self
+        dtype = torch.get_autocast_dtype(x.device.type)
+
+        def build() -> "SamplerHead":
+            blocks = nn.ModuleList(copy.deepcopy(block) for block in self.blocks).requires_grad_(False)
+            for module in blocks.modules():
+                module.__dict__.pop("_inference_cache", None)  # (copied with the blocks)
+                if isinstance(module, nn.Linear):
+                    module.to(dtype)
+            shell = copy.copy(self)
+            shell.__dict__ = {k: v for k, v in self.__dict__.items() if k != "_inference_cache"}
+            shell._modules = dict(self._modules, blocks=blocks)
+            return shell
+        return inference_cached(self, f"blocks_in:{dtype}", tuple(self.blocks.parameters()), build)
 
     def _input_and_blocks(self, base: torch.Tensor, added: torch.Tensor, rotary, rows, fused: bool) -> torch.Tensor:
         """``base`` ``(R, 1 + l, C)`` plus ``added`` ``(R, l, C)`` on the tokens, then :meth:`run_blocks`."""
