@@ -13,6 +13,8 @@ Checks (the table is printed last; "ok" compares against the bf16 tolerance give
   * compile_head: the stable sampler head's logits, compiled (StableSampler(compile_head=True)) vs eager;
   * the head's sampling form (SamplerHead.for_scale: fixed inputs once per scale, the last block on the
     wanted rows only) vs its forward;
+  * the stable sampler with the compiled head: the same tokens with its reveal steps replayed from CUDA graphs
+    (``generate(cuda_graphs=True)``, starkit.samplers.head_graphs) as without;
   * fc1_gelu: the FFN's first layer with GELU in cuBLASLt's epilogue vs linear + tanh GELU;
   * compile text: the CLIP tower's pooled features, compiled vs eager (a random CLIP of SD-2.1's size).
 """
@@ -123,6 +125,12 @@ def main(argv=None) -> None:
         for form, d in (("fused", fused_d), ("compiled", compiled_d)):
             rows.append((f"head for_scale, {form}, a third of the rows: logits (max rel. diff)", f"{d:.2e}",
                          d <= args.tolerance))
+        compiled_head = sampler.with_settings(compile_head=True)
+        plain = tokens(sampler=compiled_head, compile_blocks=True)
+        graphs = tokens(sampler=compiled_head, compile_blocks=True, cuda_graphs=True)  # head steps from CUDA graphs
+        rows.append(("stable sampler, compiled head: tokens with its steps from CUDA graphs equal to without",
+                     f"{(plain == graphs).float().mean():.1%} equal", bool(torch.equal(plain, graphs))))
+        gen.release_cuda_graphs()
 
         from starkit.generator.blocks import fc1_gelu
         import torch.nn.functional as F

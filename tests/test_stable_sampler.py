@@ -445,3 +445,33 @@ def test_query_rows_refuse_an_attention_mask():
     block = Block(32, 2, None).eval()
     with pytest.raises(ValueError, match="query_rows with an attention mask"):
         block(torch.randn(1, 4, 32), mask=torch.zeros(4, 4, dtype=torch.bool), query_rows=torch.tensor([[0, 1]]))
+
+
+def test_head_steps_on_static_buffers_with_cuda_graphs_give_the_same_tokens(trained):
+    """generate(cuda_graphs=True): the head's reveal steps run on HeadStepGraphs' static buffers (replayed from
+    CUDA graphs on a GPU; eager calls on them here) with the same tokens; kept between calls of the same shape,
+    rebuilt after a weight update, freed by release_cuda_graphs."""
+    from starkit.samplers.head_graphs import HeadStepGraphs
+    gen, _ = trained
+    a, ia = gen.generate(PROMPTS, seed=7, return_indices=True)
+    b, ib = gen.generate(PROMPTS, seed=7, return_indices=True, cuda_graphs=True)
+    assert all(torch.equal(x, y) for x, y in zip(ia, ib)) and torch.allclose(a, b, atol=1e-6)
+    graphs = gen._static_steps["sampler_head"]
+    assert isinstance(graphs, HeadStepGraphs) and len(graphs.shapes) == 2  # the two causal scales
+    steps = {id(s) for buffers in graphs.shapes.values() for s in buffers.steps.values()}
+    assert len(steps) == 3 + 4  # a graph per reveal step (3 and 4 steps): each has its own number of hidden rows
+    c, ic = gen.generate(PROMPTS, seed=7, return_indices=True, cuda_graphs=True)
+    assert all(torch.equal(x, y) for x, y in zip(ia, ic))
+    assert {id(s) for buffers in graphs.shapes.values() for s in buffers.steps.values()} == steps  # reused
+    head = gen.sampler.head
+    saved = {k: v.clone() for k, v in head.state_dict().items()}
+    try:
+        with torch.no_grad():
+            head.head_logits.bias.add_(torch.randn_like(head.head_logits.bias))
+        d, idx_d = gen.generate(PROMPTS, seed=7, return_indices=True)
+        e, idx_e = gen.generate(PROMPTS, seed=7, return_indices=True, cuda_graphs=True)
+        assert all(torch.equal(x, y) for x, y in zip(idx_d, idx_e))  # the new weights, not stale buffers
+    finally:
+        head.load_state_dict(saved)
+    gen.release_cuda_graphs()
+    assert "_static_steps" not in gen.__dict__

@@ -92,8 +92,8 @@ class KVCache:
         return self.valid()
 
     def reserve(self, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The next ``n`` positions' key and value slots ``(B, H, n, d)`` (views, to be written by the caller:
-        the compiled blocks write them in the kernel that forms the keys), counted as valid from now on."""
+        """The next ``n`` positions' key and value slots ``(B, H, n, d)`` (views, for the caller to write),
+        counted as valid from now on."""
         start, self.length = self.length, self.length + n
         return self.k[:, :, start:self.length], self.v[:, :, start:self.length]
 

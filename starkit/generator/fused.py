@@ -4,10 +4,11 @@ In eager mode a block of the generator runs about thirty element-wise passes ove
 besides the matrix products and attention: three LayerNorms and their casts, the float32 QK L2-norm
 and rotary of queries and keys (and of the cross-attention queries), GELU and the residual
 additions. At d30 @1024 with batch 16 each pass over the last scale moves 0.5-1 GB. Here those
-passes are four compiled regions per block, cut around the two attentions::
+passes are four compiled regions per block, cut around what must stay outside them (the KV-cache
+write and the two attentions)::
 
-    attention_inputs     LayerNorm -> qkv -> QK-norm, rotary -> q; k, v written into the KV cache
-    (eager)              self-attention
+    attention_inputs     LayerNorm -> qkv -> QK-norm, rotary -> q (token-major), k, v
+    (eager)              KV-cache append, self-attention
     cross_inputs         x + proj(out) -> LayerNorm -> q -> QK-norm            (blocks with text)
     (eager)              cross-attention to the text keys/values
     ffn_inputs           x + proj(out) -> LayerNorm
@@ -36,12 +37,11 @@ from starkit.positional import as_cis, rotate_float32
 
 
 def attention_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, q_scale: torch.Tensor,
-                     rotary: Optional[Tuple[torch.Tensor, torch.Tensor]], num_heads: int, eps: float,
-                     k_slot: Optional[torch.Tensor] = None, v_slot: Optional[torch.Tensor] = None):
+                     rotary: Optional[Tuple[torch.Tensor, torch.Tensor]], num_heads: int, eps: float):
     """``x`` ``(B, l, C)`` -> normalised, rotated queries and keys and the values, ``(B, H, l, d)`` each; the
-    queries laid out token-major (:func:`~starkit.generator.blocks.token_major`). Given the KV cache's slots
-    ``k_slot``, ``v_slot`` (:meth:`KVCache.reserve`), the keys and values are written there by the same
-    kernel and only the queries are returned."""
+    queries laid out token-major (:func:`~starkit.generator.blocks.token_major`: the attention's output then
+    needs no transpose copy). Writing the keys and values into the KV cache inside the region was measured
+    slower with the symbolic shapes used here (``benchmarks/bench_attention_layouts.py --dynamic``)."""
     B, l, C = x.shape
     h = F.layer_norm(x.float(), (C,), eps=eps).to(weight.dtype)  # (B, l, C)
     qkv = F.linear(h, weight, bias).view(B, l, 3, num_heads, C // num_heads)
@@ -50,12 +50,7 @@ def attention_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     kf = F.normalize(k.float(), dim=-1)
     if rotary is not None:
         qf, kf = rotate_float32(qf, rotary), rotate_float32(kf, rotary)
-    q = token_major(qf.to(v.dtype))
-    if k_slot is None:
-        return q, kf.to(v.dtype), v
-    k_slot.copy_(kf)
-    v_slot.copy_(v)
-    return q
+    return token_major(qf.to(v.dtype)), kf.to(v.dtype), v
 
 
 def _project(out: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -86,9 +81,8 @@ def ffn_output(x: torch.Tensor, g: torch.Tensor, fc2_w: torch.Tensor, fc2_b: tor
     return x + F.linear(g, fc2_w, fc2_b)
 
 
-# which dimensions of which arguments vary between calls: x (rows, tokens), out (rows, tokens), rotary (tokens),
-# the KV slots (rows, tokens; their offset in the cache varies too, and needs no new graph)
-_DYNAMIC_DIMS = {"attention_inputs": {0: (0, 1), 4: (0,), 7: (0, 2), 8: (0, 2)}, "cross_inputs": {0: (0, 1), 1: (0, 2)},
+# which dimensions of which arguments vary between calls: x (rows, tokens), out (rows, tokens), rotary (tokens)
+_DYNAMIC_DIMS = {"attention_inputs": {0: (0, 1), 4: (0,)}, "cross_inputs": {0: (0, 1), 1: (0, 2)},
                  "ffn_inputs": {0: (0, 1), 1: (0, 2)}, "ffn_output": {0: (0, 1), 1: (0, 1)}}
 
 
@@ -97,7 +91,7 @@ def run_compiled(fn, *args):
     with the activations' varying dimensions marked dynamic (sizes of 1 stay static), autocast off."""
     from starkit.utils.compiling import compile_errors_named, compile_once
     for i, axes in _DYNAMIC_DIMS[fn.__name__].items():
-        for t in (args[i] if isinstance(args[i], tuple) else (args[i],)) if i < len(args) else ():
+        for t in (args[i] if isinstance(args[i], tuple) else (args[i],)):
             for axis in axes if t is not None else ():
                 torch._dynamo.maybe_mark_dynamic(t, axis)
     with torch.autocast(args[0].device.type, enabled=False), \
@@ -122,12 +116,10 @@ def fused_block(block: Block, x: torch.Tensor, rotary: Optional[Tuple[torch.Tens
                      query_rows=query_rows)
     attn, eps = block.attn, block.norm.eps
     qkv_w = autocast_weight(attn.mat_qkv, "weight", attn.mat_qkv.weight, x)
-    inputs = (x, qkv_w, attn._qkv_bias(x), attn.qk_norm.scale(), rotary, attn.num_heads, eps)
-    if cache is not None:  # keys and values written into the cache by the region's kernel
-        q = run_compiled(attention_inputs, *inputs, *cache.reserve(x.shape[1]))
-        k, v = cache.valid()
-    else:
-        q, k, v = run_compiled(attention_inputs, *inputs)
+    q, k, v = run_compiled(attention_inputs, x, qkv_w, attn._qkv_bias(x), attn.qk_norm.scale(), rotary,
+                           attn.num_heads, eps)
+    if cache is not None:
+        k, v = cache.append(k, v)
     if query_rows is not None:
         q, x = take_rows(q, query_rows, dim=2), take_rows(x, query_rows, dim=1)  # (B, H, h, d), (B, h, C)
     out = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # (B, H, l, d)

@@ -390,9 +390,9 @@ class ScaleWiseGenerator(L.LightningModule):
                 replay them from CUDA graphs (one capture per batch shape; rebuilt when the weights
                 change). On an H200, with the compiled VQ decoder, batch-1 generation took 0.041 s
                 at d16 @256 (7.7x the eager loop in the same run) and 0.34 s at d30 @1024 (2.1x);
-                docs/performance.md. The static buffers (KV caches included) stay
-                allocated between calls
-                (:meth:`release_cuda_graphs` frees them).
+                docs/performance.md. The stable sampler's head steps are replayed from graphs too
+                (:mod:`starkit.samplers.head_graphs`). The static buffers (KV caches included) stay
+                allocated between calls (:meth:`release_cuda_graphs` frees them).
             compile_blocks: run each block's element-wise work (LayerNorms, QK-norm, rotary, GELU,
                 residuals) as ``torch.compile``'d regions between the matrix products and attentions
                 (:mod:`starkit.generator.fused`; the first call compiles), in the transformer and in
@@ -422,7 +422,8 @@ class ScaleWiseGenerator(L.LightningModule):
 
     def release_cuda_graphs(self) -> None:
         """Free what ``generate(..., cuda_graphs=True)`` keeps between calls: the CUDA graphs and their
-        static buffers, KV caches included (about 70 GiB for d30 @1024 at batch 16 with guidance). The
+        static buffers, KV caches included (about 70 GiB for d30 @1024 at batch 16 with guidance), and the
+        stable sampler head's step graphs and buffers (:mod:`starkit.samplers.head_graphs`). The
         memory goes back to PyTorch's caching allocator; ``torch.cuda.empty_cache()`` returns it to the GPU."""
         self.__dict__.pop("_static_steps", None)
 

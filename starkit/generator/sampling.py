@@ -99,6 +99,7 @@ def run_sampling(net: ScaleTransformer, tokenizer: ScaleTokenizer, text_encoder:
                 embed=tokenizer.embed, codebook=tokenizer.codebook, pooled_text=text.pooled,
                 rotary=net.positional.rotary(slice(start, start + pn * pn)),
                 rotary_first=rotary_first, generator=generator, compile_blocks=fused,
+                graph_store=static_steps,
             )
             emb_BlC, idx_Bl = sampler.sample_scale(step)
             all_indices.append(idx_Bl)

@@ -31,6 +31,8 @@ class ScaleStep:
         generator: torch.Generator for reproducible sampling, or None.
         compile_blocks: the call asked for compiled block regions (``generate(compile_blocks=True)``):
             a sampler with transformer blocks of its own may run them the same way.
+        graph_store: with ``generate(cuda_graphs=True)``, a dict kept by the generator between calls (freed by
+            ``release_cuda_graphs()``) where a sampler may keep CUDA graphs of its own steps; else None.
     """
 
     scale: int
@@ -46,6 +48,7 @@ class ScaleStep:
     rotary_first: Optional[tuple] = None
     generator: Optional[torch.Generator] = None
     compile_blocks: bool = False
+    graph_store: Optional[dict] = None
 
 
 @dataclass

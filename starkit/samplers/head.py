@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,9 @@ from torch import nn
 from starkit.generator.blocks import Block, Linear
 from starkit.positional import as_cis
 from starkit.utils.inference_cache import inference_cached, inference_param
+
+if TYPE_CHECKING:
+    from starkit.samplers.head_graphs import HeadStepGraphs
 
 
 def _cat_rotary(first: Optional[tuple], scale: Optional[tuple]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
@@ -148,7 +151,8 @@ class SamplerHead(nn.Module):
                                lambda: self.proj.weight[:, :self.width].float() @ self.word_embed.weight.float(), x)
 
     def for_scale(self, hidden: torch.Tensor, pooled: torch.Tensor, scale: int, rotary_first: Optional[tuple] = None,
-                  rotary: Optional[tuple] = None, fused: bool = False, compiled: bool = False):
+                  rotary: Optional[tuple] = None, fused: bool = False, compiled: bool = False,
+                  graphs: Optional["HeadStepGraphs"] = None):
         """Sampling one scale over several reveal steps: what does not change between the steps is computed
         once. The blocks' input is ``proj`` of a concatenation, linear in the revealed embeddings, so it is
         ``base + revealed @ revealed_weight.T`` with ``base`` (the input with nothing revealed) formed here.
@@ -157,6 +161,8 @@ class SamplerHead(nn.Module):
             hidden, pooled, scale, rotary_first, rotary: as in :meth:`forward`, fixed for the scale.
             fused: the blocks' compiled regions (``generate(compile_blocks=True)``).
             compiled: the blocks under ``torch.compile`` (``StableSampler(compile_head=True)``; dynamic shapes).
+            graphs: the steps replayed from CUDA graphs kept there (:mod:`starkit.samplers.head_graphs`;
+                ``generate(cuda_graphs=True)``).
 
         Returns:
             ``predict(revealed, positions=None)``: revealed embeddings ``(R', l, Cvae)`` and the positions
@@ -174,26 +180,30 @@ class SamplerHead(nn.Module):
             from starkit.utils.compiling import compile_errors_named, compile_once, recompile_limit
             blocks = compile_once(type(self)._input_and_blocks, dynamic=True)
             runner = self.with_blocks_in_autocast_dtype(base)
-            for t, dim in ((base, 2), *((table, 1) for table in rot or ())):
-                torch._dynamo.mark_static(t, dim)  # widths: not unified with a token count of the same size
         else:
             blocks = type(self)._input_and_blocks
 
-        def predict(revealed: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        def features(base: torch.Tensor, rot, revealed: torch.Tensor, positions: Optional[torch.Tensor]):
+            """The last block's output at the wanted tokens ``(R, h, C)`` (all but the prefix without positions)."""
             revealed = revealed.repeat(R // revealed.shape[0], 1, 1)  # (R, l, Cvae): the halves' shared rows
             if positions is not None and positions.shape[0] != R:
                 positions = positions.repeat(R // positions.shape[0], 1)  # (R, h)
             added = F.linear(revealed.to(base.dtype), weight)  # (R, l, C)
             rows = None if positions is None else positions + 1  # past the prefix
             if compiled:
-                torch._dynamo.mark_static(added, 2)
+                for t, dim in ((base, 2), (added, 2), *((table, 1) for table in rot or ())):
+                    torch._dynamo.mark_static(t, dim)  # widths: not unified with a token count of the same size
                 with compile_errors_named("the sampler head for compile_head", "compile_head=False"), \
                         recompile_limit(64):  # (all rows / some rows) x (one row / more) x widths x autocast
                     x = blocks(runner, base, added, rot, rows, False)
             else:
                 x = blocks(self, base, added, rot, rows, fused)
-            return self.logits(x if rows is not None else x[:, 1:])
-        return predict
+            return x if rows is not None else x[:, 1:]
+
+        if graphs is not None:  # the blocks, norm and logits head of each step replayed; float32 outside
+            replay = graphs.predictor(self, base, rot, lambda *args: self.head_logits(self.logit_norm(features(*args))))
+            return lambda revealed, positions=None: replay(revealed, positions).float()
+        return lambda revealed, positions=None: self.logits(features(base, rot, revealed, positions))
 
     def with_blocks_in_autocast_dtype(self, x: torch.Tensor) -> "SamplerHead":
         """This head with its blocks' linear layers in the autocast dtype of ``x``'s device (a shallow copy

@@ -183,8 +183,12 @@ class StableSampler(ScaleSampler):
         from starkit.samplers.head import SamplerHead  # (not at the top: head.py imports the generator's blocks)
         head = self.head
         if isinstance(head, SamplerHead):
+            graphs = None
+            if step.graph_store is not None:  # generate(cuda_graphs=True): the steps replayed from CUDA graphs
+                from starkit.samplers.head_graphs import HeadStepGraphs
+                graphs = step.graph_store.setdefault("sampler_head", HeadStepGraphs())
             return head.for_scale(step.hidden, step.pooled_text, step.scale, step.rotary_first, step.rotary,
-                                  fused=step.compile_blocks, compiled=self.compile_head)
+                                  fused=step.compile_blocks, compiled=self.compile_head, graphs=graphs)
         gathers = _takes_positions(head)
 
         def predict(shown: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
