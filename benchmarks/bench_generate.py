@@ -103,21 +103,24 @@ def time_ours(config: str, args, dev, text, ceiling) -> list:
     # HFTextEncoder(compile=True); the stable sampler's head, StableSampler(compile_head=True); the blocks'
     # element-wise work, generate(compile_blocks=True)), then all the asked ones together
     text_ok = args.compile_text and hasattr(text, "compile_model")  # a random text encoder has nothing to compile
-    variants = [(name, h, b, t) for name, h, b, t, on in (
+    variants = [(name, h, b, t, True) for name, h, b, t, on in (
         ("compiled text", False, False, True, text_ok), ("compiled head", True, False, False, args.compile_head),
         ("compiled blocks", False, True, False, args.compile_blocks)) if on]
     if len(variants) > 1:
-        all_on = ("all compiled", args.compile_head, args.compile_blocks, text_ok)
+        all_on = ("all compiled", args.compile_head, args.compile_blocks, text_ok, True)
         variants = [all_on] if args.only_all_compiled else variants + [all_on]
         if args.head_in_regions and args.compile_head and args.compile_blocks:  # the head through the block regions
-            variants.append(("all compiled, head in regions", False, True, text_ok))
-    for label, head, blocks, compile_text in variants:
+            variants.append(("all compiled, head in regions", False, True, text_ok, True))
+        if args.without_head_graphs and args.cuda_graphs:  # the head's steps launched from Python
+            variants.append(("all compiled, head steps without graphs", args.compile_head, args.compile_blocks,
+                             text_ok, False))
+    for label, head, blocks, compile_text, head_graphs in variants:
         for sampler_name in args.samplers.split(","):
             if sampler_name != "stable" and not (blocks or compile_text):
                 continue  # the head exists only in the stable sampler
             sampler = samplers[sampler_name]
-            if head and sampler_name == "stable":
-                sampler = sampler.with_settings(compile_head=True)
+            if sampler_name == "stable":
+                sampler = sampler.with_settings(compile_head=head, head_graphs=head_graphs)
             if hasattr(text, "compile_model"):
                 text.compile_model = compile_text
             for B in batches(args):
@@ -133,6 +136,7 @@ def time_ours(config: str, args, dev, text, ceiling) -> list:
                             ceiling)
                 row.update(compiled_decoder=bool(args.cuda_graphs and args.compile_decoder and dev.type == "cuda"),
                            compiled_text=compile_text, compiled_head=head and sampler_name == "stable",
+                           head_graphs=head_graphs and sampler_name == "stable" and args.cuda_graphs,
                            compiled_blocks=blocks)
                 rows.append(row)
             if hasattr(text, "compile_model"):
@@ -243,6 +247,9 @@ def main(argv=None) -> None:
     ap.add_argument("--head-in-regions", action="store_true",
                     help="with --compile-head and --compile-blocks: also the all-compiled row without compile_head "
                          "(the stable sampler's head then runs through the blocks' compiled regions)")
+    ap.add_argument("--without-head-graphs", action="store_true",
+                    help="with --cuda-graphs and several --compile-* paths: also the all-compiled row with the stable "
+                         "sampler's head steps launched from Python (StableSampler(head_graphs=False))")
     ap.add_argument("--text", choices=("clip", "random"), default="clip")
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

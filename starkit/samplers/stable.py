@@ -115,6 +115,10 @@ class StableSampler(ScaleSampler):
             with ``generate(compile_blocks=True)``, CUDA graphs and the compiled decoder and CLIP: 0.4433 s at
             batch 1 and 0.3785 s/image at batch 16 (the head through the blocks' regions instead: 0.5145 s and
             0.3809 s/image; docs/performance.md, fifth comparison).
+        head_graphs: under ``generate(cuda_graphs=True)``, replay the head's reveal steps from CUDA graphs
+            (:mod:`starkit.samplers.head_graphs`: at batch 1 the host launches a step no faster than the GPU runs
+            it); their static buffers hold each causal scale's head input and logits (about 2 GiB at d30 @1024
+            batch 16). False: the steps are launched from Python.
     """
 
     has_weights = True
@@ -122,16 +126,18 @@ class StableSampler(ScaleSampler):
     def __init__(self, cfg: float = 4.0, cfg_schedule: str = "linear", top_k: Optional[int] = 600,
                  top_p: Optional[float] = 0.8, temperature: float = 1.0, causal_scales: int = 5, steps: int = 8,
                  steps_last: int = 15, random_steps: int = 5, schedule: str = "arccos", head_depth: int = 3,
-                 use_head: bool = True, compile_head: bool = False) -> None:
+                 use_head: bool = True, compile_head: bool = False, head_graphs: bool = True) -> None:
         super().__init__()
         self.cfg, self.cfg_schedule = cfg, cfg_schedule
         self.top_k, self.top_p, self.temperature = top_k, top_p, temperature
         self.causal_scales, self.steps, self.steps_last = causal_scales, steps, steps_last
         self.random_steps, self.schedule = random_steps, schedule
         self.head_depth, self.use_head, self.compile_head = head_depth, use_head, compile_head
+        self.head_graphs = head_graphs
         self.validate()
         self.save_hyperparameters("cfg", "cfg_schedule", "top_k", "top_p", "temperature", "causal_scales", "steps",
-                                  "steps_last", "random_steps", "schedule", "head_depth", "use_head", "compile_head")
+                                  "steps_last", "random_steps", "schedule", "head_depth", "use_head", "compile_head",
+                                  "head_graphs")
         self.head = None
         # 1 once the head has been trained or loaded (saved with the weights)
         self.register_buffer("head_trained", torch.zeros((), dtype=torch.long))
@@ -184,7 +190,7 @@ class StableSampler(ScaleSampler):
         head = self.head
         if isinstance(head, SamplerHead):
             graphs = None
-            if step.graph_store is not None:  # generate(cuda_graphs=True): the steps replayed from CUDA graphs
+            if step.graph_store is not None and self.head_graphs:  # generate(cuda_graphs=True): steps from graphs
                 from starkit.samplers.head_graphs import HeadStepGraphs
                 graphs = step.graph_store.setdefault("sampler_head", HeadStepGraphs())
             return head.for_scale(step.hidden, step.pooled_text, step.scale, step.rotary_first, step.rotary,
