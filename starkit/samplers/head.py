@@ -193,8 +193,13 @@ class SamplerHead(nn.Module):
             if compiled:
                 for t, dim in ((base, 2), (added, 2), *((table, 1) for table in rot or ())):
                     torch._dynamo.mark_static(t, dim)  # widths: not unified with a token count of the same size
+                device = base.device.type  # the autocast cache flag is in the graph's guards: always off here
+                # (CUDA graphs turn it off), so one graph serves calls with and without them (its linear layers
+                # are in the autocast dtype already: nothing for the cache to keep)
                 with compile_errors_named("the sampler head for compile_head", "compile_head=False"), \
-                        recompile_limit(64):  # (all rows / some rows) x (one row / more) x widths x autocast
+                        recompile_limit(64), \
+                        torch.autocast(device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device),
+                                       cache_enabled=False):  # graphs: (all / some rows) x (one row / more) x widths
                     x = blocks(runner, base, added, rot, rows, False)
             else:
                 x = blocks(self, base, added, rot, rows, fused)
