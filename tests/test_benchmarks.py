@@ -109,3 +109,28 @@ def test_bench_kernels_tiny(tmp_path, capsys):
     assert all(r["before_ms"] > 0 and r["after_ms"] > 0 for r in rows)
     assert all(r["max_abs_diff"] < 1e-4 for r in rows[1:])  # float32 on the CPU
     assert "| fc1 + GELU, tiny |" in capsys.readouterr().out
+
+
+def test_bench_attention_layouts_tiny(tmp_path, capsys):
+    """bench_attention_layouts.py: every layout of the self-attention step gives the first one's output, with
+    the rows and tokens symbolic as in generation."""
+    import bench_attention_layouts
+    out = tmp_path / "layouts.json"
+    bench_attention_layouts.main(["--tiny", "--dynamic", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 * len(bench_attention_layouts.VARIANTS)
+    assert all(r["ms"] > 0 and r["max_abs_diff_to_first"] < 1e-4 for r in rows)
+    assert "dynamic=True" in capsys.readouterr().out
+
+
+def test_profile_generate_per_scale_tiny(capsys):
+    """profile_generate.py --per-scale: a row per scale (text -1, decode K) with the stable sampler's nested
+    phases taken out of the sampler's time, and the span of a call."""
+    import profile_generate
+    profile_generate.main(["--tiny", "--text", "random", "--cases", "d16@256:stable:1", "--per-scale", "--no-kernels",
+                           "--warmup", "1", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "| -1 | - |" in out and "guidance + top-k/top-p device ms" in out and "head norm + logits" in out
+    K = len(profile_generate.TINY_PATCH_NUMS["d16@256"])
+    assert f"| {K} | - |" in out and f"| {K - 1} |" in out
+    assert "First to last event of a call:" in out
