@@ -9,6 +9,9 @@
 
     python benchmarks/bench_kernels.py --json $OUT/kernels.json     # H200, ~30 s
     python benchmarks/bench_kernels.py --tiny                       # CPU smoke run (small shapes)
+
+``--small-rows`` adds fc1 + GELU at the small scales' row counts (2 to 512 rows, d16 and d30 widths) inside
+CUDA graphs, the question left by d16 @256 batch 1 in the sixth comparison (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -61,11 +64,55 @@ def run(tiny: bool, dev: torch.device, warmup: int, repeats: int) -> list:
     return rows
 
 
+def graphed(fn, dev: torch.device, calls: int = 20):
+    """A callable replaying ``calls`` calls of ``fn`` from one CUDA graph (kernel time without launch overhead,
+    as generation's graphs run them), and the divisor to get one call's time; on the CPU ``fn`` itself."""
+    if dev.type != "cuda":
+        return fn, 1
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph.replay, calls
+
+
+def small_rows(tiny: bool, dev: torch.device, warmup: int, repeats: int) -> list:
+    """fc1 + GELU at the small scales' row counts (batch 1 with guidance: 2 x tokens), d16 and d30 widths,
+    inside CUDA graphs: the epilogue form against linear + GELU where the row count is small."""
+    rows, dt = [], torch.bfloat16 if dev.type == "cuda" else torch.float32
+    g = torch.Generator(device=dev).manual_seed(0)
+    for label, C in (("d16", 64 if tiny else 1024), ("d30", 64 if tiny else 1920)):
+        w = (torch.randn(4 * C, C, device=dev, generator=g) * C ** -0.5).to(dt)
+        b = torch.randn(4 * C, device=dev, generator=g).to(dt)
+        for M in (2, 8, 32, 128, 512):
+            h = torch.randn(1, M, C, device=dev, generator=g).to(dt)
+            times = []
+            for fn in (lambda: F.gelu(F.linear(h, w, b), approximate="tanh"), lambda: fc1_gelu(h, w, b)):
+                replay, calls = graphed(fn, dev)
+                times.append(timed(replay, warmup, repeats, dev) / calls)
+            rows.append({"case": f"fc1 + GELU, {label} width {C}, {M} rows, in a CUDA graph",
+                         "before": "linear, then GELU", "after": "fc1_gelu (epilogue)", "before_ms": times[0] * 1e3,
+                         "after_ms": times[1] * 1e3, "speedup": times[0] / times[1],
+                         "tflops_after": 2 * M * C * 4 * C / times[1] / 1e12})
+    return rows
+
+
 def main(argv=None) -> None:
-    args = kernel_bench_parser(__doc__, repeats=20).parse_args(argv)
+    ap = kernel_bench_parser(__doc__, repeats=20)
+    ap.add_argument("--small-rows", action="store_true",
+                    help="also fc1 + GELU at the small scales' row counts (2-512 rows, d16 and d30 widths) inside "
+                         "CUDA graphs")
+    args = ap.parse_args(argv)
     dev = kernel_bench_device(args)
     with torch.no_grad():
         rows = run(args.tiny, dev, args.warmup, args.repeats)
+        if args.small_rows:
+            rows += small_rows(args.tiny, dev, args.warmup, args.repeats)
     name = device_name(dev)
     if args.json:
         write_results(args.json, name, args, rows)

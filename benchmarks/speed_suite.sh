@@ -98,7 +98,7 @@ for stage in $stages; do
       [ -n "${TINY:-}" ] && fp8_args+=(--tiny)
       run fp8 "${FP8_LIMIT:-120}" python "$here/bench_fp8.py" "${fp8_args[@]}" ;;
     kernels)
-      kernels_args=(--json "$out/kernels.json")
+      kernels_args=(--small-rows --json "$out/kernels.json")
       [ -n "${TINY:-}" ] && kernels_args+=(--tiny)
       run kernels "${KERNELS_LIMIT:-90}" python "$here/bench_kernels.py" "${kernels_args[@]}" ;;
     layouts)
