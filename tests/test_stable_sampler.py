@@ -463,6 +463,8 @@ def test_head_steps_on_static_buffers_with_cuda_graphs_give_the_same_tokens(trai
     c, ic = gen.generate(PROMPTS, seed=7, return_indices=True, cuda_graphs=True)
     assert all(torch.equal(x, y) for x, y in zip(ia, ic))
     assert {id(s) for buffers in graphs.shapes.values() for s in buffers.steps.values()} == steps  # reused
+    gen.generate(PROMPTS, seed=7, cuda_graphs=True, sampler=gen.sampler.with_settings(compile_head=True))
+    assert gen._static_steps["sampler_head"] is graphs and len(graphs.shapes) == 4  # another form: its own graphs
     head = gen.sampler.head
     saved = {k: v.clone() for k, v in head.state_dict().items()}
     try:

@@ -206,7 +206,8 @@ class SamplerHead(nn.Module):
             return x if rows is not None else x[:, 1:]
 
         if graphs is not None:  # the blocks, norm and logits head of each step replayed; float32 outside
-            replay = graphs.predictor(self, base, rot, lambda *args: self.head_logits(self.logit_norm(features(*args))))
+            replay = graphs.predictor(self, base, rot, lambda *args: self.head_logits(self.logit_norm(features(*args))),
+                                      form=(compiled, fused and not compiled))
             return lambda revealed, positions=None: replay(revealed, positions).float()
         return lambda revealed, positions=None: self.logits(features(base, rot, revealed, positions))
 

@@ -51,13 +51,15 @@ class HeadStepGraphs:
             self.shapes.clear()
             self.head, self.fingerprint = head, fingerprint
 
-    def predictor(self, head: torch.nn.Module, base: torch.Tensor, rotary, body: Callable) -> Callable:
+    def predictor(self, head: torch.nn.Module, base: torch.Tensor, rotary, body: Callable, form: tuple = ()) -> Callable:
         """``predict(revealed, positions=None)`` replaying ``body(base, rotary, revealed, positions)`` ->
         logits ``(R, h, V)`` from graphs: ``base`` ``(R, 1 + l, C)`` and ``rotary`` are the scale's fixed
-        inputs (copied into the static buffers here). The returned logits are overwritten by the next step."""
+        inputs (copied into the static buffers here). The returned logits are overwritten by the next step.
+        ``form``: what else selects the code ``body`` runs (compiled or not, ...): a graph replays the body
+        it was captured from, so another form gets graphs of its own."""
         self._valid_for(head)
         key = (tuple(base.shape), base.dtype, base.device, torch.is_autocast_enabled(base.device.type),
-               None if rotary is None else tuple(rotary[0].shape))
+               None if rotary is None else tuple(rotary[0].shape), tuple(form))
         buffers = self.shapes.get(key)
         if buffers is None:
             buffers = self.shapes[key] = _ScaleBuffers(base, rotary)
