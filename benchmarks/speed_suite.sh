@@ -21,6 +21,8 @@
 #   attention : benchmarks/bench_attention.py, the SDPA/Flex kernels at starkit's shapes (not in the default list)
 #   syncs     : benchmarks/find_syncs.py, host synchronisations of a d16 @256 step and generation (not in the default list)
 #   fp8       : benchmarks/bench_fp8.py, FP8 against bf16 for d30's linear layers (not in the default list)
+#   profile   : benchmarks/profile_generate.py --per-scale of PROFILE_CASES (default d16@256:parallel:1, the
+#               question of the sixth comparison) with graphs and every compiled path (not in the default list)
 #   layouts   : benchmarks/bench_attention_layouts.py --dynamic, the self-attention step's memory layouts (not in the
 #               default list)
 #   kernels   : benchmarks/bench_kernels.py, fc1 with GELU in the epilogue and the decoder's conv_out as tap_conv3x3
@@ -101,12 +103,17 @@ for stage in $stages; do
       kernels_args=(--small-rows --json "$out/kernels.json")
       [ -n "${TINY:-}" ] && kernels_args+=(--tiny)
       run kernels "${KERNELS_LIMIT:-90}" python "$here/bench_kernels.py" "${kernels_args[@]}" ;;
+    profile)
+      profile_args=(--cases "${PROFILE_CASES:-d16@256:parallel:1}" --cuda-graphs --compile-decoder --compile-blocks
+                    --compile-text --per-scale ${PROFILE_ARGS:-})
+      [ -n "${TINY:-}" ] && profile_args+=(--tiny --text random --no-kernels --warmup 1 --repeats 1)
+      run profile "${PROFILE_LIMIT:-200}" python "$here/profile_generate.py" "${profile_args[@]}" ;;
     layouts)
       layouts_args=(--dynamic --json "$out/layouts.json")
       [ -n "${TINY:-}" ] && layouts_args+=(--tiny)
       run layouts "${LAYOUTS_LIMIT:-150}" python "$here/bench_attention_layouts.py" "${layouts_args[@]}" ;;
     *) echo "unknown stage $stage (check, train, train_d30, train_tokens, train_images, train_1024, tokenizer, generate," \
-            "generate_small, attention, syncs, fp8, kernels, layouts)" >&2 ;;
+            "generate_small, attention, syncs, fp8, kernels, layouts, profile)" >&2 ;;
   esac
 done
 echo
