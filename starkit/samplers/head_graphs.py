@@ -51,7 +51,8 @@ class HeadStepGraphs:
             self.shapes.clear()
             self.head, self.fingerprint = head, fingerprint
 
-    def predictor(self, head: torch.nn.Module, base: torch.Tensor, rotary, body: Callable, form: tuple = ()) -> Callable:
+    def predictor(self, head: torch.nn.Module, base: torch.Tensor, rotary, body: Callable,
+                  form: tuple = ()) -> Callable:
         """``predict(revealed, positions=None)`` replaying ``body(base, rotary, revealed, positions)`` ->
         logits ``(R, h, V)`` from graphs: ``base`` ``(R, 1 + l, C)`` and ``rotary`` are the scale's fixed
         inputs (copied into the static buffers here). The returned logits are overwritten by the next step.
