@@ -31,6 +31,7 @@ sys.path.insert(0, HERE)
 from bench_generator import device_name, kernel_bench_device, kernel_bench_parser, write_results  # noqa: E402
 from bench_tokenizer import timed  # noqa: E402  (CUDA-event median of a call)
 
+from starkit.generator.blocks import token_major  # noqa: E402
 from starkit.positional import rotate_float32  # noqa: E402
 
 
@@ -38,10 +39,6 @@ def _norm_rotate(t: torch.Tensor, rotary, scale=None) -> torch.Tensor:
     """L2-norm over the head dim, optional scale, rotary; float32 ``(B, H, l, d)`` (any memory layout)."""
     t = F.normalize(t.float(), dim=-1)
     return rotate_float32(t if scale is None else t.mul(scale), rotary)
-
-
-def _token_major(t: torch.Tensor) -> torch.Tensor:
-    return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def region(x, w, b, scale, rotary, heads: int, q_major: bool, k_major: bool, k_slot=None, v_slot=None,
@@ -53,8 +50,8 @@ def region(x, w, b, scale, rotary, heads: int, q_major: bool, k_major: bool, k_s
     h = F.layer_norm(x.float(), (C,), eps=1e-6).to(w.dtype)
     q, k, v = F.linear(h, w, b).view(B, l, 3, heads, C // heads).permute(2, 0, 3, 1, 4).unbind(0)
     qf, kf = _norm_rotate(q, rotary, scale).to(w.dtype), _norm_rotate(k, rotary).to(w.dtype)
-    qf = _token_major(qf) if q_major else qf.contiguous()
-    kf = _token_major(kf) if k_major else kf.contiguous()
+    qf = token_major(qf) if q_major else qf.contiguous()
+    kf = token_major(kf) if k_major else kf.contiguous()
     if k_slot is None:
         return qf, kf, v
     if positions is not None:
@@ -103,7 +100,7 @@ def run(tiny: bool, dev: torch.device, warmup: int, repeats: int, dynamic: bool 
         cached = [torch.randn(batch, H, before + l, d, device=dev, generator=g).to(dt) for _ in range(2)]
         for name, (q_major, k_major, in_region) in VARIANTS.items():
             # the same cached keys and values in each layout: logical (B, H, L, d), token-major buffers or not
-            k_cache, v_cache = (_token_major(t) if k_major else t.clone() for t in cached)
+            k_cache, v_cache = (token_major(t) if k_major else t.clone() for t in cached)
             k_slot, v_slot = k_cache[:, :, before:], v_cache[:, :, before:]
             positions = torch.arange(before, before + l, device=dev)
             if dynamic:

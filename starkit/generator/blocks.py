@@ -86,16 +86,10 @@ class KVCache:
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Write ``k``, ``v`` ``(B, H, l, d)`` after the valid positions; returns all valid keys and values."""
-        k_slot, v_slot = self.reserve(k.shape[2])
-        k_slot.copy_(k)
-        v_slot.copy_(v)
+        start, self.length = self.length, self.length + k.shape[2]
+        self.k[:, :, start:self.length] = k
+        self.v[:, :, start:self.length] = v
         return self.valid()
-
-    def reserve(self, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The next ``n`` positions' key and value slots ``(B, H, n, d)`` (views, for the caller to write),
-        counted as valid from now on."""
-        start, self.length = self.length, self.length + n
-        return self.k[:, :, start:self.length], self.v[:, :, start:self.length]
 
     def valid(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The valid keys and values ``(B, H, length, d)`` (views)."""

@@ -20,13 +20,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from starkit.utils.inference_cache import version_key
+from starkit.utils.cuda_graphs import capture, warm_up
+from starkit.utils.inference_cache import weights_fingerprint
 from starkit.generator.transformer import ScaleTransformer
-
-
-def weights_fingerprint(net: torch.nn.Module) -> Tuple:
-    """:func:`version_key` of every parameter and buffer: changes when any is updated or replaced."""
-    return version_key(list(net.parameters()) + list(net.buffers()))
 
 
 class StaticScaleSteps:
@@ -77,15 +73,8 @@ class StaticScaleSteps:
         return hidden, self.net.logits(hidden)  # (rows, l, C), (rows, l, V)
 
     def _capture(self, k: int) -> None:
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # warm-up outside the graph (allocator, lazy inits, cached biases)
-            self._step(k)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self.outputs[k] = self._step(k)
-        self.graphs[k] = graph
+        warm_up(lambda: self._step(k), self.device)
+        self.graphs[k], self.outputs[k] = capture(lambda: self._step(k), self.pool)
 
     def run(self, k: int, x: torch.Tensor, text_kvs: Optional[List[tuple]] = None,
             text_bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,8 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from starkit.utils.inference_cache import version_key
+from starkit.utils.cuda_graphs import capture, warm_up
+from starkit.utils.inference_cache import weights_fingerprint
 
 
 class _ScaleBuffers:
@@ -46,7 +47,7 @@ class HeadStepGraphs:
         self.pool = None
 
     def _valid_for(self, head: torch.nn.Module) -> None:
-        fingerprint = version_key(list(head.parameters()) + list(head.buffers()))
+        fingerprint = weights_fingerprint(head)
         if head is not self.head or fingerprint != self.fingerprint:  # another head or new weights: start over
             self.shapes.clear()
             self.head, self.fingerprint = head, fingerprint
@@ -72,10 +73,10 @@ class HeadStepGraphs:
             if buffers.revealed is None or buffers.revealed.shape != revealed.shape:
                 buffers.revealed, buffers.steps = torch.empty_like(revealed), {}
             buffers.revealed.copy_(revealed)
-            step = buffers.steps.get(None if positions is None else tuple(positions.shape))
+            key = None if positions is None else tuple(positions.shape)
+            step = buffers.steps.get(key)
             if step is None:
-                step = buffers.steps[None if positions is None else tuple(positions.shape)] = self._capture(
-                    buffers, body, positions)
+                step = buffers.steps[key] = self._capture(buffers, body, positions)
             graph, static_positions, logits = step
             if static_positions is not None:
                 static_positions.copy_(positions)
@@ -95,17 +96,10 @@ class HeadStepGraphs:
         if device.type != "cuda":
             out = run()
             return None, static_positions, self._logits_view(buffers, out)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up outside the graph (compilation, allocator, cached weights)
-            out = run()
-        torch.cuda.current_stream(device).wait_stream(side)
-        logits = self._logits_view(buffers, out)
+        logits = self._logits_view(buffers, warm_up(run, device))
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits.copy_(run())
+        graph, _ = capture(lambda: logits.copy_(run()), self.pool)
         return graph, static_positions, logits
 
     @staticmethod

@@ -37,6 +37,12 @@ def version_key(tensors) -> Tuple:
                                       for t in tensors)
 
 
+def weights_fingerprint(module: nn.Module) -> Tuple:
+    """:func:`version_key` of every parameter and buffer of ``module``: changes when any is updated or replaced
+    (what CUDA graphs captured from the module's weights are keyed on)."""
+    return version_key(list(module.parameters()) + list(module.buffers()))
+
+
 def inference_cached(module: nn.Module, name: str, params: Tuple[torch.Tensor, ...], build):
     """``build()``, computed once and reused while gradients are off and ``params`` are unchanged
     (same storage and version: an optimizer step, ``load_state_dict`` or ``.to()`` rebuilds it).

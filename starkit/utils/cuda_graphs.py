@@ -1,0 +1,28 @@
+"""Capturing CUDA graphs of inference steps: a warm-up outside the graph, then the capture into a shared pool
+(the generator's scale steps, :mod:`starkit.generator.graphs`, and the sampler head's reveal steps,
+:mod:`starkit.samplers.head_graphs`)."""
+from __future__ import annotations
+
+from typing import Any, Callable, Tuple
+
+import torch
+
+
+def warm_up(fn: Callable[[], Any], device: torch.device) -> Any:
+    """``fn()`` on a side stream, ordered after and before the current stream's work: compilation, lazy
+    initialisation, the allocator's first blocks and cached weight casts happen here, not in a capture."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        out = fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    return out
+
+
+def capture(fn: Callable[[], Any], pool) -> Tuple["torch.cuda.CUDAGraph", Any]:
+    """A CUDA graph of ``fn()`` in the memory pool ``pool`` (graphs replayed one at a time may share one) and
+    the output tensors of the captured call, which each replay overwrites."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
