@@ -118,6 +118,66 @@ def test_two_process_predict_writes_each_image_once(ddp_run, tmp_path):
 
 
 # ---------------------------------------------------------------- FSDP logic without a GPU
+def _fsdp_blocks_worker(rank: int, port: int, out_dir: str) -> None:
+    """One of 2 gloo processes: the tiny generator with every Block an FSDP unit (1-D shards
+    outside the unit's own call), loss and gradients with and without activation checkpointing."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        gen = make_tiny_generator()
+        blocks = gen.transformer.blocks
+        for i in range(len(blocks)):
+            blocks[i] = FSDP(blocks[i], use_orig_params=True, device_id=torch.device("cpu"))
+        batch = {"image": torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1,
+                 "caption": ["a red square", "two blue circles"]}
+        result = {}
+        for checkpointing in (False, True):
+            gen.transformer.activation_checkpointing = checkpointing
+            gen.zero_grad(set_to_none=True)
+            torch.manual_seed(2)
+            loss = gen._loss(batch, "train")
+            loss.backward()
+            with FSDP.summon_full_params(blocks[0], with_grads=True):
+                grad = blocks[0].cross_attn.mat_kv.weight.grad.clone()
+            result[str(checkpointing)] = (loss.item(), grad.norm().item())
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_teacher_forced_pass_runs_with_per_block_fsdp_units(tmp_path):
+    """Every Block wrapped as an FSDP unit (what BlockFSDPStrategy does; torch's FSDP runs on the CPU
+    with gloo here, Lightning's strategy does not): a block's weights are 1-D shards outside its own
+    call, so the training pass must form each block's text keys/values inside the block (it formed
+    them all first and failed with "mat2 must be a matrix" on the GPUs). Loss and gradients match
+    the unwrapped model, with and without activation checkpointing."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_fsdp_blocks_worker, args=(port, str(tmp_path)), nprocs=2)
+    torch.manual_seed(0)
+    gen = make_tiny_generator()
+    batch = {"image": torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1,
+             "caption": ["a red square", "two blue circles"]}
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        for checkpointing in (False, True):
+            gen.transformer.activation_checkpointing = checkpointing
+            gen.zero_grad(set_to_none=True)
+            torch.manual_seed(2)
+            loss = gen._loss(batch, "train")
+            loss.backward()
+            grad = gen.transformer.blocks[0].cross_attn.mat_kv.weight.grad
+            got_loss, got_grad = result[str(checkpointing)]
+            assert got_loss == pytest.approx(loss.item(), rel=1e-5)
+            assert got_grad == pytest.approx(grad.norm().item(), rel=1e-4)
+
+
 def test_fsdp_strategy_needs_cuda_with_a_clear_error():
     """torch's FSDP (FSDP1, what Lightning's FSDPStrategy wraps) refuses the CPU ("FSDP needs a
     non-CPU accelerator device"), and Lightning refuses FSDPStrategy with accelerator='cpu'; so

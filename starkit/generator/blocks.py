@@ -292,10 +292,14 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rotary=None, mask=None, text_kv=None, text_bias=None,
                 cache: Optional[KVCache] = None, cond: Optional[torch.Tensor] = None,
-                query_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+                query_rows: Optional[torch.Tensor] = None,
+                text_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``x`` ``(B, l, C)`` -> ``(B, l, C)``. ``query_rows`` ``(B, h)``: the output of those tokens only,
         ``(B, h, C)``, attending to all ``l`` (the last block of the sampler head, whose logits are wanted
-        for the hidden tokens only); not with AdaLN."""
+        for the hidden tokens only); not with AdaLN. Cross-attention takes the text keys/values
+        ``text_kv`` formed earlier (cached sampling) or forms them here from ``text_tokens`` ``(B, T, Dt)``."""
+        if text_kv is None and text_tokens is not None and self.cross_attn is not None:
+            text_kv = self.cross_attn.text_kv(text_tokens)
         if hasattr(self, "ada_lin"):
             if query_rows is not None:
                 raise ValueError("query_rows is not supported by AdaLN blocks.")

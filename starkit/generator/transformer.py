@@ -208,15 +208,17 @@ class ScaleTransformer(nn.Module):
         rotary = self.positional.rotary(positions)  # (cos, sin): what compiled blocks take
         if not (self.compile_blocks and torch.is_grad_enabled()):
             rotary = as_cis(rotary)  # complex tables, built once for all (eager) blocks
-        text_kvs, text_bias = self._text_inputs(text_tokens, text_mask)
+        # Each block forms its own text keys/values inside its call: under FSDP a block's weights exist
+        # (unsharded) only during that call, and each block uses them once here anyway.
+        text_tokens, text_bias = self._text_inputs(text_tokens, text_mask)
         extra = self._block_kwargs(pooled)
         for i in range(len(self.blocks)):
             block = self._training_block(i)
-            kv = text_kvs[i] if text_kvs else None
             if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, rotary, mask, kv, text_bias, use_reentrant=False, **extra)
+                x = checkpoint(block, x, rotary, mask, None, text_bias, use_reentrant=False,
+                               text_tokens=text_tokens, **extra)
             else:
-                x = block(x, rotary=rotary, mask=mask, text_kv=kv, text_bias=text_bias, **extra)
+                x = block(x, rotary=rotary, mask=mask, text_bias=text_bias, text_tokens=text_tokens, **extra)
         return x
 
     def _training_block(self, i: int):
@@ -270,9 +272,10 @@ class ScaleTransformer(nn.Module):
         return cache[key]
 
     def _text_inputs(self, text_tokens, text_mask):
+        """The text features and their key-padding bias, or ``(None, None)`` without cross-attention."""
         if text_tokens is None or self.blocks[0].cross_attn is None:
             return None, None
-        return self.text_kv(text_tokens), key_padding_bias(text_mask)
+        return text_tokens, key_padding_bias(text_mask)
 
     # ------------------------------------------------------------------ cached sampling
     def text_kv(self, text_tokens: torch.Tensor) -> List[tuple]:
