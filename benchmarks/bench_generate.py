@@ -103,18 +103,21 @@ def time_ours(config: str, args, dev, text, ceiling) -> list:
     # HFTextEncoder(compile=True); the stable sampler's head, StableSampler(compile_head=True); the blocks'
     # element-wise work, generate(compile_blocks=True)), then all the asked ones together
     text_ok = args.compile_text and hasattr(text, "compile_model")  # a random text encoder has nothing to compile
-    variants = [(name, h, b, t, True) for name, h, b, t, on in (
+    variants = [(name, h, b, t, True, True) for name, h, b, t, on in (
         ("compiled text", False, False, True, text_ok), ("compiled head", True, False, False, args.compile_head),
         ("compiled blocks", False, True, False, args.compile_blocks)) if on]
     if len(variants) > 1:
-        all_on = ("all compiled", args.compile_head, args.compile_blocks, text_ok, True)
+        all_on = ("all compiled", args.compile_head, args.compile_blocks, text_ok, True, True)
         variants = [all_on] if args.only_all_compiled else variants + [all_on]
         if args.head_in_regions and args.compile_head and args.compile_blocks:  # the head through the block regions
-            variants.append(("all compiled, head in regions", False, True, text_ok, True))
+            variants.append(("all compiled, head in regions", False, True, text_ok, True, True))
         if args.without_head_graphs and args.cuda_graphs:  # the head's steps launched from Python
             variants.append(("all compiled, head steps without graphs", args.compile_head, args.compile_blocks,
-                             text_ok, False))
-    for label, head, blocks, compile_text, head_graphs in variants:
+                             text_ok, False, True))
+    if args.whole_graph and args.cuda_graphs:  # the whole generation after the text encoding as one CUDA graph
+        variants += [(label + ", whole graph", h, b, t, hg, "whole") for label, h, b, t, hg, _ in variants
+                     if label.startswith("all compiled") and hg]
+    for label, head, blocks, compile_text, head_graphs, graphs_mode in variants:
         for sampler_name in args.samplers.split(","):
             if sampler_name != "stable" and not (blocks or compile_text):
                 continue  # the head exists only in the stable sampler
@@ -128,7 +131,8 @@ def time_ours(config: str, args, dev, text, ceiling) -> list:
 
                 def call():
                     with torch.no_grad():
-                        gen.generate(prompts, seed=0, sampler=sampler, cuda_graphs=args.cuda_graphs,
+                        gen.generate(prompts, seed=0, sampler=sampler,
+                                     cuda_graphs=graphs_mode if args.cuda_graphs else False,
                                      compile_blocks=blocks, **bg.SAMPLING)
 
                 impl = ("starkit graphs, " if args.cuda_graphs else "starkit, ") + label
@@ -137,7 +141,7 @@ def time_ours(config: str, args, dev, text, ceiling) -> list:
                 row.update(compiled_decoder=bool(args.cuda_graphs and args.compile_decoder and dev.type == "cuda"),
                            compiled_text=compile_text, compiled_head=head and sampler_name == "stable",
                            head_graphs=head_graphs and sampler_name == "stable" and args.cuda_graphs,
-                           compiled_blocks=blocks)
+                           compiled_blocks=blocks, whole_graph=graphs_mode == "whole" and args.cuda_graphs)
                 rows.append(row)
             if hasattr(text, "compile_model"):
                 text.compile_model = False
@@ -250,6 +254,9 @@ def main(argv=None) -> None:
     ap.add_argument("--without-head-graphs", action="store_true",
                     help="with --cuda-graphs and several --compile-* paths: also the all-compiled row with the stable "
                          "sampler's head steps launched from Python (StableSampler(head_graphs=False))")
+    ap.add_argument("--whole-graph", action="store_true",
+                    help="with --cuda-graphs and several --compile-* paths: also each all-compiled row with "
+                         "generate(cuda_graphs='whole') (the whole generation after the text encoding as one CUDA graph)")
     ap.add_argument("--text", choices=("clip", "random"), default="clip")
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

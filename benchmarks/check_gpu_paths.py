@@ -56,6 +56,8 @@ def main(argv=None) -> None:
     ap.add_argument("--tolerance", type=float, default=0.05, help="largest relative difference called ok (bf16)")
     ap.add_argument("--only-head-graphs", action="store_true",
                     help="only the whole-generation row of the head steps from CUDA graphs (a short GPU run)")
+    ap.add_argument("--only-whole-graph", action="store_true",
+                    help="only the rows of cuda_graphs='whole' against the per-step graphs (a short GPU run)")
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     workdir = tempfile.mkdtemp(prefix="check_gpu_paths_")
@@ -83,7 +85,7 @@ def main(argv=None) -> None:
                 fused = net.forward_scale(x, k, caches[1], kvs, bias, fused=True)
                 worst = max(worst, rel_diff(eager, fused))
         rows.append(("compile_blocks: hidden states, all scales (max rel. diff)", f"{worst:.2e}", worst <= args.tolerance))
-        if args.only_head_graphs:
+        if args.only_head_graphs or args.only_whole_graph:
             rows.clear()  # (the regions compiled above serve the generation below)
 
         if dev.type == "cuda":  # which attention kernels the KV-cached scale steps ran, by name
@@ -97,9 +99,22 @@ def main(argv=None) -> None:
                             if any(w in e.key.lower() for w in ("flash", "fmha", "sdpa", "attention"))})
             rows.append(("attention kernels of the scale steps (informative)", "; ".join(names) or "none", bool(names)))
 
-        def tokens(**kw):
-            _, idx = gen.generate(prompts, seed=0, return_indices=True, **kw)
+        def tokens(seed=0, **kw):
+            _, idx = gen.generate(prompts, seed=seed, return_indices=True, **kw)
             return torch.cat([i.flatten() for i in idx])
+
+        def whole_graph_tokens(sampler=None) -> None:
+            """cuda_graphs='whole' (one graph of the generation) against the per-step graphs, all compiled paths on,
+            at two seeds (the graph's generator is re-seeded at each replay) and per-image seeds."""
+            name = "stable, compiled head" if sampler is not None else "parallel"
+            kw = dict(sampler=sampler, compile_blocks=True)
+            for seed in (0, 1, [3, 4]):
+                steps = tokens(seed=seed, cuda_graphs=True, **kw)
+                whole = tokens(seed=seed, cuda_graphs="whole", **kw)
+                rows.append((f"cuda_graphs='whole' ({name}, compile_blocks, seed {seed}): tokens equal to the "
+                             f"per-step graphs", f"{(steps == whole).float().mean():.1%} equal",
+                             bool(torch.equal(steps, whole))))
+            gen.release_cuda_graphs()
 
         def head_graph_tokens(sampler) -> None:
             """A whole generation with cuda_graphs=True, the head's steps from graphs or launched: the same compiled
@@ -115,6 +130,10 @@ def main(argv=None) -> None:
 
         if args.only_head_graphs:
             head_graph_tokens(stable_for(gen, pn, dev))
+            return
+        whole_graph_tokens()
+        whole_graph_tokens(stable_for(gen, pn, dev).with_settings(compile_head=True))
+        if args.only_whole_graph:
             return
         plain, graphs = tokens(), tokens(cuda_graphs=True)
         rows.append(("cuda_graphs: tokens equal to the eager loop", f"{(plain == graphs).float().mean():.1%} equal",

@@ -176,7 +176,7 @@ class StarPipeline:
                  cfg: Optional[float] = None,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, temperature: Optional[float] = None,
                  num_images_per_prompt: int = 1, sampler=None, batch_size: int = 16,
-                 cuda_graphs: bool = False, compile_blocks: bool = False) -> List[Image.Image]:
+                 cuda_graphs: Union[bool, str] = False, compile_blocks: bool = False) -> List[Image.Image]:
         """Generate images; settings left as None use the model's sampler defaults.
 
         Args:
@@ -188,7 +188,8 @@ class StarPipeline:
             sampler: a :class:`~starkit.samplers.ScaleSampler` to use instead of the model's.
             batch_size: prompts generated together (batch b uses ``seed + b``).
             cuda_graphs: replay the per-scale steps from CUDA graphs (on an H200 1.5-7.7x the eager loop
-                at batch 1, with the compiled VQ decoder; see :meth:`ScaleWiseGenerator.generate`).
+                at batch 1, with the compiled VQ decoder; see :meth:`ScaleWiseGenerator.generate`); "whole":
+                the whole generation after the text encoding as one CUDA graph.
             compile_blocks: the blocks' element-wise work as compiled regions (see
                 :meth:`ScaleWiseGenerator.generate`).
         """
@@ -213,7 +214,7 @@ class StarPipeline:
         return out
 
 
-def _load_pretrained(path: str, sampler: Optional[dict] = None, cuda_graphs: bool = False,
+def _load_pretrained(path: str, sampler: Optional[dict] = None, cuda_graphs: Union[bool, str] = False,
                      compile_blocks: bool = False) -> ScaleWiseGenerator:
     """A generator loaded from a model directory (for ``starkit predict``).
 
@@ -221,14 +222,18 @@ def _load_pretrained(path: str, sampler: Optional[dict] = None, cuda_graphs: boo
         path: the model directory written by ``starkit export`` or ``starkit convert``.
         sampler: optional sampler config (class_path/init_args) replacing the saved one.
         cuda_graphs: predict with ``generate(cuda_graphs=True)`` (on a GPU: per-scale steps replayed
-            from CUDA graphs; one capture per batch shape).
+            from CUDA graphs; one capture per batch shape), or "whole" (the whole generation after the text
+            encoding as one CUDA graph; see ``ScaleWiseGenerator.generate``).
         compile_blocks: predict with ``generate(compile_blocks=True)`` (the blocks' element-wise work
             in compiled regions; the first batch compiles).
     """
     from starkit.generator.hparams import own_hyperparameters
     with own_hyperparameters():
         generator = load_generator(path, sampler=sampler)
-    generator.predict_options = dict(cuda_graphs=bool(cuda_graphs), compile_blocks=bool(compile_blocks))
+    if cuda_graphs not in (True, False, "steps", "whole"):
+        raise ValueError(f"cuda_graphs must be false, true (per-scale steps, also 'steps') or 'whole', got "
+                         f"{cuda_graphs!r}.")
+    generator.predict_options = dict(cuda_graphs=cuda_graphs, compile_blocks=bool(compile_blocks))
     return generator
 
 

@@ -416,6 +416,76 @@ def test_static_scale_steps_generate_the_same_images(cfg):
     assert torch.equal(out, gen.generate(prompts, seed=5, cfg=cfg, cuda_graphs=True))  # built again on demand
 
 
+@pytest.mark.parametrize("cfg", [0.0, 2.0])
+def test_whole_generation_graph_generates_the_same_images(cfg):
+    """generate(cuda_graphs="whole") keeps one WholeGenerationGraph (one CUDA graph on the GPU; eager calls on
+    its static buffers here): the same images as the plain loop for every kind of seed, both samplers, new
+    batch shapes and settings (a new key each), re-seeded at every call, and a new one after a weight update."""
+    from starkit.generator.whole_graph import WholeGenerationGraph
+    from starkit.samplers import StableSampler
+    gen = make_tiny_generator().eval()
+    prompts = ["a red circle", "two blue squares", ""]
+    stable = StableSampler(causal_scales=2, steps=2, steps_last=3, random_steps=1, use_head=False)
+    for sampler in (None, stable):
+        for n, seed in ((3, 5), (1, 5), (3, [4, 9, 1]), (3, 6)):
+            ref = gen.generate(prompts[:n], seed=seed, cfg=cfg, sampler=sampler)
+            out = gen.generate(prompts[:n], seed=seed, cfg=cfg, sampler=sampler, cuda_graphs="whole")
+            assert torch.equal(ref, out)
+            assert isinstance(gen._static_steps["whole"], WholeGenerationGraph) and "steps" not in gen._static_steps
+    whole = gen._static_steps["whole"]
+    again = gen.generate(prompts, seed=6, cfg=cfg, sampler=stable, cuda_graphs="whole")
+    assert gen._static_steps["whole"] is whole  # same key: kept
+    assert torch.equal(again, gen.generate(prompts, seed=6, cfg=cfg, sampler=stable))
+    gen.generate(prompts, seed=6, cfg=cfg, sampler=stable.with_settings(top_k=3), cuda_graphs="whole")
+    assert gen._static_steps["whole"] is not whole  # another setting: another key
+    whole = gen._static_steps["whole"]
+    with torch.no_grad():
+        gen.transformer.head_logits.bias.add_(0.3)  # an optimizer-like in-place update
+    out = gen.generate(prompts, seed=5, cfg=cfg, cuda_graphs="whole")
+    assert gen._static_steps["whole"] is not whole
+    assert torch.equal(out, gen.generate(prompts, seed=5, cfg=cfg))
+    assert torch.equal(out, gen.generate(prompts, seed=5, cfg=cfg, cuda_graphs=True))  # per-step graphs replace it
+    assert "whole" not in gen._static_steps and "steps" in gen._static_steps
+    gen.release_cuda_graphs()
+    assert "_static_steps" not in gen.__dict__
+    with pytest.raises(ValueError, match="cuda_graphs must be"):
+        gen.generate(prompts, cuda_graphs="all")
+
+
+def test_whole_generation_graph_without_a_seed_draws_from_the_default_generator():
+    """seed=None: the default generator (PyTorch registers it with every capture), like the plain loop."""
+    gen = make_tiny_generator().eval()
+    torch.manual_seed(3)
+    ref = gen.generate(["a red circle"], cfg=2.0)
+    torch.manual_seed(3)
+    assert torch.equal(ref, gen.generate(["a red circle"], cfg=2.0, cuda_graphs="whole"))
+
+
+def test_whole_generation_graph_falls_back_to_the_per_scale_graphs_when_a_capture_fails(monkeypatch):
+    """A capture that fails (an operation that cannot be captured; forced here, as if on a GPU) warns once
+    with the cause and continues with the per-scale graphs (cuda_graphs=True), with the same images."""
+    from starkit.generator import whole_graph
+    gen = make_tiny_generator().eval()
+    ref = gen.generate(["a red circle"], seed=1, cfg=2.0)
+
+    def failing_capture(fn, pool, generators=()):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(whole_graph, "captures_on", lambda device: True)
+    monkeypatch.setattr(whole_graph, "warm_up", lambda fn, device: fn())
+    monkeypatch.setattr(whole_graph, "capture", failing_capture)
+    monkeypatch.setattr(whole_graph.torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(whole_graph.torch.cuda, "synchronize", lambda device=None: None)
+    with pytest.warns(RuntimeWarning, match="could not be captured as one CUDA graph .*not permitted"):
+        out = gen.generate(["a red circle"], seed=1, cfg=2.0, cuda_graphs="whole")
+    store = gen._static_steps
+    assert "not permitted" in store["whole_failed"] and "steps" in store and "whole" not in store
+    assert torch.equal(out, ref)
+    assert torch.equal(gen.generate(["a red circle"], seed=1, cfg=2.0, cuda_graphs="whole"), ref)  # no new try
+    assert "whole" not in store
+    gen.release_cuda_graphs()  # lets a later call try again
+
+
 def test_drop_path_rate_survives_dtype_casts():
     """The rate is an integer buffer: casting the module to bf16 (or FSDP's bf16 buffers) must not round
     it (a float buffer turned p=0.0015 into 0); eval mode and p=0 are the identity."""

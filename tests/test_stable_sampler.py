@@ -477,3 +477,25 @@ def test_head_steps_on_static_buffers_with_cuda_graphs_give_the_same_tokens(trai
         head.load_state_dict(saved)
     gen.release_cuda_graphs()
     assert "_static_steps" not in gen.__dict__
+
+
+def test_whole_generation_graph_with_the_trained_head_gives_the_same_tokens(trained):
+    """generate(cuda_graphs="whole") with the stable sampler's trained head (its steps inside the one graph, no
+    head-step graphs of their own): the plain loop's tokens; a new capture after the head's weights change."""
+    gen, _ = trained
+    a, ia = gen.generate(PROMPTS, seed=7, return_indices=True)
+    b, ib = gen.generate(PROMPTS, seed=7, return_indices=True, cuda_graphs="whole")
+    assert all(torch.equal(x, y) for x, y in zip(ia, ib)) and torch.equal(a, b)
+    assert "sampler_head" not in gen._static_steps
+    whole = gen._static_steps["whole"]
+    head = gen.sampler.head
+    saved = {k: v.clone() for k, v in head.state_dict().items()}
+    try:
+        with torch.no_grad():
+            head.head_logits.bias.add_(torch.randn_like(head.head_logits.bias))
+        _, idx_d = gen.generate(PROMPTS, seed=7, return_indices=True)
+        _, idx_e = gen.generate(PROMPTS, seed=7, return_indices=True, cuda_graphs="whole")
+        assert all(torch.equal(x, y) for x, y in zip(idx_d, idx_e)) and gen._static_steps["whole"] is not whole
+    finally:
+        head.load_state_dict(saved)
+    gen.release_cuda_graphs()

@@ -371,7 +371,7 @@ class ScaleWiseGenerator(L.LightningModule):
                  top_p: Optional[float] = None, temperature: Optional[float] = None,
                  seed: Union[None, int, Sequence[int]] = None,
                  num_images_per_prompt: int = 1, sampler: Optional[ScaleSampler] = None,
-                 use_ema: bool = True, return_indices: bool = False, cuda_graphs: bool = False,
+                 use_ema: bool = True, return_indices: bool = False, cuda_graphs: Union[bool, str] = False,
                  compile_blocks: bool = False):
         """Generate images for prompts with a KV cache and batched classifier-free guidance.
 
@@ -393,6 +393,10 @@ class ScaleWiseGenerator(L.LightningModule):
                 docs/performance.md. The stable sampler's head steps are replayed from graphs too
                 (:mod:`starkit.samplers.head_graphs`). The static buffers (KV caches included) stay
                 allocated between calls (:meth:`release_cuda_graphs` frees them).
+                ``"whole"``: everything after the text encoding (all scales, the sampler, the VQ decode) as one
+                CUDA graph per batch shape, sampler settings and weights (:mod:`starkit.generator.whole_graph`;
+                the same seed gives the same images as the per-step graphs); for small models at batch 1,
+                where launching the sampler's and tokenizer's kernels from Python is most of the time.
             compile_blocks: run each block's element-wise work (LayerNorms, QK-norm, rotary, GELU,
                 residuals) as ``torch.compile``'d regions between the matrix products and attentions
                 (:mod:`starkit.generator.fused`; the first call compiles), in the transformer and in
@@ -415,15 +419,19 @@ class ScaleWiseGenerator(L.LightningModule):
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         sampler = (sampler or self.sampler).with_settings(cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature)
         net = self.ema if (use_ema and self.ema is not None) else self.transformer
+        if cuda_graphs not in (True, False, "steps", "whole"):
+            raise ValueError(f"cuda_graphs must be False, True (per-scale steps, also 'steps') or 'whole', "
+                             f"got {cuda_graphs!r}.")
         static = self.__dict__.setdefault("_static_steps", {}) if cuda_graphs else None
         images, indices = run_sampling(net, self.tokenizer, self.text_encoder, sampler, prompts, seed, self.device,
-                                       static_steps=static, fused=compile_blocks)
+                                       static_steps=static, fused=compile_blocks, whole_graph=cuda_graphs == "whole")
         return (images, indices) if return_indices else images
 
     def release_cuda_graphs(self) -> None:
         """Free what ``generate(..., cuda_graphs=True)`` keeps between calls: the CUDA graphs and their
-        static buffers, KV caches included (about 70 GiB for d30 @1024 at batch 16 with guidance), and the
-        stable sampler head's step graphs and buffers (:mod:`starkit.samplers.head_graphs`). The
+        static buffers, KV caches included (about 70 GiB for d30 @1024 at batch 16 with guidance), the
+        stable sampler head's step graphs and buffers (:mod:`starkit.samplers.head_graphs`), and the graph of
+        ``cuda_graphs="whole"`` (:mod:`starkit.generator.whole_graph`). The
         memory goes back to PyTorch's caching allocator; ``torch.cuda.empty_cache()`` returns it to the GPU."""
         self.__dict__.pop("_static_steps", None)
 

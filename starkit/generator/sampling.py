@@ -54,23 +54,39 @@ def random_source(seed, num_images: int, device):
 @torch.no_grad()
 def run_sampling(net: ScaleTransformer, tokenizer: ScaleTokenizer, text_encoder: TextEncoder, sampler: ScaleSampler,
                  prompts: Sequence[str], seed: Union[None, int, Sequence[int]], device, static_steps: Optional[dict] = None,
-                 fused: bool = False) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+                 fused: bool = False, whole_graph: bool = False) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """Generate one image per prompt. Returns images ``(B, 3, H, W)`` in [0, 1] and the K index maps.
 
     ``static_steps``: a dict kept by the caller between calls; given, the scale steps run on static
     buffers (:class:`~starkit.generator.graphs.StaticScaleSteps`), replayed from CUDA graphs on the GPU.
+    ``whole_graph`` (with ``static_steps``): instead, everything after the text encoding (all scales, the
+    sampling, the VQ decode) is one CUDA graph (:class:`~starkit.generator.whole_graph.WholeGenerationGraph`).
     ``fused``: the blocks' element-wise work in compiled regions (:mod:`starkit.generator.fused`).
     ``seed``: None, one int for the call's random stream, or one int per prompt (each image's draws from
     its own stream, :class:`~starkit.samplers.functional.RowGenerators`)."""
     device = torch.device(device)
     if tuple(tokenizer.patch_nums) != tuple(net.patch_nums):
         raise ValueError(f"tokenizer patch_nums {tokenizer.patch_nums} differ from the generator's {net.patch_nums}.")
-    B, K = len(prompts), len(net.patch_nums)
+    B = len(prompts)
     guided = float(getattr(sampler, "cfg", 0.0) or 0.0) > 0
-    generator = random_source(seed, B, device)
     text = encode_with_guidance(text_encoder, prompts, guided, device)
+    if whole_graph and static_steps is not None:
+        from starkit.generator.whole_graph import WholeGenerationGraph
+        return WholeGenerationGraph.run(static_steps, net, tokenizer, sampler, text, B, guided, seed, device, fused)
+    if static_steps is not None:
+        static_steps.pop("whole", None)  # the per-step graphs' buffers replace a whole-generation graph's
+    return sample_scales(net, tokenizer, sampler, text, B, guided, random_source(seed, B, device), device,
+                         static_steps, fused)
+
+
+def sample_scales(net: ScaleTransformer, tokenizer: ScaleTokenizer, sampler: ScaleSampler, text: TextEmbedding,
+                  B: int, guided: bool, generator, device: torch.device, static_steps: Optional[dict] = None,
+                  fused: bool = False, in_graph: bool = False) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """The scale loop and the VQ decode for encoded prompts ``text`` (``B`` rows, twice that when
+    ``guided``): images ``(B, 3, H, W)`` in [0, 1] and the K index maps. ``in_graph``: the call is being
+    captured whole into a CUDA graph (autocast's weight cache off, no per-step graphs)."""
     rows = text.pooled.shape[0]
-    with autocast_for(device, cache_enabled=static_steps is None):
+    with autocast_for(device, cache_enabled=static_steps is None and not in_graph):
         cache_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         text_kvs = net.text_kv(text.tokens) if net.blocks[0].cross_attn is not None else None
         # cast once to the attention dtype (the cross-attention would cast it at every layer and scale)
@@ -80,14 +96,17 @@ def run_sampling(net: ScaleTransformer, tokenizer: ScaleTokenizer, text_encoder:
             from starkit.generator.graphs import StaticScaleSteps
             steps = static_steps.get("steps")
             if steps is None or not steps.matches(net, rows, text_kvs, cache_dtype, fused):
+                note = static_steps.get("whole_failed")  # a failed whole-generation capture is not tried again
                 static_steps.clear()  # frees the old graphs and buffers first
+                if note:
+                    static_steps["whole_failed"] = note
                 steps = static_steps["steps"] = StaticScaleSteps(net, rows, text_kvs, text_bias, cache_dtype, fused)
         caches = net.new_caches(rows, device, cache_dtype) if steps is None else None
         x = net.start_tokens(text.pooled)  # (rows, first_l, C)
         f_hat = tokenizer.empty_latent(B, device=device)
         all_indices = []
         rotary_first = net.positional.rotary(slice(0, 1))  # the start position's tables, the same at every scale
-        start = 0
+        start, K = 0, len(net.patch_nums)
         for k, pn in enumerate(net.patch_nums):
             if steps is None:
                 hidden = net.forward_scale(x, k, caches, text_kvs, text_bias, fused=fused)  # (rows, pn*pn, C)

@@ -1,9 +1,9 @@
 """Capturing CUDA graphs of inference steps: a warm-up outside the graph, then the capture into a shared pool
-(the generator's scale steps, :mod:`starkit.generator.graphs`, and the sampler head's reveal steps,
-:mod:`starkit.samplers.head_graphs`)."""
+(the generator's scale steps, :mod:`starkit.generator.graphs`, the sampler head's reveal steps,
+:mod:`starkit.samplers.head_graphs`, and whole generations, :mod:`starkit.generator.whole_graph`)."""
 from __future__ import annotations
 
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Sequence, Tuple
 
 import torch
 
@@ -19,10 +19,14 @@ def warm_up(fn: Callable[[], Any], device: torch.device) -> Any:
     return out
 
 
-def capture(fn: Callable[[], Any], pool) -> Tuple["torch.cuda.CUDAGraph", Any]:
+def capture(fn: Callable[[], Any], pool, generators: Sequence[torch.Generator] = ()) -> Tuple["torch.cuda.CUDAGraph", Any]:
     """A CUDA graph of ``fn()`` in the memory pool ``pool`` (graphs replayed one at a time may share one) and
-    the output tensors of the captured call, which each replay overwrites."""
+    the output tensors of the captured call, which each replay overwrites. ``generators``: CUDA generators
+    that ``fn`` draws from besides the default one; registered with the graph, a replay draws from their
+    state at that time (seed them before a replay as before an eager call)."""
     graph = torch.cuda.CUDAGraph()
+    for generator in generators:
+        graph.register_generator_state(generator)
     with torch.cuda.graph(graph, pool=pool):
         out = fn()
     return graph, out
