@@ -182,7 +182,8 @@ def profile_case(case: str, args, dev, text) -> None:
 
     def call():
         with torch.no_grad():
-            gen.generate(prompts, seed=0, sampler=sampler, cuda_graphs=args.cuda_graphs,
+            gen.generate(prompts, seed=0, sampler=sampler,
+                         cuda_graphs="whole" if args.whole_graph and args.cuda_graphs else args.cuda_graphs,
                          compile_blocks=args.compile_blocks, **bg.SAMPLING)
 
     net = gen.ema if gen.ema is not None else gen.transformer  # what generate() samples with
@@ -223,7 +224,7 @@ def profile_case(case: str, args, dev, text) -> None:
             call()
         timer.enabled = False
         total_plain = sorted(plain)[len(plain) // 2]
-        print(f"\n## {case} (cuda_graphs={args.cuda_graphs}, compile_head={args.compile_head}, "
+        print(f"\n## {case} (cuda_graphs={'whole' if args.whole_graph and args.cuda_graphs else args.cuda_graphs}, compile_head={args.compile_head}, "
               f"compile_text={args.compile_text}, compile_blocks={args.compile_blocks}, compile_decoder={args.compile_decoder}): unsynchronised call {total_plain * 1000:.1f} ms "
               f"(median of {args.repeats})")
         phases = {k: v / args.repeats for k, v in timer.totals.items()}
@@ -274,6 +275,9 @@ def main(argv=None) -> None:
     ap.add_argument("--per-scale", action="store_true",
                     help="also device and host ms per scale and phase from CUDA events (no synchronisation)")
     ap.add_argument("--compile-text", action="store_true", help="the CLIP text encoder compiled (HFTextEncoder)")
+    ap.add_argument("--whole-graph", action="store_true",
+                    help="with --cuda-graphs: generate(cuda_graphs='whole'); the phases inside the graph are not "
+                         "timed (a replay runs no Python), the kernel table still lists its kernels")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--text", choices=("clip", "random"), default="clip")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
