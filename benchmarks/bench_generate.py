@@ -117,6 +117,9 @@ def time_ours(config: str, args, dev, text, ceiling) -> list:
     if args.whole_graph and args.cuda_graphs:  # the whole generation after the text encoding as one CUDA graph
         variants += [(label + ", whole graph", h, b, t, hg, "whole") for label, h, b, t, hg, _ in variants
                      if label.startswith("all compiled") and hg]
+    if args.without_text_graph and args.cuda_graphs and hasattr(text, "cuda_graph"):  # CLIP launched from Python
+        variants += [(label + ", text without graph", h, b, t, hg, mode) for label, h, b, t, hg, mode in variants
+                     if label.startswith("all compiled") and hg]
     for label, head, blocks, compile_text, head_graphs, graphs_mode in variants:
         for sampler_name in args.samplers.split(","):
             if sampler_name != "stable" and not (blocks or compile_text):
@@ -126,6 +129,8 @@ def time_ours(config: str, args, dev, text, ceiling) -> list:
                 sampler = sampler.with_settings(compile_head=head, head_graphs=head_graphs)
             if hasattr(text, "compile_model"):
                 text.compile_model = compile_text
+            if hasattr(text, "cuda_graph"):
+                text.cuda_graph = not label.endswith("text without graph")
             for B in batches(args):
                 prompts = [bg.CAPTIONS[i % len(bg.CAPTIONS)] for i in range(B)]
 
@@ -141,10 +146,13 @@ def time_ours(config: str, args, dev, text, ceiling) -> list:
                 row.update(compiled_decoder=bool(args.cuda_graphs and args.compile_decoder and dev.type == "cuda"),
                            compiled_text=compile_text, compiled_head=head and sampler_name == "stable",
                            head_graphs=head_graphs and sampler_name == "stable" and args.cuda_graphs,
-                           compiled_blocks=blocks, whole_graph=graphs_mode == "whole" and args.cuda_graphs)
+                           compiled_blocks=blocks, whole_graph=graphs_mode == "whole" and args.cuda_graphs,
+                           text_graph=bool(getattr(text, "cuda_graph", False) and args.cuda_graphs))
                 rows.append(row)
             if hasattr(text, "compile_model"):
                 text.compile_model = False
+            if hasattr(text, "cuda_graph"):
+                text.cuda_graph = True
     del gen, tok, samplers
     bg.free_memory(dev)
     return rows
@@ -257,6 +265,9 @@ def main(argv=None) -> None:
     ap.add_argument("--whole-graph", action="store_true",
                     help="with --cuda-graphs and several --compile-* paths: also each all-compiled row with "
                          "generate(cuda_graphs='whole') (the whole generation after the text encoding as one CUDA graph)")
+    ap.add_argument("--without-text-graph", action="store_true",
+                    help="with --cuda-graphs: also each all-compiled row with the CLIP text encoder launched from Python "
+                         "(HFTextEncoder(cuda_graph=False); by default generate(cuda_graphs=...) replays it from a graph)")
     ap.add_argument("--text", choices=("clip", "random"), default="clip")
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

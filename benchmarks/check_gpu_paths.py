@@ -56,20 +56,37 @@ def main(argv=None) -> None:
     ap.add_argument("--tolerance", type=float, default=0.05, help="largest relative difference called ok (bf16)")
     ap.add_argument("--only-head-graphs", action="store_true",
                     help="only the whole-generation row of the head steps from CUDA graphs (a short GPU run)")
+    ap.add_argument("--only-text-graph", action="store_true",
+                    help="only the rows of the text encoder (CLIP) replayed from a CUDA graph (a short GPU run)")
     ap.add_argument("--only-whole-graph", action="store_true",
                     help="only the rows of cuda_graphs='whole' against the per-step graphs (a short GPU run)")
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     workdir = tempfile.mkdtemp(prefix="check_gpu_paths_")
     rows = PrintedRows()  # each row is printed as soon as it is known (a time limit keeps what was done)
+    prompts = [bg.CAPTIONS[i] for i in range(2)]
+
+    def text_graph_rows() -> None:
+        """CLIP replayed from a CUDA graph (encode(cuda_graphs=True)) against launched, twice with new prompts."""
+        clip = text_graph_rows.clip = bg.build_text_encoder("clip", args.tiny, dev, workdir)[0]
+        for batch in (prompts, [bg.CAPTIONS[i] for i in range(2, 4)]):
+            launched, replayed = clip.encode(batch), clip.encode(batch, cuda_graphs=True)
+            same = torch.equal(launched.tokens, replayed.tokens) and torch.equal(launched.pooled, replayed.pooled)
+            rows.append(("text encoder (CLIP) from a CUDA graph: tokens and pooled equal to launched",
+                         "equal" if same else f"max rel. diff {rel_diff(launched.pooled, replayed.pooled):.2e}",
+                         same))
+        clip.release_cuda_graphs()
+
     try:
+        if args.only_text_graph:
+            text_graph_rows()
+            return
         pn = bg.TINY_P256 if args.tiny else bg.P256
         text, _ = bg.build_text_encoder("random", args.tiny, dev, workdir)
         tok = bg.build_tokenizer(args.tiny, pn, dev)
         gen = bg.build_generator("d16", args.tiny, pn, tok, text, dev).eval()
         net = gen.transformer
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
-        prompts = [bg.CAPTIONS[i] for i in range(2)]
         with torch.no_grad(), amp:
             emb = gen.text_encoder.encode(prompts).to(dev)
             kvs = net.text_kv(emb.tokens)
@@ -134,6 +151,7 @@ def main(argv=None) -> None:
         whole_graph_tokens()
         whole_graph_tokens(stable_for(gen, pn, dev).with_settings(compile_head=True))
         if args.only_whole_graph:
+            text_graph_rows()
             return
         plain, graphs = tokens(), tokens(cuda_graphs=True)
         rows.append(("cuda_graphs: tokens equal to the eager loop", f"{(plain == graphs).float().mean():.1%} equal",
@@ -190,7 +208,8 @@ def main(argv=None) -> None:
                          f"tanh GELU / exact GELU", f"{tanh_d:.2e} / {erf_d:.2e}",
                          tanh_d <= args.tolerance and (dt != torch.float32 or tanh_d < erf_d)))
 
-        clip, _ = bg.build_text_encoder("clip", args.tiny, dev, workdir)
+        text_graph_rows()
+        clip = text_graph_rows.clip
         a = clip.encode(prompts)
         clip.compile_model = True
         b = clip.encode(prompts)

@@ -47,7 +47,7 @@ def test_check_gpu_paths_agrees_on_the_cpu(capsys):
     import check_gpu_paths
     check_gpu_paths.main(["--tiny"])
     out = capsys.readouterr().out
-    assert out.count("| yes |") == 17 and "| NO |" not in out
+    assert out.count("| yes |") == 19 and "| NO |" not in out
 
 
 def test_bench_generate_compiled_variants_are_labelled_and_timed(tmp_path, capsys):

@@ -471,9 +471,9 @@ def test_whole_generation_graph_falls_back_to_the_per_scale_graphs_when_a_captur
     def failing_capture(fn, pool, generators=()):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(whole_graph, "captures_on", lambda device: True)
-    monkeypatch.setattr(whole_graph, "warm_up", lambda fn, device: fn())
-    monkeypatch.setattr(whole_graph, "capture", failing_capture)
+    monkeypatch.setattr(whole_graph.cuda_graphs, "captures_on", lambda device: True)
+    monkeypatch.setattr(whole_graph.cuda_graphs, "warm_up", lambda fn, device: fn())
+    monkeypatch.setattr(whole_graph.cuda_graphs, "capture", failing_capture)
     monkeypatch.setattr(whole_graph.torch.cuda, "graph_pool_handle", lambda: None)
     monkeypatch.setattr(whole_graph.torch.cuda, "synchronize", lambda device=None: None)
     with pytest.warns(RuntimeWarning, match="could not be captured as one CUDA graph .*not permitted"):

@@ -107,6 +107,52 @@ def test_clip_runs_without_padding_mask_same_real_tokens(clip):
     torch.testing.assert_close(out.pooled, ref.pooler_output.float(), atol=1e-5, rtol=1e-5)
 
 
+def test_clip_with_cuda_graphs_on_static_inputs_gives_the_same_embedding(clip_dir):
+    """encode(cuda_graphs=True) (what generate(cuda_graphs=...) asks): the model runs on static inputs kept per
+    input shape (a CUDA graph on a GPU, eager calls here), the same embedding, outputs not aliased between calls;
+    new weights drop the kept graphs; release_cuda_graphs frees them."""
+    enc = HFTextEncoder(clip_dir)
+    prompts = ["a cat on the mat", "dog"]
+    ref = enc.encode(prompts)
+    first = enc.encode(prompts, cuda_graphs=True)
+    assert torch.equal(ref.tokens, first.tokens) and torch.equal(ref.pooled, first.pooled)
+    second = enc.encode(["red cat", "blue dog"], cuda_graphs=True)  # same shape: the same static inputs
+    assert torch.equal(ref.tokens, first.tokens)  # the first result is a copy, not the static output
+    assert torch.equal(second.pooled, enc.encode(["red cat", "blue dog"]).pooled)
+    graphs = enc.__dict__["_graphs"]
+    assert len(graphs) == 2  # the fingerprint and one input shape
+    enc.encode(["one prompt"], cuda_graphs=True)
+    assert len(graphs) == 3
+    with torch.no_grad():
+        next(p for n, p in enc.model.named_parameters() if n.endswith("final_layer_norm.bias")).add_(0.5)
+    moved = enc.encode(prompts, cuda_graphs=True)
+    assert len(enc.__dict__["_graphs"]) == 2 and torch.equal(moved.pooled, enc.encode(prompts).pooled)
+    assert not torch.equal(moved.pooled, ref.pooled)
+    enc.release_cuda_graphs()
+    assert "_graphs" not in enc.__dict__
+
+
+def test_clip_graph_capture_failure_warns_and_runs_without(clip_dir, monkeypatch):
+    from starkit.utils import cuda_graphs
+    enc = HFTextEncoder(clip_dir)
+    ref = enc.encode(["a cat"])
+
+    def failing_capture(fn, pool, generators=()):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cuda_graphs, "captures_on", lambda device: True)
+    monkeypatch.setattr(cuda_graphs, "warm_up", lambda fn, device: fn())
+    monkeypatch.setattr(cuda_graphs, "capture", failing_capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    with pytest.warns(RuntimeWarning, match="could not be captured as a CUDA graph .*not permitted"):
+        out = enc.encode(["a cat"], cuda_graphs=True)
+    assert torch.equal(out.pooled, ref.pooled) and "not permitted" in enc.__dict__["_graph_failed"]
+    assert torch.equal(enc.encode(["a cat"], cuda_graphs=True).pooled, ref.pooled)  # no second try, no warning
+    enc.release_cuda_graphs()
+    assert "_graph_failed" not in enc.__dict__
+
+
 def test_clip_padding_on_the_left_keeps_the_mask(clip_dir):
     """Pads before the real tokens would be seen by them under the causal mask: the padding mask stays."""
     enc = HFTextEncoder(clip_dir)
@@ -168,7 +214,7 @@ def test_config_and_hparams(clip_dir):
     cfg = enc.config()
     assert cfg["class_path"] == "starkit.text.HFTextEncoder"
     assert cfg["init_args"] == {"name_or_path": clip_dir, "kind": "auto", "max_length": 20, "dtype": "bfloat16",
-                                "frozen": True, "local_files_only": True, "compile": False}
+                                "frozen": True, "local_files_only": True, "compile": False, "cuda_graph": True}
     assert next(enc.model.parameters()).dtype == torch.bfloat16
     out = enc.encode(["cat"])
     assert out.tokens.dtype == torch.float32 and out.tokens.shape == (1, 20, 32)

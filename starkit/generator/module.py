@@ -390,7 +390,8 @@ class ScaleWiseGenerator(L.LightningModule):
                 replay them from CUDA graphs (one capture per batch shape; rebuilt when the weights
                 change). On an H200, with the compiled VQ decoder, batch-1 generation took 0.041 s
                 at d16 @256 (7.7x the eager loop in the same run) and 0.34 s at d30 @1024 (2.1x);
-                docs/performance.md. The stable sampler's head steps are replayed from graphs too
+                docs/performance.md. The stable sampler's head steps and the text encoder's model
+                (:meth:`~starkit.text.TextEncoder.encode`) are replayed from graphs too
                 (:mod:`starkit.samplers.head_graphs`). The static buffers (KV caches included) stay
                 allocated between calls (:meth:`release_cuda_graphs` frees them).
                 ``"whole"``: everything after the text encoding (all scales, the sampler, the VQ decode) as one
@@ -431,9 +432,10 @@ class ScaleWiseGenerator(L.LightningModule):
         """Free what ``generate(..., cuda_graphs=True)`` keeps between calls: the CUDA graphs and their
         static buffers, KV caches included (about 70 GiB for d30 @1024 at batch 16 with guidance), the
         stable sampler head's step graphs and buffers (:mod:`starkit.samplers.head_graphs`), and the graph of
-        ``cuda_graphs="whole"`` (:mod:`starkit.generator.whole_graph`). The
+        ``cuda_graphs="whole"`` (:mod:`starkit.generator.whole_graph`), and the text encoder's graphs. The
         memory goes back to PyTorch's caching allocator; ``torch.cuda.empty_cache()`` returns it to the GPU."""
         self.__dict__.pop("_static_steps", None)
+        self.text_encoder.release_cuda_graphs()
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         prompts, seeds = list(batch["prompt"]), [int(s) for s in batch["seed"]]

@@ -21,9 +21,11 @@ def autocast_for(device: torch.device, cache_enabled: bool = True):
     return contextlib.nullcontext()
 
 
-def encode_with_guidance(text_encoder: TextEncoder, prompts: Sequence[str], guided: bool, device) -> TextEmbedding:
-    """Conditional rows first, then (when guided) the empty prompt once per row."""
-    text = text_encoder.encode(list(prompts))
+def encode_with_guidance(text_encoder: TextEncoder, prompts: Sequence[str], guided: bool, device,
+                         cuda_graphs: bool = False) -> TextEmbedding:
+    """Conditional rows first, then (when guided) the empty prompt once per row. ``cuda_graphs``: the encoder
+    may replay its model from a CUDA graph (:meth:`TextEncoder.encode`)."""
+    text = text_encoder.encode(list(prompts), cuda_graphs=cuda_graphs)
     if guided:
         empty = text_encoder.empty()
         n = len(prompts)
@@ -69,7 +71,7 @@ def run_sampling(net: ScaleTransformer, tokenizer: ScaleTokenizer, text_encoder:
         raise ValueError(f"tokenizer patch_nums {tokenizer.patch_nums} differ from the generator's {net.patch_nums}.")
     B = len(prompts)
     guided = float(getattr(sampler, "cfg", 0.0) or 0.0) > 0
-    text = encode_with_guidance(text_encoder, prompts, guided, device)
+    text = encode_with_guidance(text_encoder, prompts, guided, device, cuda_graphs=static_steps is not None)
     if whole_graph and static_steps is not None:
         from starkit.generator.whole_graph import WholeGenerationGraph
         return WholeGenerationGraph.run(static_steps, net, tokenizer, sampler, text, B, guided, seed, device, fused)

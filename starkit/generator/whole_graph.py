@@ -31,7 +31,7 @@ import torch
 from starkit.samplers import ScaleSampler
 from starkit.samplers.functional import RowGenerators
 from starkit.text import TextEmbedding
-from starkit.utils.cuda_graphs import capture, warm_up
+from starkit.utils import cuda_graphs
 from starkit.utils.inference_cache import weights_fingerprint
 
 
@@ -39,11 +39,6 @@ def sampler_settings(sampler: ScaleSampler) -> tuple:
     """The sampler's plain settings (numbers, strings, flags and None of its attributes): a capture bakes them in."""
     plain = (bool, int, float, str, type(None))
     return (type(sampler),) + tuple(sorted((k, v) for k, v in vars(sampler).items() if isinstance(v, plain)))
-
-
-def captures_on(device: torch.device) -> bool:
-    """Whether generations on ``device`` are captured (CUDA) or run eagerly on the static buffers."""
-    return device.type == "cuda"
 
 
 def seed_kind(seed) -> str:
@@ -63,7 +58,8 @@ class WholeGenerationGraph:
         self.text = TextEmbedding(text.tokens.clone(), text.mask.clone(), text.pooled.clone())
         kind = seed_kind(seed)
         self.generator: Union[None, torch.Generator, RowGenerators] = (
-            None if kind == "none" else torch.Generator(device) if kind == "one" else RowGenerators([0] * batch, device))
+            None if kind == "none" else torch.Generator(device) if kind == "one"
+            else RowGenerators([0] * batch, device))
         self.graph: Optional["torch.cuda.CUDAGraph"] = None
         self.outputs: Optional[Tuple[torch.Tensor, List[torch.Tensor]]] = None
         self.captures = 0  # how many times this key was captured (1 after the first call on CUDA)
@@ -87,7 +83,7 @@ class WholeGenerationGraph:
         try:
             return whole(text, seed)
         except Exception as err:  # noqa: BLE001  (reported, then the per-scale graphs)
-            if not captures_on(device) or whole.graph is not None:
+            if not cuda_graphs.captures_on(device) or whole.graph is not None:
                 raise
             torch.cuda.synchronize(device)
             store.clear()
@@ -110,12 +106,14 @@ class WholeGenerationGraph:
     # ------------------------------------------------------------------ one call
     def __call__(self, text: TextEmbedding, seed) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         self._set_inputs(text, seed)
-        if not captures_on(self.device):
+        if not cuda_graphs.captures_on(self.device):
             return self._loop()
         if self.graph is None:
-            warm_up(self._loop, self.device)  # compiles, casts and allocates outside the capture; draws too:
-            self._set_inputs(text, seed)      # the generators are seeded again before the capture
-            self.graph, self.outputs = capture(self._loop, torch.cuda.graph_pool_handle(), self._generators())
+            # compiles, casts and allocates outside the capture; it draws too: the generators are seeded again
+            cuda_graphs.warm_up(self._loop, self.device)
+            self._set_inputs(text, seed)
+            self.graph, self.outputs = cuda_graphs.capture(self._loop, torch.cuda.graph_pool_handle(),
+                                                           self._generators())
             self.captures += 1
             self._set_inputs(text, seed)
         self.graph.replay()

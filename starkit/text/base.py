@@ -64,12 +64,15 @@ class TextEncoder(L.LightningModule):
         super().__init__()
         self.frozen = frozen
         self._empty_cache = None
+        self._cuda_graphs = False  # set by encode() for the duration of one call
 
     def _encode(self, prompts: List[str]) -> TextEmbedding:
         raise NotImplementedError
 
-    def encode(self, prompts: Sequence[str]) -> TextEmbedding:
-        """Encode a non-empty list of prompts; the empty string "" is allowed (the guidance prompt)."""
+    def encode(self, prompts: Sequence[str], cuda_graphs: bool = False) -> TextEmbedding:
+        """Encode a non-empty list of prompts; the empty string "" is allowed (the guidance prompt).
+        ``cuda_graphs``: an encoder that can (:class:`~starkit.text.HFTextEncoder`) replays its model from a CUDA
+        graph per batch shape at inference on a GPU (what ``generate(cuda_graphs=...)`` asks); others ignore it."""
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)
@@ -78,10 +81,17 @@ class TextEncoder(L.LightningModule):
         bad = [p for p in prompts if not isinstance(p, str)]
         if bad:
             raise TypeError(f"Prompts must be strings, got {type(bad[0]).__name__}: {bad[0]!r}.")
-        if self.frozen:
-            with torch.no_grad():
-                return self._encode(prompts)
-        return self._encode(prompts)
+        self._cuda_graphs = bool(cuda_graphs)
+        try:
+            if self.frozen:
+                with torch.no_grad():
+                    return self._encode(prompts)
+            return self._encode(prompts)
+        finally:
+            self._cuda_graphs = False
+
+    def release_cuda_graphs(self) -> None:
+        """Free the CUDA graphs that ``encode(..., cuda_graphs=True)`` keeps (none in this base class)."""
 
     def empty(self) -> TextEmbedding:
         """The embedding of the empty prompt "" (for classifier-free guidance), computed once."""

@@ -80,11 +80,14 @@ class HFTextEncoder(TextEncoder):
             65 ms profiled batch-1 generation at d16 @256 on an H200). The first encode compiles, a
             second batch size once more (then the batch size is dynamic). On an H200 it bought nothing
             measurable in d30 @1024 generation nor in the d16 @256 training step (docs/performance.md).
+        cuda_graph: when generation asks for CUDA graphs (``generate(cuda_graphs=True or "whole")``), replay the
+            model from a CUDA graph per batch shape on a GPU (its ~300 kernels at one launch; batch-1 generation
+            waits for the host to launch them otherwise); False: never (for a model that cannot be captured).
     """
 
     def __init__(self, name_or_path: str, kind: str = "auto", max_length: Optional[int] = None,
                  dtype: str = "float32", frozen: bool = True, local_files_only: bool = True,
-                 compile: bool = False) -> None:
+                 compile: bool = False, cuda_graph: bool = True) -> None:
         super().__init__(frozen=frozen)
         self.save_hyperparameters()
         if kind not in _KINDS:
@@ -116,6 +119,7 @@ class HFTextEncoder(TextEncoder):
         except OSError as e:
             raise self._not_found(name_or_path, source, local_files_only, e) from e
         self.kind, self.compile_model = kind, bool(compile)  # not "compile": nn.Module.compile is a method
+        self.cuda_graph = bool(cuda_graph)
         self.model.eval()
         mcfg = self.model.config
         self.dim = int(getattr(mcfg, "hidden_size", None) or mcfg.d_model)
@@ -187,6 +191,58 @@ class HFTextEncoder(TextEncoder):
                           f"encoder {self.hparams.name_or_path!r} (warned once per encoder).",
                           PromptTruncationWarning, stacklevel=4)
 
+    def _run_model(self, model_inputs: Dict[str, torch.Tensor], device: torch.device):
+        """The model's last hidden state and pooler output (None without one); under ``encode(...,
+        cuda_graphs=True)`` on a GPU without gradients, replayed from a CUDA graph of this input shape (captured
+        at its first call, again after the weights change): CLIP's ~300 kernels at one launch instead of the
+        host's launching them one by one (batch-1 generation waits for that). A capture that fails warns once
+        and the encoder runs without graphs from then on."""
+        def forward(inputs):
+            out = self._forward_model()(**inputs)
+            return out.last_hidden_state, getattr(out, "pooler_output", None)
+
+        from starkit.utils import cuda_graphs
+        if not (self._cuda_graphs and self.cuda_graph and not torch.is_grad_enabled()
+                and not self.__dict__.get("_graph_failed")):
+            return forward(model_inputs)
+        from starkit.utils.inference_cache import weights_fingerprint
+        fingerprint = weights_fingerprint(self.model)
+        graphs = self.__dict__.setdefault("_graphs", {})
+        if graphs.get("fingerprint") != fingerprint:  # new weights: every graph captured again on demand
+            graphs.clear()
+            graphs["fingerprint"] = fingerprint
+        key = (tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(model_inputs.items())), self.compile_model,
+               torch.is_autocast_enabled(device.type), torch.is_inference_mode_enabled())
+        entry = graphs.get(key)
+        if entry is None:
+            static = {k: v.clone() for k, v in model_inputs.items()}
+            if not cuda_graphs.captures_on(device):  # the same static inputs, an eager call at each encode
+                entry = graphs[key] = (static, None, None)
+            else:
+                try:
+                    cuda_graphs.warm_up(lambda: forward(static), device)
+                    graph, outputs = cuda_graphs.capture(lambda: forward(static), torch.cuda.graph_pool_handle())
+                except Exception as err:  # noqa: BLE001  (reported, then no graphs)
+                    torch.cuda.synchronize(device)
+                    self.__dict__["_graph_failed"] = f"{type(err).__name__}: {err}"
+                    warnings.warn(f"The text encoder {type(self.model).__name__} could not be captured as a CUDA "
+                                  f"graph ({str(err)[:300]}); it runs without one from now on (release_cuda_graphs() "
+                                  f"lets it try again).", RuntimeWarning, stacklevel=5)
+                    return forward(model_inputs)
+                entry = graphs[key] = (static, graph, outputs)
+        static, graph, outputs = entry
+        for name, value in model_inputs.items():
+            static[name].copy_(value)
+        if graph is None:
+            return forward(static)
+        graph.replay()
+        return outputs
+
+    def release_cuda_graphs(self) -> None:
+        """Free the CUDA graphs of ``encode(..., cuda_graphs=True)`` (and let a failed capture be tried again)."""
+        self.__dict__.pop("_graphs", None)
+        self.__dict__.pop("_graph_failed", None)
+
     def _forward_model(self):
         """The model, or its ``torch.compile`` wrapper (kept outside the registered modules, so the
         state dict and checkpoints do not change) when ``compile`` is on and gradients are off."""
@@ -215,11 +271,11 @@ class HFTextEncoder(TextEncoder):
             del model_inputs["attention_mask"]
         from starkit.utils.compiling import compile_errors_named
         with compile_errors_named(f"the text encoder {type(self.model).__name__}", "HFTextEncoder(compile=False)"):
-            out = self._forward_model()(**model_inputs)
-        tokens = out.last_hidden_state.float()  # (B, T, D)
+            last, pooler = self._run_model(model_inputs, device)
+        tokens = last.to(torch.float32, copy=True)  # (B, T, D); a copy: a graph's next replay overwrites its outputs
         mask = inputs["attention_mask"].bool()  # (B, T)
         if self.kind == "clip":
-            pooled = out.pooler_output.float()  # (B, D): the features at the end-of-text token
+            pooled = pooler.to(torch.float32, copy=True)  # (B, D): the features at the end-of-text token
         else:
             pooled = _masked_mean(tokens, mask)  # (B, D)
         return TextEmbedding(tokens, mask, pooled)

@@ -8,6 +8,12 @@ from typing import Any, Callable, Sequence, Tuple
 import torch
 
 
+def captures_on(device: torch.device) -> bool:
+    """Whether work on ``device`` is captured into CUDA graphs (CUDA) or runs eagerly on the same static buffers
+    (elsewhere; what the CPU tests check)."""
+    return device.type == "cuda"
+
+
 def warm_up(fn: Callable[[], Any], device: torch.device) -> Any:
     """``fn()`` on a side stream, ordered after and before the current stream's work: compilation, lazy
     initialisation, the allocator's first blocks and cached weight casts happen here, not in a capture."""
@@ -19,7 +25,8 @@ def warm_up(fn: Callable[[], Any], device: torch.device) -> Any:
     return out
 
 
-def capture(fn: Callable[[], Any], pool, generators: Sequence[torch.Generator] = ()) -> Tuple["torch.cuda.CUDAGraph", Any]:
+def capture(fn: Callable[[], Any], pool,
+            generators: Sequence[torch.Generator] = ()) -> Tuple["torch.cuda.CUDAGraph", Any]:
     """A CUDA graph of ``fn()`` in the memory pool ``pool`` (graphs replayed one at a time may share one) and
     the output tensors of the captured call, which each replay overwrites. ``generators``: CUDA generators
     that ``fn`` draws from besides the default one; registered with the graph, a replay draws from their
