@@ -16,7 +16,7 @@
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
-store="$root/.commits"
+store="${COMPARE_COMMITS_DIR:-$root/.commits}"  # where the trees go (carry it; tests use another folder)
 
 case "${1:-}" in
   prepare)

@@ -134,3 +134,18 @@ def test_profile_generate_per_scale_tiny(capsys):
     K = len(profile_generate.TINY_PATCH_NUMS["d16@256"])
     assert f"| {K} | - |" in out and f"| {K - 1} |" in out
     assert "First to last event of a call:" in out
+
+
+def test_compare_commits_times_each_prepared_tree(tmp_path):
+    """benchmarks/compare_commits.sh: trees of two commits (here HEAD twice: a clone may be shallow) exported, bench_generate.py of each run with its own
+    library, one table of both (tiny CPU run)."""
+    import subprocess
+    script = os.path.join(REPO, "benchmarks", "compare_commits.sh")
+    env = {**os.environ, "COMPARE_COMMITS_DIR": str(tmp_path / "trees"), "OMP_NUM_THREADS": "1"}
+    subprocess.run(["bash", script, "prepare", "HEAD", "HEAD"], cwd=REPO, env=env, check=True, capture_output=True)
+    assert len(os.listdir(tmp_path / "trees")) == 2
+    out = subprocess.run(["bash", script, "run", str(tmp_path / "out"), "--", "--tiny", "--configs", "d16@256",
+                          "--batches", "1", "--samplers", "parallel", "--warmup", "0", "--repeats", "1", "--text",
+                          "random"], cwd=REPO, env=env, check=True, capture_output=True, text=True).stdout
+    table = [line for line in out.splitlines() if line.startswith("| 0-") or line.startswith("| 1-")]
+    assert len(table) == 2 and all("| starkit | d16@256 | parallel | 1 |" in line for line in table)

@@ -51,8 +51,8 @@ def test_cfg_uses_the_empty_prompt_in_the_same_batch(tiny_generator, monkeypatch
     seen = {}
     real = sampling.encode_with_guidance
 
-    def spy(text_encoder, prompts, guided, device):
-        out = real(text_encoder, prompts, guided, device)
+    def spy(text_encoder, prompts, guided, device, **kwargs):
+        out = real(text_encoder, prompts, guided, device, **kwargs)
         seen["rows"], seen["uncond"] = out.pooled.shape[0], out[len(prompts):]
         return out
 
