@@ -179,9 +179,9 @@ def test_teacher_forced_pass_runs_with_per_block_fsdp_units(tmp_path):
 
 
 def test_fsdp_strategy_needs_cuda_with_a_clear_error():
-    """torch's FSDP (FSDP1, what Lightning's FSDPStrategy wraps) refuses the CPU ("FSDP needs a
-    non-CPU accelerator device"), and Lightning refuses FSDPStrategy with accelerator='cpu'; so
-    FSDP training itself cannot run here. BlockFSDPStrategy says so before any work."""
+    """Lightning refuses FSDPStrategy with accelerator='cpu' (torch's FSDP1 runs on the CPU only when given
+    device_id=cpu, which Lightning does not do), so FSDP training through the Trainer cannot run here.
+    BlockFSDPStrategy says so before any work."""
     from starkit.generator.distributed import BlockFSDPStrategy
     trainer = L.Trainer(accelerator="cpu", devices=1, strategy=BlockFSDPStrategy(), max_steps=1, logger=False,
                         enable_progress_bar=False)
@@ -235,7 +235,7 @@ def test_ema_update_matches_plain_lerp_and_refuses_mismatched_shards():
 
 
 # ---------------------------------------------------------------- FSDP on GPUs (skipped on CPU)
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP needs >= 2 CUDA GPUs (torch's FSDP refuses the CPU)")
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="BlockFSDPStrategy needs >= 2 CUDA GPUs (Lightning refuses FSDP on the CPU)")
 def test_fsdp_two_gpus_sharded_checkpoint_ema_export(tmp_path):
     """BlockFSDPStrategy on 2 GPUs: per-Block wrapping (EMA blocks too), per-Block activation
     checkpointing, bf16; with ema_decay=0 the EMA must equal the transformer exactly after each

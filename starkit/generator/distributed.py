@@ -130,7 +130,7 @@ class BlockFSDPStrategy(FSDPStrategy):
 
     def setup_environment(self) -> None:
         if self.root_device.type != "cuda":
-            raise ValueError("BlockFSDPStrategy (FSDP) needs CUDA GPUs (torch's FSDP refuses the CPU); on a CPU use "
+            raise ValueError("BlockFSDPStrategy (FSDP) needs CUDA GPUs (Lightning runs FSDP on GPUs only); on a CPU use "
                              "strategy: ddp, or strategy: auto for one process.")
         super().setup_environment()
 
