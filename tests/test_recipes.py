@@ -45,7 +45,7 @@ def test_training_recipe_runs_a_step_on_cpu(recipe, tmp_path):
 @pytest.mark.parametrize("recipe", [p for p in RECIPES if family(p)[0] == "predict"], ids=lambda p: family(p)[1])
 def test_predict_recipe_writes_images(recipe, tmp_path, tiny_model_dir):
     out = tmp_path / "out"
-    fast = ["--model.init_args.cuda_graphs=true", "--model.init_args.compile_blocks=true"] if "tiny" in recipe else []
+    fast = ["--model.init_args.cuda_graphs=whole", "--model.init_args.compile_blocks=true"] if "tiny" in recipe else []
     main(["predict", "--config", recipe, f"--model.init_args.path={tiny_model_dir}", "--trainer.accelerator=cpu", *fast,
           "--trainer.precision=32-true", "--data.init_args.prompt_file=null",
           '--data.init_args.prompts=["a red circle", "two blue squares"]', "--data.init_args.num_images_per_prompt=1",
@@ -61,3 +61,17 @@ def test_pretrained_generator_passes_its_generate_options_to_prediction(tiny_mod
     plain = _load_pretrained(tiny_model_dir)
     assert plain.predict_options == {"cuda_graphs": False, "compile_blocks": False}
     assert torch.equal(plain.predict_step({"prompt": ["a red circle"], "seed": [3]}, 0)["images"], out["images"])
+
+
+def test_pretrained_generator_accepts_the_whole_generation_graph(tiny_model_dir):
+    """cuda_graphs: whole (YAML) predicts through WholeGenerationGraph with the per-step path's images; a wrong
+    value is refused with the accepted ones named."""
+    from starkit.pipeline import _load_pretrained
+    whole = _load_pretrained(tiny_model_dir, cuda_graphs="whole")
+    out = whole.predict_step({"prompt": ["a red circle", "two blue squares"], "seed": [3, 4]}, 0)
+    assert "whole" in whole.__dict__["_static_steps"]
+    steps = _load_pretrained(tiny_model_dir, cuda_graphs=True)
+    assert torch.equal(steps.predict_step({"prompt": ["a red circle", "two blue squares"], "seed": [3, 4]}, 0)["images"],
+                       out["images"])
+    with pytest.raises(ValueError, match="cuda_graphs must be false, true .* or 'whole'"):
+        _load_pretrained(tiny_model_dir, cuda_graphs="all")
