@@ -6,7 +6,7 @@
 #   bash benchmarks/compare_commits.sh run $OUT -- --configs d16@256 --batches 1 --cuda-graphs --skip-eager \
 #       --compile-decoder --compile-blocks --compile-text --samplers parallel --warmup 2 --repeats 5 --only-all-compiled
 #
-# `prepare` writes each commit's tree (git archive, no history) to .commits/<n>-<sha> (git-ignored;
+# `prepare` writes each commit's tree (git archive, no history) to .commits/<nn>-<sha> (git-ignored;
 # carry ".commits" in the device call); `run` runs benchmarks/bench_generate.py of each tree with that tree
 # first on PYTHONPATH (its own library and its own benchmark script), in the order prepared, writes
 # $OUT/commit-<n>-<sha>.json and .log, and prints one table of every row last. Arguments after `--` go to
@@ -25,7 +25,7 @@ case "${1:-}" in
     n=0
     for rev in "$@"; do
       sha=$(git -C "$root" rev-parse --short "$rev") || exit 1
-      dir="$store/$n-$sha"
+      dir="$store/$(printf %02d $n)-$sha"  # zero-padded: the run order is the glob's
       mkdir -p "$dir" && git -C "$root" archive "$sha" starkit benchmarks | tar -x -C "$dir" || exit 1
       echo "$dir"
       n=$((n + 1))

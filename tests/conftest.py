@@ -59,3 +59,45 @@ def tiny_model_dir(tmp_path_factory):
           "--data.init_args.num_train=32", "--data.init_args.num_val=4", "--trainer.logger=false"])
     ckpt = sorted(_glob.glob(str(root / "**" / "last.ckpt"), recursive=True))[0]
     return export_checkpoint(ckpt, str(root / "model"))
+
+
+class ReplayingGraph:
+    """A stand-in for ``torch.cuda.CUDAGraph`` on the CPU: ``replay()`` runs the captured function again and copies
+    its results into the outputs of the "capture", as a real replay overwrites them (tests of aliasing)."""
+
+    def __init__(self, fn):
+        self.fn, self.replays = fn, 0
+
+    def replay(self):
+        self.replays += 1
+        _copy_into(self.outputs, self.fn())
+
+
+def _copy_into(dst, src):
+    if isinstance(dst, torch.Tensor):
+        dst.copy_(src)
+    elif isinstance(dst, (tuple, list)):
+        for d, s in zip(dst, src):
+            _copy_into(d, s)
+
+
+def fake_cuda_graphs(monkeypatch):
+    """starkit.utils.cuda_graphs captures on the CPU as if on a GPU, with :class:`ReplayingGraph` graphs. As a
+    real capture, the fake one leaves the default generator where it was (it records draws, it makes none); the
+    CUDA generator-state calls act on the CPU's default generator."""
+    from starkit.utils import cuda_graphs
+
+    def capture(fn, pool, generators=()):
+        graph = ReplayingGraph(fn)
+        state = torch.get_rng_state()
+        graph.outputs = fn()
+        torch.set_rng_state(state)
+        return graph, graph.outputs
+
+    monkeypatch.setattr(cuda_graphs, "captures_on", lambda device: True)
+    monkeypatch.setattr(cuda_graphs, "warm_up", lambda fn, device: fn())
+    monkeypatch.setattr(cuda_graphs, "capture", capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: torch.get_rng_state())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=None: torch.set_rng_state(state))

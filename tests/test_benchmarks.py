@@ -147,5 +147,5 @@ def test_compare_commits_times_each_prepared_tree(tmp_path):
     out = subprocess.run(["bash", script, "run", str(tmp_path / "out"), "--", "--tiny", "--configs", "d16@256",
                           "--batches", "1", "--samplers", "parallel", "--warmup", "0", "--repeats", "1", "--text",
                           "random"], cwd=REPO, env=env, check=True, capture_output=True, text=True).stdout
-    table = [line for line in out.splitlines() if line.startswith("| 0-") or line.startswith("| 1-")]
+    table = [line for line in out.splitlines() if line.startswith("| 00-") or line.startswith("| 01-")]
     assert len(table) == 2 and all("| starkit | d16@256 | parallel | 1 |" in line for line in table)

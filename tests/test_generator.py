@@ -452,13 +452,38 @@ def test_whole_generation_graph_generates_the_same_images(cfg):
         gen.generate(prompts, cuda_graphs="all")
 
 
-def test_whole_generation_graph_without_a_seed_draws_from_the_default_generator():
-    """seed=None: the default generator (PyTorch registers it with every capture), like the plain loop."""
+def test_whole_generation_graph_returns_copies_and_rekeys_on_any_setting(monkeypatch):
+    """With replays that overwrite the graph's outputs (a CPU stand-in for CUDA graphs): an earlier call's images
+    are not changed by the next replay, each seed gives the plain loop's images, and settings of any type
+    (NumPy numbers here) are part of the key: a changed one captures again instead of replaying the old one."""
+    import numpy as np
+    from conftest import fake_cuda_graphs
+    fake_cuda_graphs(monkeypatch)
+    gen = make_tiny_generator().eval()
+    prompts = ["a red circle", "two blue squares"]
+    a = gen.generate(prompts, seed=1, cfg=2.0, cuda_graphs="whole")
+    whole = gen._static_steps["whole"]
+    b = gen.generate(prompts, seed=2, cfg=2.0, cuda_graphs="whole")
+    assert gen._static_steps["whole"] is whole and whole.captures == 1 and whole.graph.replays == 2
+    assert torch.equal(a, gen.generate(prompts, seed=1, cfg=2.0)) and torch.equal(b, gen.generate(prompts, seed=2, cfg=2.0))
+    assert not torch.equal(a, b)
+    for top_k in (np.int64(1), np.int64(5)):
+        got = gen.generate(prompts, seed=1, cfg=np.float32(2.0), top_k=top_k, cuda_graphs="whole")
+        assert torch.equal(got, gen.generate(prompts, seed=1, cfg=2.0, top_k=int(top_k)))
+
+
+@pytest.mark.parametrize("captured", [False, True])
+def test_whole_generation_graph_without_a_seed_draws_from_the_default_generator(captured, monkeypatch):
+    """seed=None: the default generator (PyTorch registers it with every capture), like the plain loop, also at
+    the call that captures (its warm-up draws are undone: a CPU stand-in for the capture, ``captured``)."""
+    if captured:
+        from conftest import fake_cuda_graphs
+        fake_cuda_graphs(monkeypatch)
     gen = make_tiny_generator().eval()
     torch.manual_seed(3)
-    ref = gen.generate(["a red circle"], cfg=2.0)
+    ref = [gen.generate(["a red circle"], cfg=2.0) for _ in range(2)]
     torch.manual_seed(3)
-    assert torch.equal(ref, gen.generate(["a red circle"], cfg=2.0, cuda_graphs="whole"))
+    assert all(torch.equal(r, gen.generate(["a red circle"], cfg=2.0, cuda_graphs="whole")) for r in ref)
 
 
 def test_whole_generation_graph_falls_back_to_the_per_scale_graphs_when_a_capture_fails(monkeypatch):

@@ -132,6 +132,20 @@ def test_clip_with_cuda_graphs_on_static_inputs_gives_the_same_embedding(clip_di
     assert "_graphs" not in enc.__dict__
 
 
+def test_clip_graph_outputs_are_copied_before_the_next_replay(clip_dir, monkeypatch):
+    """With replays that overwrite the graph's outputs (a CPU stand-in): an earlier embedding is not changed by the
+    next encode of the same shape."""
+    from conftest import fake_cuda_graphs
+    fake_cuda_graphs(monkeypatch)
+    enc = HFTextEncoder(clip_dir)
+    first = enc.encode(["a cat on the mat", "dog"], cuda_graphs=True)
+    kept = (first.tokens.clone(), first.pooled.clone())
+    second = enc.encode(["red cat", "blue dog"], cuda_graphs=True)
+    assert torch.equal(first.tokens, kept[0]) and torch.equal(first.pooled, kept[1])
+    assert torch.equal(second.pooled, enc.encode(["red cat", "blue dog"]).pooled)
+    assert not torch.equal(first.pooled, second.pooled)
+
+
 def test_clip_graph_capture_failure_warns_and_runs_without(clip_dir, monkeypatch):
     from starkit.utils import cuda_graphs
     enc = HFTextEncoder(clip_dir)

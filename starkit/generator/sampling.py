@@ -25,7 +25,8 @@ def encode_with_guidance(text_encoder: TextEncoder, prompts: Sequence[str], guid
                          cuda_graphs: bool = False) -> TextEmbedding:
     """Conditional rows first, then (when guided) the empty prompt once per row. ``cuda_graphs``: the encoder
     may replay its model from a CUDA graph (:meth:`TextEncoder.encode`)."""
-    text = text_encoder.encode(list(prompts), cuda_graphs=cuda_graphs)
+    # the keyword only when asked: a text encoder of one's own may override encode(prompts) without it
+    text = text_encoder.encode(list(prompts), cuda_graphs=True) if cuda_graphs else text_encoder.encode(list(prompts))
     if guided:
         empty = text_encoder.empty()
         n = len(prompts)

@@ -17,14 +17,18 @@ mode. A call with another key captures again, replacing the old graph. The first
 runs the loop once to warm up (compilation, cached weight casts), captures, then replays.
 
 Off CUDA the same static buffers and re-seeded generators serve an eager run of the loop (what
-the CPU tests check). If a capture fails (an operation that cannot be captured, e.g. a host
+the CPU tests check; a CPU stand-in for the capture checks that outputs are copied and settings
+re-keyed). If the capture itself fails (an operation that cannot be captured, e.g. a host
 synchronisation in a custom sampler), the call warns once, names the cause and continues with the
-per-scale graphs.
+per-scale graphs; other errors (out of memory, a bug in the warm-up run) propagate. The warm-up's
+buffers are returned to the GPU before the capture allocates its own (no double peak); the graph's
+memory pool then keeps the whole generation's buffers until the next capture or ``release_cuda_graphs()``.
 """
 from __future__ import annotations
 
+import numbers
 import warnings
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -35,10 +39,41 @@ from starkit.utils import cuda_graphs
 from starkit.utils.inference_cache import weights_fingerprint
 
 
+def _setting_key(value: Any) -> Any:
+    """A comparable stand-in for one setting: numbers by value (NumPy and 0-d tensor ones too), sequences and
+    dicts item by item, tensors by storage, version and (small CPU ones) values, anything else by identity."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Number):
+        return (type(value).__name__, value.item() if hasattr(value, "item") else value)
+    if isinstance(value, torch.Tensor):
+        values = tuple(value.flatten().tolist()) if value.device.type == "cpu" and value.numel() <= 64 else None
+        return ("tensor", value.data_ptr(), value._version, tuple(value.shape), value.dtype, values)
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__,) + tuple(_setting_key(v) for v in value)
+    if isinstance(value, dict):
+        return ("dict",) + tuple(sorted((str(k), _setting_key(v)) for k, v in value.items()))
+    return ("id", id(value))
+
+
 def sampler_settings(sampler: ScaleSampler) -> tuple:
-    """The sampler's plain settings (numbers, strings, flags and None of its attributes): a capture bakes them in."""
+    """What a capture bakes in of the sampler besides its weights: its public attributes (the settings, of any
+    type: numbers, NumPy or tensor scalars, sequences, callables by identity) and its private plain ones (flags,
+    numbers, strings); sub-modules are covered by the weights' fingerprint."""
     plain = (bool, int, float, str, type(None))
-    return (type(sampler),) + tuple(sorted((k, v) for k, v in vars(sampler).items() if isinstance(v, plain)))
+    items = []
+    for name, value in vars(sampler).items():
+        if isinstance(value, torch.nn.Module):
+            continue
+        if not name.startswith("_"):
+            items.append((name, _setting_key(value)))
+        elif isinstance(value, plain):
+            items.append((name, value))
+    return (type(sampler),) + tuple(sorted(items, key=lambda item: item[0]))
+
+
+class CaptureFailed(RuntimeError):
+    """The capture of a whole generation failed (an operation that cannot be captured); ``__cause__`` says why."""
 
 
 def seed_kind(seed) -> str:
@@ -82,9 +117,8 @@ class WholeGenerationGraph:
             whole = store["whole"] = cls(parts, key, text, batch, guided, seed, device, fused)
         try:
             return whole(text, seed)
-        except Exception as err:  # noqa: BLE001  (reported, then the per-scale graphs)
-            if not cuda_graphs.captures_on(device) or whole.graph is not None:
-                raise
+        except CaptureFailed as failed:  # reported, then the per-scale graphs (other errors propagate)
+            err = failed.__cause__
             torch.cuda.synchronize(device)
             store.clear()
             store["whole_failed"] = f"{type(err).__name__}: {err}"
@@ -109,11 +143,21 @@ class WholeGenerationGraph:
         if not cuda_graphs.captures_on(self.device):
             return self._loop()
         if self.graph is None:
-            # compiles, casts and allocates outside the capture; it draws too: the generators are seeded again
+            # compiles, casts and allocates outside the capture. It draws too: the call's generators are seeded
+            # again, and the default generator (seed None) is put back where the call found it.
+            default_state = torch.cuda.get_rng_state(self.device) if self.generator is None else None
             cuda_graphs.warm_up(self._loop, self.device)
+            if default_state is not None:
+                torch.cuda.set_rng_state(default_state, self.device)
             self._set_inputs(text, seed)
-            self.graph, self.outputs = cuda_graphs.capture(self._loop, torch.cuda.graph_pool_handle(),
-                                                           self._generators())
+            # the warm-up's buffers (KV caches, ...) go back to the GPU: the capture allocates its own in a private
+            # pool, and both at once could double the peak (~70 GiB of KV cache at d30 @1024, batch 16)
+            torch.cuda.empty_cache()
+            try:
+                self.graph, self.outputs = cuda_graphs.capture(self._loop, torch.cuda.graph_pool_handle(),
+                                                               self._generators())
+            except Exception as err:  # noqa: BLE001
+                raise CaptureFailed(str(err)) from err
             self.captures += 1
             self._set_inputs(text, seed)
         self.graph.replay()

@@ -81,14 +81,14 @@ class TextEncoder(L.LightningModule):
         bad = [p for p in prompts if not isinstance(p, str)]
         if bad:
             raise TypeError(f"Prompts must be strings, got {type(bad[0]).__name__}: {bad[0]!r}.")
-        self._cuda_graphs = bool(cuda_graphs)
+        previous, self._cuda_graphs = self._cuda_graphs, bool(cuda_graphs)  # (not thread-safe, as generation)
         try:
             if self.frozen:
                 with torch.no_grad():
                     return self._encode(prompts)
             return self._encode(prompts)
         finally:
-            self._cuda_graphs = False
+            self._cuda_graphs = previous
 
     def release_cuda_graphs(self) -> None:
         """Free the CUDA graphs that ``encode(..., cuda_graphs=True)`` keeps (none in this base class)."""

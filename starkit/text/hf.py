@@ -191,6 +191,10 @@ class HFTextEncoder(TextEncoder):
                           f"encoder {self.hparams.name_or_path!r} (warned once per encoder).",
                           PromptTruncationWarning, stacklevel=4)
 
+    #: input shapes whose CUDA graphs are kept (the least recently used beyond that are dropped): CLIP pads to
+    #: max_length (one shape per batch size); other kinds pad to the longest prompt, a shape per length
+    GRAPHS_KEPT = 8
+
     def _run_model(self, model_inputs: Dict[str, torch.Tensor], device: torch.device):
         """The model's last hidden state and pooler output (None without one); under ``encode(...,
         cuda_graphs=True)`` on a GPU without gradients, replayed from a CUDA graph of this input shape (captured
@@ -211,16 +215,17 @@ class HFTextEncoder(TextEncoder):
         if graphs.get("fingerprint") != fingerprint:  # new weights: every graph captured again on demand
             graphs.clear()
             graphs["fingerprint"] = fingerprint
+        autocast = torch.is_autocast_enabled(device.type)
         key = (tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(model_inputs.items())), self.compile_model,
-               torch.is_autocast_enabled(device.type), torch.is_inference_mode_enabled())
-        entry = graphs.get(key)
+               torch.get_autocast_dtype(device.type) if autocast else None, torch.is_inference_mode_enabled())
+        entry = graphs.pop(key, None)
         if entry is None:
             static = {k: v.clone() for k, v in model_inputs.items()}
             if not cuda_graphs.captures_on(device):  # the same static inputs, an eager call at each encode
-                entry = graphs[key] = (static, None, None)
+                entry = (static, None, None)
             else:
+                cuda_graphs.warm_up(lambda: forward(static), device)  # compiles (an error here is the model's)
                 try:
-                    cuda_graphs.warm_up(lambda: forward(static), device)
                     graph, outputs = cuda_graphs.capture(lambda: forward(static), torch.cuda.graph_pool_handle())
                 except Exception as err:  # noqa: BLE001  (reported, then no graphs)
                     torch.cuda.synchronize(device)
@@ -229,7 +234,10 @@ class HFTextEncoder(TextEncoder):
                                   f"graph ({str(err)[:300]}); it runs without one from now on (release_cuda_graphs() "
                                   f"lets it try again).", RuntimeWarning, stacklevel=5)
                     return forward(model_inputs)
-                entry = graphs[key] = (static, graph, outputs)
+                entry = (static, graph, outputs)
+        graphs[key] = entry  # the most recently used last: beyond GRAPHS_KEPT shapes the oldest graph is dropped
+        while len(graphs) > self.GRAPHS_KEPT + 1:  # (+1: the fingerprint entry, first)
+            graphs.pop(next(k for k in graphs if k != "fingerprint"))
         static, graph, outputs = entry
         for name, value in model_inputs.items():
             static[name].copy_(value)
