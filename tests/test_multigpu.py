@@ -118,6 +118,25 @@ def test_two_process_predict_writes_each_image_once(ddp_run, tmp_path):
 
 
 # ---------------------------------------------------------------- FSDP logic without a GPU
+def _fsdp_batch() -> dict:
+    return {"image": torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1,
+            "caption": ["a red square", "two blue circles"]}
+
+
+def _loss_and_grad_norms(gen, grad_of) -> dict:
+    """{checkpointing: (loss, norm of grad_of()'s gradient)} of one teacher-forced pass without and with
+    activation checkpointing."""
+    result = {}
+    for checkpointing in (False, True):
+        gen.transformer.activation_checkpointing = checkpointing
+        gen.zero_grad(set_to_none=True)
+        torch.manual_seed(2)
+        loss = gen._loss(_fsdp_batch(), "train")
+        loss.backward()
+        result[str(checkpointing)] = (loss.item(), grad_of().norm().item())
+    return result
+
+
 def _fsdp_blocks_worker(rank: int, port: int, out_dir: str) -> None:
     """One of 2 gloo processes: the tiny generator with every Block an FSDP unit (1-D shards
     outside the unit's own call), loss and gradients with and without activation checkpointing."""
@@ -131,19 +150,12 @@ def _fsdp_blocks_worker(rank: int, port: int, out_dir: str) -> None:
         blocks = gen.transformer.blocks
         for i in range(len(blocks)):
             blocks[i] = FSDP(blocks[i], use_orig_params=True, device_id=torch.device("cpu"))
-        batch = {"image": torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1,
-                 "caption": ["a red square", "two blue circles"]}
-        result = {}
-        for checkpointing in (False, True):
-            gen.transformer.activation_checkpointing = checkpointing
-            gen.zero_grad(set_to_none=True)
-            torch.manual_seed(2)
-            loss = gen._loss(batch, "train")
-            loss.backward()
+
+        def full_grad():
             with FSDP.summon_full_params(blocks[0], with_grads=True):
-                grad = blocks[0].cross_attn.mat_kv.weight.grad.clone()
-            result[str(checkpointing)] = (loss.item(), grad.norm().item())
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+                return blocks[0].cross_attn.mat_kv.weight.grad.clone()
+
+        torch.save(_loss_and_grad_norms(gen, full_grad), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -162,20 +174,12 @@ def test_teacher_forced_pass_runs_with_per_block_fsdp_units(tmp_path):
     mp.spawn(_fsdp_blocks_worker, args=(port, str(tmp_path)), nprocs=2)
     torch.manual_seed(0)
     gen = make_tiny_generator()
-    batch = {"image": torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1,
-             "caption": ["a red square", "two blue circles"]}
+    want = _loss_and_grad_norms(gen, lambda: gen.transformer.blocks[0].cross_attn.mat_kv.weight.grad)
     for rank in range(2):
-        result = torch.load(tmp_path / f"rank{rank}.pt")
-        for checkpointing in (False, True):
-            gen.transformer.activation_checkpointing = checkpointing
-            gen.zero_grad(set_to_none=True)
-            torch.manual_seed(2)
-            loss = gen._loss(batch, "train")
-            loss.backward()
-            grad = gen.transformer.blocks[0].cross_attn.mat_kv.weight.grad
-            got_loss, got_grad = result[str(checkpointing)]
-            assert got_loss == pytest.approx(loss.item(), rel=1e-5)
-            assert got_grad == pytest.approx(grad.norm().item(), rel=1e-4)
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for checkpointing, (loss, grad) in want.items():
+            assert got[checkpointing][0] == pytest.approx(loss, rel=1e-5)
+            assert got[checkpointing][1] == pytest.approx(grad, rel=1e-4)
 
 
 def test_fsdp_strategy_needs_cuda_with_a_clear_error():
