@@ -116,7 +116,7 @@ def worker(args) -> None:
 def run_one(args, config: str, strategy: str, devices: int, batch: int, tmp: str) -> dict:
     base = {"config": config, "strategy": strategy, "gpus": devices, "batch_per_gpu": batch}
     if strategy == "fsdp" and (args.tiny or not torch.cuda.is_available()):
-        return {**base, "error": "skipped: torch's FSDP needs CUDA GPUs"}
+        return {**base, "error": "skipped: Lightning's FSDP needs CUDA GPUs"}
     out = os.path.join(tmp, f"{config}-{strategy}-{devices}".replace("@", "_"))
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--config", config, "--strategy", strategy,
            "--devices", str(devices), "--batch", str(batch), "--steps", str(args.steps), "--warmup", str(args.warmup),

@@ -27,6 +27,9 @@
 #               default list)
 #   kernels   : benchmarks/bench_kernels.py, fc1 with GELU in the epilogue and the decoder's conv_out as tap_conv3x3
 #               against what they replaced (not in the default list)
+#   multigpu  : on a machine with 2+ GPUs (nvidia-h200-x2): the 2-GPU FSDP test, then benchmarks/bench_multigpu.py
+#               d30 @256 (single, DDP, FSDP; ~6 min on 2 H200s); MULTIGPU_CONFIGS=d30@1024 in a second call (token dropping):
+#               run it alone (not in the default list)
 # Pick stages with STAGES="train tokenizer" (default: check generate, 510 s of limits: a device call runs 600 s at
 # most, so keep the sum of the chosen stages' limits below that); *_LIMIT variables set time limits.
 # Narrower runs: T1024_COMPILE=on (compiled rows only), SMALL_CONFIGS=d16@256, SMALL_ARGS / GENERATE_ARGS add
@@ -112,8 +115,16 @@ for stage in $stages; do
       layouts_args=(--dynamic --json "$out/layouts.json")
       [ -n "${TINY:-}" ] && layouts_args+=(--tiny)
       run layouts "${LAYOUTS_LIMIT:-150}" python "$here/bench_attention_layouts.py" "${layouts_args[@]}" ;;
+    multigpu)
+      if [ -n "${TINY:-}" ]; then
+        run multigpu "${MULTIGPU_LIMIT:-300}" python "$here/bench_multigpu.py" --tiny --gpus 2 --out "$out/multigpu.json"
+      else
+        run multigpu_fsdp_test 150 python -m pytest -q tests/test_multigpu.py -k "fsdp_two_gpus or per_block"
+        run multigpu "${MULTIGPU_LIMIT:-400}" python "$here/bench_multigpu.py" --configs "${MULTIGPU_CONFIGS:-d30@256}" \
+          --steps 5 --warmup 2 --timeout 140 --out "$out/multigpu.json"
+      fi ;;
     *) echo "unknown stage $stage (check, train, train_d30, train_tokens, train_images, train_1024, tokenizer, generate," \
-            "generate_small, attention, syncs, fp8, kernels, layouts, profile)" >&2 ;;
+            "generate_small, attention, syncs, fp8, kernels, layouts, profile, multigpu)" >&2 ;;
   esac
 done
 echo

@@ -149,3 +149,18 @@ def test_compare_commits_times_each_prepared_tree(tmp_path):
                           "random"], cwd=REPO, env=env, check=True, capture_output=True, text=True).stdout
     table = [line for line in out.splitlines() if line.startswith("| 00-") or line.startswith("| 01-")]
     assert len(table) == 2 and all("| starkit | d16@256 | parallel | 1 |" in line for line in table)
+
+
+def test_speed_suite_multigpu_stage_runs_the_multigpu_benchmark(tmp_path):
+    """The suite's multigpu stage (for a 2-GPU machine) on the CPU: bench_multigpu.py --tiny, 1 process and DDP over
+    2 gloo processes for both configs, FSDP rows saying why they are skipped, the table in the summary."""
+    import subprocess
+    env = dict(os.environ, TINY="1", STAGES="multigpu")
+    result = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "speed_suite.sh"), str(tmp_path)],
+                            capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert result.returncode == 0 and "multigpu exit 0" in result.stdout, result.stdout[-2000:]
+    rows = json.loads((tmp_path / "multigpu.json").read_text())["rows"]
+    done = {(r["config"], r["strategy"]) for r in rows if "step_s" in r}
+    assert done == {(c, s) for c in ("d30@256", "d30@1024") for s in ("single", "ddp")}
+    assert all("needs CUDA" in r["error"] for r in rows if r["strategy"] == "fsdp")
+    assert "| d30@256 | ddp | 2 | 2 |" in result.stdout
