@@ -397,7 +397,8 @@ class ScaleWiseGenerator(L.LightningModule):
                 ``"whole"``: everything after the text encoding (all scales, the sampler, the VQ decode) as one
                 CUDA graph per batch shape, sampler settings and weights (:mod:`starkit.generator.whole_graph`;
                 the same seed gives the same images as the per-step graphs); for small models at batch 1,
-                where launching the sampler's and tokenizer's kernels from Python is most of the time.
+                where launching the sampler's and tokenizer's kernels from Python is most of the time. One
+                graph is kept: alternating batch shapes capture again at each change.
             compile_blocks: run each block's element-wise work (LayerNorms, QK-norm, rotary, GELU,
                 residuals) as ``torch.compile``'d regions between the matrix products and attentions
                 (:mod:`starkit.generator.fused`; the first call compiles), in the transformer and in

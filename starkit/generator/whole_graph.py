@@ -13,8 +13,10 @@ call re-seeds, so a seed gives the same draws as the loop without the graph. Wha
 baked in is the key of the graph: the transformer, tokenizer and sampler objects and their
 weights' versions (an optimizer step or a load re-captures), the sampler's settings, the batch
 shape, guidance, the kind of seed (none, one, one per image), ``compile_blocks``, and inference
-mode. A call with another key captures again, replacing the old graph. The first call of a key
-runs the loop once to warm up (compilation, cached weight casts), captures, then replays.
+mode. A call with another key captures again, replacing the old graph (one graph is kept: calls that
+alternate batch sizes, e.g. a last smaller batch, capture each time; give fixed batch shapes, or use
+``cuda_graphs=True`` there). The first call of a key runs the loop once to warm up (compilation,
+cached weight casts), captures, then replays.
 
 Off CUDA the same static buffers and re-seeded generators serve an eager run of the loop (what
 the CPU tests check; a CPU stand-in for the capture checks that outputs are copied and settings
