@@ -66,9 +66,9 @@ def main(argv=None) -> None:
     rows = PrintedRows()  # each row is printed as soon as it is known (a time limit keeps what was done)
     prompts = [bg.CAPTIONS[i] for i in range(2)]
 
-    def text_graph_rows() -> None:
+    def text_graph_rows():  # -> the CLIP encoder it built (the compile-text row reuses it)
         """CLIP replayed from a CUDA graph (encode(cuda_graphs=True)) against launched, twice with new prompts."""
-        clip = text_graph_rows.clip = bg.build_text_encoder("clip", args.tiny, dev, workdir)[0]
+        clip = bg.build_text_encoder("clip", args.tiny, dev, workdir)[0]
         for batch in (prompts, [bg.CAPTIONS[i] for i in range(2, 4)]):
             launched, replayed = clip.encode(batch), clip.encode(batch, cuda_graphs=True)
             same = torch.equal(launched.tokens, replayed.tokens) and torch.equal(launched.pooled, replayed.pooled)
@@ -76,6 +76,7 @@ def main(argv=None) -> None:
                          "equal" if same else f"max rel. diff {rel_diff(launched.pooled, replayed.pooled):.2e}",
                          same))
         clip.release_cuda_graphs()
+        return clip
 
     try:
         if args.only_text_graph:
@@ -208,8 +209,7 @@ def main(argv=None) -> None:
                          f"tanh GELU / exact GELU", f"{tanh_d:.2e} / {erf_d:.2e}",
                          tanh_d <= args.tolerance and (dt != torch.float32 or tanh_d < erf_d)))
 
-        text_graph_rows()
-        clip = text_graph_rows.clip
+        clip = text_graph_rows()
         a = clip.encode(prompts)
         clip.compile_model = True
         b = clip.encode(prompts)

@@ -81,13 +81,16 @@ def _copy_into(dst, src):
             _copy_into(d, s)
 
 
-def fake_cuda_graphs(monkeypatch):
+def fake_cuda_graphs(monkeypatch, failing: bool = False):
     """starkit.utils.cuda_graphs captures on the CPU as if on a GPU, with :class:`ReplayingGraph` graphs. As a
     real capture, the fake one leaves the default generator where it was (it records draws, it makes none); the
-    CUDA generator-state calls act on the CPU's default generator."""
+    CUDA generator-state calls act on the CPU's default generator. ``failing``: every capture raises what an
+    operation that cannot be captured raises."""
     from starkit.utils import cuda_graphs
 
     def capture(fn, pool, generators=()):
+        if failing:
+            raise RuntimeError("operation not permitted when stream is capturing")
         graph = ReplayingGraph(fn)
         state = torch.get_rng_state()
         graph.outputs = fn()
@@ -99,5 +102,6 @@ def fake_cuda_graphs(monkeypatch):
     monkeypatch.setattr(cuda_graphs, "capture", capture)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: torch.get_rng_state())
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=None: torch.set_rng_state(state))

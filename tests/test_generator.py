@@ -489,18 +489,10 @@ def test_whole_generation_graph_without_a_seed_draws_from_the_default_generator(
 def test_whole_generation_graph_falls_back_to_the_per_scale_graphs_when_a_capture_fails(monkeypatch):
     """A capture that fails (an operation that cannot be captured; forced here, as if on a GPU) warns once
     with the cause and continues with the per-scale graphs (cuda_graphs=True), with the same images."""
-    from starkit.generator import whole_graph
+    from conftest import fake_cuda_graphs
     gen = make_tiny_generator().eval()
     ref = gen.generate(["a red circle"], seed=1, cfg=2.0)
-
-    def failing_capture(fn, pool, generators=()):
-        raise RuntimeError("operation not permitted when stream is capturing")
-
-    monkeypatch.setattr(whole_graph.cuda_graphs, "captures_on", lambda device: True)
-    monkeypatch.setattr(whole_graph.cuda_graphs, "warm_up", lambda fn, device: fn())
-    monkeypatch.setattr(whole_graph.cuda_graphs, "capture", failing_capture)
-    monkeypatch.setattr(whole_graph.torch.cuda, "graph_pool_handle", lambda: None)
-    monkeypatch.setattr(whole_graph.torch.cuda, "synchronize", lambda device=None: None)
+    fake_cuda_graphs(monkeypatch, failing=True)
     with pytest.warns(RuntimeWarning, match="could not be captured as one CUDA graph .*not permitted"):
         out = gen.generate(["a red circle"], seed=1, cfg=2.0, cuda_graphs="whole")
     store = gen._static_steps

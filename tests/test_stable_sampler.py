@@ -1,4 +1,5 @@
 """STAR's stable sampler: reveal schedule, equivalence with parallel sampling, head training and fallback."""
+import contextlib
 import math
 import warnings
 
@@ -447,6 +448,18 @@ def test_query_rows_refuse_an_attention_mask():
         block(torch.randn(1, 4, 32), mask=torch.zeros(4, 4, dtype=torch.bool), query_rows=torch.tensor([[0, 1]]))
 
 
+@contextlib.contextmanager
+def _head_bias_moved(head):
+    """The head's logits bias moved in place (as an optimizer step would) for the block; its weights back after."""
+    saved = {k: v.clone() for k, v in head.state_dict().items()}
+    try:
+        with torch.no_grad():
+            head.head_logits.bias.add_(torch.randn_like(head.head_logits.bias))
+        yield
+    finally:
+        head.load_state_dict(saved)
+
+
 def test_head_steps_on_static_buffers_with_cuda_graphs_give_the_same_tokens(trained):
     """generate(cuda_graphs=True): the head's reveal steps run on HeadStepGraphs' static buffers (replayed from
     CUDA graphs on a GPU; eager calls on them here) with the same tokens; kept between calls of the same shape,
@@ -465,16 +478,10 @@ def test_head_steps_on_static_buffers_with_cuda_graphs_give_the_same_tokens(trai
     assert {id(s) for buffers in graphs.shapes.values() for s in buffers.steps.values()} == steps  # reused
     gen.generate(PROMPTS, seed=7, cuda_graphs=True, sampler=gen.sampler.with_settings(compile_head=True))
     assert gen._static_steps["sampler_head"] is graphs and len(graphs.shapes) == 4  # another form: its own graphs
-    head = gen.sampler.head
-    saved = {k: v.clone() for k, v in head.state_dict().items()}
-    try:
-        with torch.no_grad():
-            head.head_logits.bias.add_(torch.randn_like(head.head_logits.bias))
+    with _head_bias_moved(gen.sampler.head):
         d, idx_d = gen.generate(PROMPTS, seed=7, return_indices=True)
         e, idx_e = gen.generate(PROMPTS, seed=7, return_indices=True, cuda_graphs=True)
         assert all(torch.equal(x, y) for x, y in zip(idx_d, idx_e))  # the new weights, not stale buffers
-    finally:
-        head.load_state_dict(saved)
     gen.release_cuda_graphs()
     assert "_static_steps" not in gen.__dict__
 
@@ -488,14 +495,8 @@ def test_whole_generation_graph_with_the_trained_head_gives_the_same_tokens(trai
     assert all(torch.equal(x, y) for x, y in zip(ia, ib)) and torch.equal(a, b)
     assert "sampler_head" not in gen._static_steps
     whole = gen._static_steps["whole"]
-    head = gen.sampler.head
-    saved = {k: v.clone() for k, v in head.state_dict().items()}
-    try:
-        with torch.no_grad():
-            head.head_logits.bias.add_(torch.randn_like(head.head_logits.bias))
+    with _head_bias_moved(gen.sampler.head):
         _, idx_d = gen.generate(PROMPTS, seed=7, return_indices=True)
         _, idx_e = gen.generate(PROMPTS, seed=7, return_indices=True, cuda_graphs="whole")
         assert all(torch.equal(x, y) for x, y in zip(idx_d, idx_e)) and gen._static_steps["whole"] is not whole
-    finally:
-        head.load_state_dict(saved)
     gen.release_cuda_graphs()

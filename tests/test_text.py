@@ -147,18 +147,10 @@ def test_clip_graph_outputs_are_copied_before_the_next_replay(clip_dir, monkeypa
 
 
 def test_clip_graph_capture_failure_warns_and_runs_without(clip_dir, monkeypatch):
-    from starkit.utils import cuda_graphs
+    from conftest import fake_cuda_graphs
     enc = HFTextEncoder(clip_dir)
     ref = enc.encode(["a cat"])
-
-    def failing_capture(fn, pool, generators=()):
-        raise RuntimeError("operation not permitted when stream is capturing")
-
-    monkeypatch.setattr(cuda_graphs, "captures_on", lambda device: True)
-    monkeypatch.setattr(cuda_graphs, "warm_up", lambda fn, device: fn())
-    monkeypatch.setattr(cuda_graphs, "capture", failing_capture)
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    fake_cuda_graphs(monkeypatch, failing=True)
     with pytest.warns(RuntimeWarning, match="could not be captured as a CUDA graph .*not permitted"):
         out = enc.encode(["a cat"], cuda_graphs=True)
     assert torch.equal(out.pooled, ref.pooled) and "not permitted" in enc.__dict__["_graph_failed"]

@@ -108,9 +108,13 @@ class WholeGenerationGraph:
         """Images ``(B, 3, H, W)`` in [0, 1] and the K index maps of one generation, from the graph kept in
         ``store`` when its key matches, else from a new capture (which replaces it)."""
         from starkit.generator.sampling import random_source, sample_scales
-        if store.get("whole_failed"):  # a capture failed before: the per-scale graphs
+
+        def per_scale_graphs():
             return sample_scales(net, tokenizer, sampler, text, batch, guided, random_source(seed, batch, device),
                                  device, store, fused)
+
+        if store.get("whole_failed"):  # a capture failed before
+            return per_scale_graphs()
         parts = (net, tokenizer, sampler)
         key = cls.key_of(net, tokenizer, sampler, text, batch, guided, seed, fused)
         whole = store.get("whole")
@@ -128,8 +132,7 @@ class WholeGenerationGraph:
                           f"({store['whole_failed'][:300]}); continuing with the per-scale graphs "
                           f"(cuda_graphs=True). release_cuda_graphs() lets a later call try again.",
                           RuntimeWarning, stacklevel=4)
-            return sample_scales(net, tokenizer, sampler, text, batch, guided, random_source(seed, batch, device),
-                                 device, store, fused)
+            return per_scale_graphs()
 
     @staticmethod
     def key_of(net, tokenizer, sampler: ScaleSampler, text: TextEmbedding, batch: int, guided: bool, seed,
