@@ -83,7 +83,11 @@ def time_ours(config: str, args, dev, text, ceiling) -> list:
     rows = []
     samplers = {"parallel": None, "stable": stable_for(gen, pn, dev)}
     arch = GeneratorArch.from_transformer(gen.transformer, text_len=gen.text_encoder.max_length)
-    for graphs in ([True] if args.cuda_graphs and args.skip_eager else [False, True] if args.cuda_graphs else [False]):
+    plain = [] if args.skip_plain else [True] if args.cuda_graphs and args.skip_eager else \
+        [False, True] if args.cuda_graphs else [False]
+    if args.cuda_graphs and args.compile_decoder and dev.type == "cuda" and not plain:
+        tok.optimize_for_inference(channels_last=True)
+    for graphs in plain:
         if graphs and args.compile_decoder and dev.type == "cuda":
             tok.optimize_for_inference(channels_last=True)  # the "starkit graphs" rows: compiled VQ decoder too
         for sampler_name in args.samplers.split(","):
@@ -268,11 +272,24 @@ def main(argv=None) -> None:
     ap.add_argument("--without-text-graph", action="store_true",
                     help="with --cuda-graphs: also each all-compiled row with the CLIP text encoder launched from Python "
                          "(HFTextEncoder(cuda_graph=False); by default generate(cuda_graphs=...) replays it from a graph)")
+    ap.add_argument("--skip-plain", action="store_true",
+                    help="no rows without a --compile-* path (neither 'starkit' nor 'starkit graphs')")
+    ap.add_argument("--no-tune-first", action="store_true",
+                    help="the compiled paths meet the small scales first, as before starkit.utils.compiling.tune_first_at "
+                         "(their Triton kernels then keep launch configurations timed at small sizes)")
+    ap.add_argument("--kv-head-major", action="store_true",
+                    help="KV caches stored head-major (B, H, L, d), as before starkit.generator.blocks.KV_TOKEN_MAJOR")
     ap.add_argument("--text", choices=("clip", "random"), default="clip")
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
+    if args.kv_head_major:
+        from starkit.generator import blocks
+        blocks.KV_TOKEN_MAJOR = False
+    if args.no_tune_first:
+        from starkit.utils import compiling
+        compiling.TUNE_DEVICE_TYPES = ()
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # as sample.py runs
     ceiling = matmul_ceiling(dev)

@@ -586,6 +586,51 @@ def test_compiled_block_regions_keep_two_graphs_per_width_over_scales_batches_an
     assert torch.equal(fused.fused_block(block, x), eager)  # the same random drop-path: the eager block ran
 
 
+def test_compiled_regions_run_first_at_the_largest_scale_once(monkeypatch):
+    """On a GPU the compiled regions run once at the generation's largest scale before their first real call
+    (compiling.tune_first_at: Triton kernels keep the launch configuration timed at their first launch). The
+    CPU stands in for the GPU here: the tuning call comes first, only once, and changes no image."""
+    from starkit.generator import fused
+    from starkit.utils import compiling
+    gen = make_tiny_generator().eval()
+    want = gen.generate(["a red circle", "two blue squares"], seed=3, compile_blocks=True)
+    monkeypatch.setattr(compiling, "TUNE_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(compiling, "_TUNED", set())
+    calls, real = [], fused.fused_block
+
+    def spy(block, x, *args, **kwargs):
+        calls.append((x.shape[1], len(args) > 3 and args[3] is not None or kwargs.get("cache") is not None))
+        return real(block, x, *args, **kwargs)
+    monkeypatch.setattr(fused, "fused_block", spy)
+    for _ in range(2):
+        got = gen.generate(["a red circle", "two blue squares"], seed=3, compile_blocks=True)
+        assert torch.equal(got, want)
+    net = gen.transformer
+    largest = net.patch_nums[-1] ** 2
+    assert calls[0] == (largest, False)  # zeros at the largest scale, no KV cache
+    assert [c for c in calls[1:] if not c[1]] == []  # once: every later call is a real one
+    assert [c[0] for c in calls[1:1 + net.depth]] == [net.patch_nums[0] ** 2] * net.depth
+
+
+def test_token_major_kv_caches_give_the_head_major_images(monkeypatch):
+    """KV caches stored (B, L, H, d) (whole-row appends) give what the head-major storage gave, eager and
+    with the compiled regions (which then emit the keys token-major)."""
+    from starkit.generator import blocks
+    from starkit.generator.blocks import KVCache
+    cache = KVCache(2, 3, 10, 4, "cpu", torch.float32)
+    assert cache.k.shape == (2, 3, 10, 4) and cache.k.transpose(1, 2).is_contiguous()
+    assert cache.v.stride() == cache.k.stride()
+    gen = make_tiny_generator().eval()
+    prompts = ["a red circle", "two blue squares"]
+    got = [gen.generate(prompts, seed=4, compile_blocks=c, return_indices=True) for c in (False, True)]
+    monkeypatch.setattr(blocks, "KV_TOKEN_MAJOR", False)
+    assert not KVCache(2, 3, 10, 4, "cpu", torch.float32).k.transpose(1, 2).is_contiguous()
+    want = [gen.generate(prompts, seed=4, compile_blocks=c, return_indices=True) for c in (False, True)]
+    for (image_a, idx_a), (image_b, idx_b) in zip(got, want):
+        assert all(torch.equal(a, b) for a, b in zip(idx_a, idx_b))
+        torch.testing.assert_close(image_a, image_b, rtol=1e-5, atol=1e-5)
+
+
 def test_a_compiler_failure_names_the_option_to_turn_off(monkeypatch):
     from starkit.utils import compiling
 

@@ -344,6 +344,30 @@ def test_compiled_head_makes_few_graphs_across_reveal_steps_batches_and_guidance
     assert 1 <= counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
 
 
+def test_compiled_head_runs_first_at_the_largest_scale_once(trained, monkeypatch):
+    """compile_head on a GPU: the head's compiled blocks run once on zeros at the generation's largest scale
+    (all rows, then half of them) before the first reveal step (compiling.tune_first_at); the CPU stands in
+    for the GPU. The tokens do not change."""
+    from starkit.samplers.head import SamplerHead
+    from starkit.utils import compiling
+    gen, _ = trained
+    monkeypatch.setattr(compiling, "BACKEND", "eager")
+    sampler = gen.sampler.with_settings(compile_head=True)
+    _, want = gen.generate(PROMPTS, seed=5, sampler=sampler, return_indices=True)
+    monkeypatch.setattr(compiling, "TUNE_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(compiling, "_TUNED", set())
+    sizes, real = [], SamplerHead._run_at_size
+
+    def spy(self, features, base, rot, tokens):
+        sizes.append(tokens)
+        return real(self, features, base, rot, tokens)
+    monkeypatch.setattr(SamplerHead, "_run_at_size", spy)
+    for _ in range(2):
+        _, got = gen.generate(PROMPTS, seed=5, sampler=sampler, return_indices=True)
+        assert all(torch.equal(a, b) for a, b in zip(want, got))
+    assert sizes == [gen.transformer.patch_nums[-1] ** 2]
+
+
 def test_head_logits_at_positions_are_the_rows_of_all_logits(trained):
     head = trained[0].sampler.head
     torch.manual_seed(0)

@@ -76,12 +76,26 @@ def flex_attention_fn(device: torch.device):
     return compile_once(flex_attention, dynamic=False)
 
 
-class KVCache:
-    """Preallocated keys and values of one self-attention layer, ``(B, H, L, d)`` each."""
+#: the layout of new KV caches' storage: token-major ``(B, L, H, d)`` (True) or head-major ``(B, H, L, d)``
+KV_TOKEN_MAJOR = True
 
-    def __init__(self, batch: int, heads: int, length: int, head_dim: int, device, dtype) -> None:
-        self.k = torch.empty(batch, heads, length, head_dim, device=device, dtype=dtype)
-        self.v = torch.empty_like(self.k)
+
+class KVCache:
+    """Preallocated keys and values of one self-attention layer, ``(B, H, L, d)`` each.
+
+    Stored token-major, ``(B, L, H, d)`` in memory (``token_major``, default :data:`KV_TOKEN_MAJOR`): keys
+    and values come out of the QKV projection in that order (the compiled regions keep it for the keys), so
+    :meth:`append` is a copy of whole token rows instead of a transposing copy, and the attention kernels
+    read either layout."""
+
+    def __init__(self, batch: int, heads: int, length: int, head_dim: int, device, dtype,
+                 token_major: Optional[bool] = None) -> None:
+        token_major = KV_TOKEN_MAJOR if token_major is None else token_major
+        if token_major:
+            self.k = torch.empty(batch, length, heads, head_dim, device=device, dtype=dtype).transpose(1, 2)
+        else:
+            self.k = torch.empty(batch, heads, length, head_dim, device=device, dtype=dtype)
+        self.v = torch.empty_like(self.k)  # (same strides)
         self.length = 0  # number of valid positions
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

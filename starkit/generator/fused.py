@@ -32,6 +32,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from starkit.generator import blocks
 from starkit.generator.blocks import Block, KVCache, autocast_weight, fc1_gelu, take_rows, token_major
 from starkit.positional import as_cis, rotate_float32
 
@@ -39,8 +40,8 @@ from starkit.positional import as_cis, rotate_float32
 def attention_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, q_scale: torch.Tensor,
                      rotary: Optional[Tuple[torch.Tensor, torch.Tensor]], num_heads: int, eps: float):
     """``x`` ``(B, l, C)`` -> normalised, rotated queries and keys and the values, ``(B, H, l, d)`` each; the
-    queries laid out token-major (:func:`~starkit.generator.blocks.token_major`: the attention's output then
-    needs no transpose copy). Writing the keys and values into the KV cache inside the region was measured
+    queries and keys laid out token-major (:func:`~starkit.generator.blocks.token_major`: the attention's
+    output then needs no transpose copy, and the keys go to the token-major KV cache as whole rows). Writing the keys and values into the KV cache inside the region was measured
     slower with the symbolic shapes used here (``benchmarks/bench_attention_layouts.py --dynamic``)."""
     B, l, C = x.shape
     h = F.layer_norm(x.float(), (C,), eps=eps).to(weight.dtype)  # (B, l, C)
@@ -50,7 +51,8 @@ def attention_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     kf = F.normalize(k.float(), dim=-1)
     if rotary is not None:
         qf, kf = rotate_float32(qf, rotary), rotate_float32(kf, rotary)
-    return token_major(qf.to(v.dtype)), kf.to(v.dtype), v
+    k = kf.to(v.dtype)
+    return token_major(qf.to(v.dtype)), token_major(k) if blocks.KV_TOKEN_MAJOR else k, v  # k as the cache stores it
 
 
 def _project(out: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -97,6 +99,27 @@ def run_compiled(fn, *args):
     with torch.autocast(args[0].device.type, enabled=False), \
             compile_errors_named(f"{fn.__name__} for compile_blocks", "compile_blocks=False"):
         return compile_once(fn, dynamic=False)(*args)
+
+
+def tune_at_largest_scale(net, x: torch.Tensor, text_kvs=None, text_bias: Optional[torch.Tensor] = None) -> None:
+    """Run the compiled regions once on zeros at ``net``'s largest scale (``x``'s rows, no KV cache) before
+    their first real call, so that their kernels are tuned where the time goes
+    (:func:`~starkit.utils.compiling.tune_first_at`; once per process and graph kind)."""
+    from starkit.utils.compiling import tune_first_at
+    block = net.blocks[0]
+    if block.training or hasattr(block, "ada_lin"):
+        return
+    device, tokens = x.device, net.patch_nums[-1] ** 2
+    autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    key = ("fused_regions", str(device), x.dtype, autocast, net.width, net.num_heads, block.norm.eps,
+           text_kvs is not None, x.shape[0] == 1)
+
+    def call():
+        rotary = net.positional.rotary(slice(net.seq_len - tokens, net.seq_len))
+        rotary = None if rotary is None else tuple(t.clone() for t in rotary)
+        fused_block(block, x.new_zeros(x.shape[0], tokens, net.width), rotary, text_kvs[0] if text_kvs else None,
+                    text_bias)
+    tune_first_at(key, device, call)
 
 
 def _weights(linear, x):

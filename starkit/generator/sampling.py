@@ -121,7 +121,7 @@ def sample_scales(net: ScaleTransformer, tokenizer: ScaleTokenizer, sampler: Sca
                 embed=tokenizer.embed, codebook=tokenizer.codebook, pooled_text=text.pooled,
                 rotary=net.positional.rotary(slice(start, start + pn * pn)),
                 rotary_first=rotary_first, generator=generator, compile_blocks=fused,
-                graph_store=static_steps,
+                graph_store=static_steps, max_patch_num=net.patch_nums[-1],
             )
             emb_BlC, idx_Bl = sampler.sample_scale(step)
             all_indices.append(idx_Bl)

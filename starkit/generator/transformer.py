@@ -294,7 +294,8 @@ class ScaleTransformer(nn.Module):
         ``fused``: the blocks' element-wise work in compiled regions (:mod:`starkit.generator.fused`)."""
         start = sum(p * p for p in self.patch_nums[:scale])
         if fused and not self.adaln:
-            from starkit.generator.fused import fused_block
+            from starkit.generator.fused import fused_block, tune_at_largest_scale
+            tune_at_largest_scale(self, x, text_kvs, text_bias)
             rotary = self.positional.rotary(slice(start, start + x.shape[1]))  # (cos, sin) or None
             if rotary is not None:  # own storage: a view's offset would be one more size to specialise on
                 rotary = tuple(t.clone() for t in rotary)

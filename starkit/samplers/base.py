@@ -33,6 +33,8 @@ class ScaleStep:
             a sampler with transformer blocks of its own may run them the same way.
         graph_store: with ``generate(cuda_graphs=True)``, a dict kept by the generator between calls (freed by
             ``release_cuda_graphs()``) where a sampler may keep CUDA graphs of its own steps; else None.
+        max_patch_num: the side of the generation's last (largest) scale, or None: a sampler's compiled code
+            may run once at that size before its first real call (:func:`starkit.utils.compiling.tune_first_at`).
     """
 
     scale: int
@@ -49,6 +51,7 @@ class ScaleStep:
     generator: Optional[torch.Generator] = None
     compile_blocks: bool = False
     graph_store: Optional[dict] = None
+    max_patch_num: Optional[int] = None
 
 
 @dataclass

@@ -152,7 +152,7 @@ class SamplerHead(nn.Module):
 
     def for_scale(self, hidden: torch.Tensor, pooled: torch.Tensor, scale: int, rotary_first: Optional[tuple] = None,
                   rotary: Optional[tuple] = None, fused: bool = False, compiled: bool = False,
-                  graphs: Optional["HeadStepGraphs"] = None):
+                  graphs: Optional["HeadStepGraphs"] = None, largest_tokens: Optional[int] = None):
         """Sampling one scale over several reveal steps: what does not change between the steps is computed
         once. The blocks' input is ``proj`` of a concatenation, linear in the revealed embeddings, so it is
         ``base + revealed @ revealed_weight.T`` with ``base`` (the input with nothing revealed) formed here.
@@ -163,6 +163,9 @@ class SamplerHead(nn.Module):
             compiled: the blocks under ``torch.compile`` (``StableSampler(compile_head=True)``; dynamic shapes).
             graphs: the steps replayed from CUDA graphs kept there (:mod:`starkit.samplers.head_graphs`;
                 ``generate(cuda_graphs=True)``).
+            largest_tokens: with ``compiled``, the token count of the generation's largest scale: the compiled
+                blocks run once at that size (dummy inputs, all rows and half of them) before their first real
+                call, so that their kernels are tuned where the time goes (:func:`~starkit.utils.compiling.tune_first_at`).
 
         Returns:
             ``predict(revealed, positions=None)``: revealed embeddings ``(R', l, Cvae)`` and the positions
@@ -205,11 +208,26 @@ class SamplerHead(nn.Module):
                 x = blocks(self, base, added, rot, rows, fused)
             return x if rows is not None else x[:, 1:]
 
+        if compiled and largest_tokens and largest_tokens > l:
+            from starkit.utils.compiling import tune_first_at
+            autocast = torch.get_autocast_dtype(base.device.type) if torch.is_autocast_enabled(base.device.type) else None
+            key = ("sampler_head", type(self), str(base.device), base.dtype, autocast, self.width, rot is None, R == 1)
+            tune_first_at(key, base.device, lambda: self._run_at_size(features, base, rot, largest_tokens))
+
         if graphs is not None:  # the blocks, norm and logits head of each step replayed; float32 outside
             replay = graphs.predictor(self, base, rot, lambda *args: self.head_logits(self.logit_norm(features(*args))),
                                       form=(compiled, fused and not compiled))
             return lambda revealed, positions=None: replay(revealed, positions).float()
         return lambda revealed, positions=None: self.logits(features(base, rot, revealed, positions))
+
+    def _run_at_size(self, features, base: torch.Tensor, rot, tokens: int) -> None:
+        """``features`` (of :meth:`for_scale`) on zeros of ``tokens`` tokens, with all rows and with half of them."""
+        R, C = base.shape[0], base.shape[-1]
+        big = base.new_zeros(R, 1 + tokens, C)
+        big_rot = None if rot is None else tuple(t[:1].expand(1 + tokens, *t.shape[1:]).contiguous() for t in rot)
+        revealed = base.new_zeros(R, tokens, self.word_embed.in_features)
+        features(big, big_rot, revealed, None)
+        features(big, big_rot, revealed, torch.arange(tokens // 2, device=base.device).expand(R, -1).contiguous())
 
     def with_blocks_in_autocast_dtype(self, x: torch.Tensor) -> "SamplerHead":
         """This head with its blocks' linear layers in the autocast dtype of ``x``'s device (a shallow copy

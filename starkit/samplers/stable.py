@@ -195,7 +195,8 @@ class StableSampler(ScaleSampler):
                 from starkit.samplers.head_graphs import HeadStepGraphs
                 graphs = step.graph_store.setdefault("sampler_head", HeadStepGraphs())
             return head.for_scale(step.hidden, step.pooled_text, step.scale, step.rotary_first, step.rotary,
-                                  fused=step.compile_blocks, compiled=self.compile_head, graphs=graphs)
+                                  fused=step.compile_blocks, compiled=self.compile_head, graphs=graphs,
+                                  largest_tokens=step.max_patch_num ** 2 if step.max_patch_num else None)
         gathers = _takes_positions(head)
 
         def predict(shown: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:

@@ -41,6 +41,31 @@ def recompile_limit(at_least: int):
         yield
 
 
+#: device types on which :func:`tune_first_at` runs its call (Inductor's GPU kernels choose their launch
+#: configuration by timing at their first launch; its CPU code does not). Tests add "cpu".
+TUNE_DEVICE_TYPES = ("cuda",)
+_TUNED: set = set()
+
+
+def tune_first_at(key, device, call: Callable[[], object]) -> None:
+    """Run ``call()`` once per ``key`` in this process on a GPU, before the compiled function it calls meets
+    its real inputs. ``call`` runs that function at the largest shape it will be given.
+
+    A graph compiled with symbolic sizes serves every scale, but each Triton kernel in it times its candidate
+    launch configurations (block sizes per program) at its first launch and keeps the fastest for every later
+    size; the size hints that pick the candidates also come from the first call. A graph first called at a
+    small scale of a generation (a few tokens) keeps configurations that are several times slower at the
+    large scales, where the time goes (the QK-norm and LayerNorm kernels of d30 @1024 ran 6-12x below the
+    GPU's memory bandwidth, H200, docs/performance.md). Not while a CUDA graph is being captured (the call
+    would be recorded); a call that raises is tried again next time."""
+    if key in _TUNED or torch.device(device).type not in TUNE_DEVICE_TYPES:
+        return
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return
+    call()
+    _TUNED.add(key)
+
+
 def compiled_module(owner: torch.nn.Module, key: str, module: torch.nn.Module, **kwargs):
     """``torch.compile(module, **kwargs)`` (an ``OptimizedModule``: copies and pickles with its module) kept
     in ``owner.__dict__[key]``, outside the module tree so that state dicts do not change; built at the

@@ -1,0 +1,190 @@
+"""Where batch-1 generation spends the small scales: the transformer's scale steps 0-8 of d30 @1024 (1x1 to
+16x16 tokens, 2 rows with guidance), replayed from their CUDA graphs as ``generate(cuda_graphs=True,
+compile_blocks=True)`` runs them, kernel by kernel.
+
+At these sizes a block's work is reading its weights (~88 MB in bf16 at d30, ~20 us at the H200's
+bandwidth), yet the sixth comparison measured ~110 us per block call (docs/performance.md). This script
+times each scale's graph, prints the kernels of one replay of all of them (count per block call, mean
+duration), and times the same steps with other SDPA backends preferred at capture (the self- and
+cross-attention run outside the compiled regions, so the backend is chosen when the graph is captured).
+
+    python benchmarks/bench_small_scales.py --json $OUT/small_scales.json     # H200, ~2 min (compiles)
+    python benchmarks/bench_small_scales.py --tiny                            # CPU smoke run (tiny model)
+"""
+from __future__ import annotations
+
+import collections
+import os
+import statistics
+import sys
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+from bench_generator import (P1024, TINY_P256, device_name, kernel_bench_device, kernel_bench_parser,  # noqa: E402
+                             write_results)
+
+from starkit.generator import ScaleTransformer  # noqa: E402
+from starkit.generator.graphs import StaticScaleSteps  # noqa: E402
+from starkit.generator.sampling import autocast_for  # noqa: E402
+from starkit.positional import NormalizedRoPE2D  # noqa: E402
+
+#: SDPA backend priority lists tried at capture ("default": PyTorch's own choice)
+PRIORITIES = {
+    "default": None,
+    "flash first": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                    SDPBackend.MATH],
+    "efficient first": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                        SDPBackend.MATH],
+    "math first": [SDPBackend.MATH, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                   SDPBackend.CUDNN_ATTENTION],
+}
+
+
+def build(tiny: bool, dev: torch.device):
+    """The d30 transformer of 1024 px (random weights; tiny: 2 blocks of width 32) in eval mode."""
+    torch.manual_seed(0)
+    patch_nums = TINY_P256 if tiny else P1024
+    depth, width, heads = (2, 32, 2) if tiny else (30, 1920, 30)
+    with torch.device(dev):
+        net = ScaleTransformer(patch_nums, 16 if tiny else 4096, 8 if tiny else 32, 32 if tiny else 1024,
+                               depth=depth, width=width, num_heads=heads,
+                               positional=NormalizedRoPE2D(width, heads, patch_nums))
+    return net.to(dev).eval(), patch_nums
+
+
+def inputs(net: ScaleTransformer, patch_nums, scales, dev, text_len: int = 77, real_tokens: int = 12):
+    """Rows 2 (batch 1 with guidance): each scale's input tokens, the text keys/values and the padding bias."""
+    from starkit.generator.blocks import key_padding_bias
+    g = torch.Generator(device=dev).manual_seed(0)
+    text_dim = net.blocks[0].cross_attn.mat_kv.weight.shape[1]
+    tokens = torch.randn(2, text_len, text_dim, device=dev, generator=g)
+    mask = torch.arange(text_len, device=dev)[None].expand(2, -1) < real_tokens
+    text_kvs = net.text_kv(tokens)
+    bias = key_padding_bias(mask).to(text_kvs[0][1].dtype)
+    latent_dim = net.word_embed.weight.shape[1]
+    xs = [net.start_tokens(torch.randn(2, text_dim, device=dev, generator=g)) if k == 0 else
+          net.scale_tokens(torch.randn(2, patch_nums[k] ** 2, latent_dim, device=dev, generator=g), k)
+          for k in scales]
+    return xs, text_kvs, bias
+
+
+def capture_steps(net, xs, text_kvs, bias, scales, priority, dev):
+    """A StaticScaleSteps with the given scales run once (captured on CUDA) under the SDPA priority."""
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    steps = StaticScaleSteps(net, 2, text_kvs, bias, dtype, fused=True)
+    context = sdpa_kernel(priority, set_priority=True) if priority else torch.autocast("cpu", enabled=False)
+    with context:
+        for k, x in zip(scales, xs):
+            steps.run(k, x, text_kvs, bias)
+    return steps
+
+
+def time_scales(steps, xs, text_kvs, bias, scales, dev, warmup: int, repeats: int) -> dict:
+    """Median ms of each scale's replay (CUDA events; on the CPU the eager step)."""
+    out = {}
+    for k, x in zip(scales, xs):
+        fn = (lambda: steps.graphs[k].replay()) if dev.type == "cuda" else (lambda: steps.run(k, x, text_kvs, bias))
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            if dev.type == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b))
+            else:
+                import time
+                t = time.perf_counter()
+                fn()
+                times.append(1000 * (time.perf_counter() - t))
+        out[k] = statistics.median(times)
+    return out
+
+
+def kernel_table(steps, xs, text_kvs, bias, scales, depth: int, dev, rows: int = 30) -> list:
+    """The kernels of one replay of every scale: name, launches per block call, mean us, total ms."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for k, x in zip(scales, xs):
+            steps.graphs[k].replay() if dev.type == "cuda" else steps.run(k, x, text_kvs, bias)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    totals, counts = collections.defaultdict(float), collections.defaultdict(int)
+    for e in prof.key_averages():
+        if e.self_device_time_total <= 0 or e.key.startswith(("aten::", "cuda", "Command Buffer")):
+            continue
+        totals[e.key] += e.self_device_time_total / 1000
+        counts[e.key] += e.count
+    calls = depth * len(scales)
+    table = [{"kernel": name[:90], "per_block_call": counts[name] / calls, "mean_us": 1000 * ms / counts[name],
+              "total_ms": ms} for name, ms in sorted(totals.items(), key=lambda kv: -kv[1])]
+    return table[:rows] + ([{"kernel": "(all)", "per_block_call": sum(counts.values()) / calls,
+                             "mean_us": 1000 * sum(totals.values()) / max(1, sum(counts.values())),
+                             "total_ms": sum(totals.values())}] if table else [])
+
+
+def weight_bytes(net) -> int:
+    """Bytes of one block's weights in bf16 (what a block call at tiny row counts must read)."""
+    return 2 * sum(p.numel() for p in net.blocks[0].parameters())
+
+
+def main(argv=None) -> None:
+    ap = kernel_bench_parser(__doc__, repeats=20)
+    ap.add_argument("--scales", default="0-8", help="first-last scale index to run (default 0-8)")
+    ap.add_argument("--priorities", default=",".join(PRIORITIES), help="comma-separated keys of PRIORITIES")
+    args = ap.parse_args(argv)
+    dev = kernel_bench_device(args)
+    net, patch_nums = build(args.tiny, dev)
+    first, last = (int(s) for s in args.scales.split("-"))
+    scales = list(range(first, min(last, len(patch_nums) - 1) + 1))
+    if scales[0] != 0:
+        raise SystemExit("--scales must start at 0 (the KV caches fill scale by scale)")
+    results, kernels = [], []
+    with torch.no_grad(), autocast_for(dev, cache_enabled=False):
+        xs, text_kvs, bias = inputs(net, patch_nums, scales, dev)
+        for name in args.priorities.split(","):
+            try:
+                steps = capture_steps(net, xs, text_kvs, bias, scales, PRIORITIES[name], dev)
+                ms = time_scales(steps, xs, text_kvs, bias, scales, dev, args.warmup, args.repeats)
+            except Exception as err:  # noqa: BLE001 - a backend that cannot run these shapes is a result
+                results.append({"priority": name, "error": f"{type(err).__name__}: {str(err)[:200]}"})
+                print(f"{name}: {results[-1]['error']}", flush=True)
+                continue
+            row = {"priority": name, "ms_per_scale": ms, "ms_all": sum(ms.values()),
+                   "us_per_block_call": 1000 * sum(ms.values()) / (net.depth * len(scales))}
+            results.append(row)
+            print(row, flush=True)
+            if name == "default":
+                kernels = kernel_table(steps, xs, text_kvs, bias, scales, net.depth, dev)
+            del steps
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    bound_us = weight_bytes(net) / 4.0e12 * 1e6  # at ~4 TB/s, a realistic share of the H200's 4.8 TB/s
+    if args.json:
+        write_results(args.json, device_name(dev), args, results, kernels=kernels, block_weight_bytes=weight_bytes(net))
+    print(f"\n### Small scales {scales[0]}-{scales[-1]} of d30 @1024, batch 1 with guidance ({device_name(dev)})\n")
+    print(f"one block's weights: {weight_bytes(net) / 1e6:.1f} MB (bf16), read at 4 TB/s in {bound_us:.1f} us\n")
+    print("| kernel (default backends, one replay of every scale) | per block call | mean us | total ms |")
+    print("|---|---|---|---|")
+    for r in kernels:
+        print(f"| {r['kernel']} | {r['per_block_call']:.2f} | {r['mean_us']:.1f} | {r['total_ms']:.2f} |")
+    print("\n| SDPA priority at capture | " + " | ".join(f"scale {k}" for k in scales) + " | all ms | us per block call |")
+    print("|---|" + "---|" * (len(scales) + 2))
+    for r in results:
+        if "error" in r:
+            print(f"| {r['priority']} | error: {r['error'][:80]} |")
+            continue
+        print(f"| {r['priority']} | " + " | ".join(f"{r['ms_per_scale'][k]:.3f}" for k in scales)
+              + f" | {r['ms_all']:.2f} | {r['us_per_block_call']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
