@@ -284,11 +284,12 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
+    from starkit.generator import blocks
+    from starkit.utils import compiling
+    saved = blocks.KV_TOKEN_MAJOR, compiling.TUNE_DEVICE_TYPES  # restored at the end (the tests call main())
     if args.kv_head_major:
-        from starkit.generator import blocks
         blocks.KV_TOKEN_MAJOR = False
     if args.no_tune_first:
-        from starkit.utils import compiling
         compiling.TUNE_DEVICE_TYPES = ()
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # as sample.py runs
@@ -304,6 +305,7 @@ def main(argv=None) -> None:
             rows += time_ours(config, args, dev, text, ceiling)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        blocks.KV_TOKEN_MAJOR, compiling.TUNE_DEVICE_TYPES = saved
     if args.json:
         bg.write_results(args.json, device_name, args, rows, ceiling_tflops=ceiling)
     print()

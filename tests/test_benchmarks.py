@@ -164,3 +164,30 @@ def test_speed_suite_multigpu_stage_runs_the_multigpu_benchmark(tmp_path):
     assert done == {(c, s) for c in ("d30@256", "d30@1024") for s in ("single", "ddp")}
     assert all("needs CUDA" in r["error"] for r in rows if r["strategy"] == "fsdp")
     assert "| d30@256 | ddp | 2 | 2 |" in result.stdout
+
+
+def test_bench_small_scales_tiny(tmp_path, capsys):
+    """bench_small_scales.py: every SDPA priority times each small scale; the kernel table needs a GPU profile."""
+    import json
+    import bench_small_scales
+    out = tmp_path / "small.json"
+    bench_small_scales.main(["--tiny", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["priority"] for r in rows] == list(bench_small_scales.PRIORITIES)
+    assert all("error" not in r and set(r["ms_per_scale"]) == {"0", "1", "2", "3"} for r in rows), rows
+    assert "| default |" in capsys.readouterr().out
+
+
+def test_bench_generate_old_orders_restore_the_defaults(capsys):
+    """--no-tune-first and --kv-head-major (the before of the eighth comparison) set module defaults for the run
+    and put them back."""
+    import bench_generate
+    from starkit.generator import blocks
+    from starkit.utils import compiling
+    before = blocks.KV_TOKEN_MAJOR, compiling.TUNE_DEVICE_TYPES
+    bench_generate.main(["--tiny", "--configs", "d16@256", "--batches", "1", "--repeats", "1", "--warmup", "0",
+                         "--samplers", "parallel", "--text", "random", "--cuda-graphs", "--skip-eager", "--skip-plain",
+                         "--compile-blocks", "--compile-decoder", "--compile-text", "--no-tune-first", "--kv-head-major"])
+    assert (blocks.KV_TOKEN_MAJOR, compiling.TUNE_DEVICE_TYPES) == before
+    out = capsys.readouterr().out
+    assert "starkit graphs, compiled blocks" in out and "| d16@256 | starkit graphs |" not in out

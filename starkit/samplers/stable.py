@@ -112,9 +112,10 @@ class StableSampler(ScaleSampler):
         compile_head: run the head's blocks under ``torch.compile`` when sampling (dynamic shapes: a
             graph for all rows and one for the hidden rows serve every scale, batch size and reveal step, plus
             single-row forms). The first sampling call compiles (tens of seconds on a GPU). H200, d30 @1024,
-            with ``generate(compile_blocks=True)``, CUDA graphs and the compiled decoder and CLIP: 0.4290 s at
-            batch 1 and 0.3749 s/image at batch 16 (docs/performance.md, sixth comparison; the head through the
-            blocks' regions instead: 0.5145 s and 0.3809 s/image in the fifth).
+            with ``generate(compile_blocks=True)``, CUDA graphs and the compiled decoder and CLIP: 0.4075 s at
+            batch 1 (0.4013 s with ``cuda_graphs="whole"``) and 0.3662 s/image at batch 16 (docs/performance.md,
+            eighth comparison; the head through the blocks' regions instead: 0.5145 s and 0.3809 s/image in the
+            fifth, against 0.4433 s and 0.3785 s/image then).
         head_graphs: under ``generate(cuda_graphs=True)``, replay the head's reveal steps from CUDA graphs
             (:mod:`starkit.samplers.head_graphs`: at batch 1 the host launches a step no faster than the GPU runs
             it: 0.4574 -> 0.4290 s at d30 @1024 batch 1 on an H200, no change at batch 16); their static buffers
