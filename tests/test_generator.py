@@ -612,6 +612,25 @@ def test_compiled_regions_run_first_at_the_largest_scale_once(monkeypatch):
     assert [c[0] for c in calls[1:1 + net.depth]] == [net.patch_nums[0] ** 2] * net.depth
 
 
+def test_no_memory_for_the_tuning_call_warns_and_generates(monkeypatch):
+    from starkit.generator import fused
+    from starkit.utils import compiling
+    gen = make_tiny_generator().eval()
+    want = gen.generate(["a red circle"], seed=2, compile_blocks=True)
+    monkeypatch.setattr(compiling, "TUNE_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(compiling, "_TUNED", set())
+    real = fused.fused_block
+
+    def no_memory_without_cache(block, x, rotary=None, text_kv=None, text_bias=None, cache=None, **kwargs):
+        if cache is None:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        return real(block, x, rotary, text_kv, text_bias, cache, **kwargs)
+    monkeypatch.setattr(fused, "fused_block", no_memory_without_cache)
+    with pytest.warns(UserWarning, match="No GPU memory.*smaller batch"):
+        got = gen.generate(["a red circle"], seed=2, compile_blocks=True)
+    assert torch.equal(got, want)
+
+
 def test_token_major_kv_caches_give_the_head_major_images(monkeypatch):
     """KV caches stored (B, L, H, d) (whole-row appends) give what the head-major storage gave, eager and
     with the compiled regions (which then emit the keys token-major)."""

@@ -41,8 +41,9 @@ def attention_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
                      rotary: Optional[Tuple[torch.Tensor, torch.Tensor]], num_heads: int, eps: float):
     """``x`` ``(B, l, C)`` -> normalised, rotated queries and keys and the values, ``(B, H, l, d)`` each; the
     queries and keys laid out token-major (:func:`~starkit.generator.blocks.token_major`: the attention's
-    output then needs no transpose copy, and the keys go to the token-major KV cache as whole rows). Writing the keys and values into the KV cache inside the region was measured
-    slower with the symbolic shapes used here (``benchmarks/bench_attention_layouts.py --dynamic``)."""
+    output then needs no transpose copy, and the keys go to the token-major KV cache as whole rows). Writing
+    the keys and values into the KV cache inside the region was measured slower with the symbolic shapes used
+    here (``benchmarks/bench_attention_layouts.py --dynamic``)."""
     B, l, C = x.shape
     h = F.layer_norm(x.float(), (C,), eps=eps).to(weight.dtype)  # (B, l, C)
     qkv = F.linear(h, weight, bias).view(B, l, 3, num_heads, C // num_heads)

@@ -164,8 +164,9 @@ class SamplerHead(nn.Module):
             graphs: the steps replayed from CUDA graphs kept there (:mod:`starkit.samplers.head_graphs`;
                 ``generate(cuda_graphs=True)``).
             largest_tokens: with ``compiled``, the token count of the generation's largest scale: the compiled
-                blocks run once at that size (dummy inputs, all rows and half of them) before their first real
-                call, so that their kernels are tuned where the time goes (:func:`~starkit.utils.compiling.tune_first_at`).
+                blocks run once at that size (zeros, all rows and half of them) before their first real call,
+                so that their kernels are tuned where the time goes
+                (:func:`~starkit.utils.compiling.tune_first_at`).
 
         Returns:
             ``predict(revealed, positions=None)``: revealed embeddings ``(R', l, Cvae)`` and the positions
@@ -210,7 +211,8 @@ class SamplerHead(nn.Module):
 
         if compiled and largest_tokens and largest_tokens > l:
             from starkit.utils.compiling import tune_first_at
-            autocast = torch.get_autocast_dtype(base.device.type) if torch.is_autocast_enabled(base.device.type) else None
+            device = base.device.type
+            autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
             key = ("sampler_head", type(self), str(base.device), base.dtype, autocast, self.width, rot is None, R == 1)
             tune_first_at(key, base.device, lambda: self._run_at_size(features, base, rot, largest_tokens))
 

@@ -55,14 +55,24 @@ def tune_first_at(key, device, call: Callable[[], object]) -> None:
     launch configurations (block sizes per program) at its first launch and keeps the fastest for every later
     size; the size hints that pick the candidates also come from the first call. A graph first called at a
     small scale of a generation (a few tokens) keeps configurations that are several times slower at the
-    large scales, where the time goes (the QK-norm and LayerNorm kernels of d30 @1024 ran 6-12x below the
-    GPU's memory bandwidth, H200, docs/performance.md). Not while a CUDA graph is being captured (the call
-    would be recorded); a call that raises is tried again next time."""
+    large scales, where the time goes: on an H200 the QK-norm kernels of d30 @1024 ran 6-12x below the
+    memory bandwidth, and tuning them at the largest scale took 3.9% off a batch-1 generation
+    (docs/performance.md, eighth comparison). Not while a CUDA graph is being captured (the call would be
+    recorded). Without the GPU memory for the call (its activations come on top of what is allocated), a
+    warning, and the kernels are tuned at their first real call as before."""
     if key in _TUNED or torch.device(device).type not in TUNE_DEVICE_TYPES:
         return
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return
-    call()
+    try:
+        call()
+    except torch.cuda.OutOfMemoryError:
+        import warnings
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        warnings.warn("No GPU memory for running the compiled code once at the largest scale before its first "
+                      "call: its kernels are tuned at the first (small) scale instead, slower at the large scales. "
+                      "A smaller batch leaves room for it.", stacklevel=2)
     _TUNED.add(key)
 
 
