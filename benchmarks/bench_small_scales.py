@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import os
-import statistics
 import sys
 
 import torch
@@ -26,6 +25,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 from bench_generator import (P1024, TINY_P256, device_name, kernel_bench_device, kernel_bench_parser,  # noqa: E402
                              write_results)
+from bench_tokenizer import timed  # noqa: E402  (CUDA-event median of a call)
 
 from starkit.generator import ScaleTransformer  # noqa: E402
 from starkit.generator.graphs import StaticScaleSteps  # noqa: E402
@@ -88,23 +88,7 @@ def time_scales(steps, xs, text_kvs, bias, scales, dev, warmup: int, repeats: in
     out = {}
     for k, x in zip(scales, xs):
         fn = (lambda: steps.graphs[k].replay()) if dev.type == "cuda" else (lambda: steps.run(k, x, text_kvs, bias))
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            if dev.type == "cuda":
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b))
-            else:
-                import time
-                t = time.perf_counter()
-                fn()
-                times.append(1000 * (time.perf_counter() - t))
-        out[k] = statistics.median(times)
+        out[k] = 1000 * timed(fn, warmup, repeats, dev)
     return out
 
 
