@@ -7,6 +7,9 @@ bandwidth), yet the sixth comparison measured ~110 us per block call (docs/perfo
 times each scale's graph, prints the kernels of one replay of all of them (count per block call, mean
 duration), and times the same steps with other SDPA backends preferred at capture (the self- and
 cross-attention run outside the compiled regions, so the backend is chosen when the graph is captured).
+Last, the floor of the matrix products: the six linear layers of every block alone at the small scales' row
+counts, from one CUDA graph, with cuBLAS (``F.linear``) and split in K (one batched product over S chunks of
+the weight, then a sum), and the rate at which each form reads the weights.
 
     python benchmarks/bench_small_scales.py --json $OUT/small_scales.json     # H200, ~2 min (compiles)
     python benchmarks/bench_small_scales.py --tiny                            # CPU smoke run (tiny model)
@@ -18,6 +21,7 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -120,10 +124,66 @@ def weight_bytes(net) -> int:
     return 2 * sum(p.numel() for p in net.blocks[0].parameters())
 
 
+def block_linears(block) -> list:
+    """The (weight, bias) of the six linear layers a block runs per sampling step, in the inference dtype."""
+    cross = block.cross_attn
+    qkv_bias = torch.cat((block.attn.q_bias, torch.zeros_like(block.attn.q_bias), block.attn.v_bias))
+    return [(block.attn.mat_qkv.weight, qkv_bias), (block.attn.proj.weight, block.attn.proj.bias),
+            (cross.mat_q.weight, cross.q_bias), (cross.proj.weight, cross.proj.bias),
+            (block.ffn.fc1.weight, block.ffn.fc1.bias), (block.ffn.fc2.weight, block.ffn.fc2.bias)]
+
+
+def split_k_linear(x: torch.Tensor, w_split: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T + b`` with the K dimension in S chunks (one batched product, then a sum): ``x`` ``(M, K)``,
+    ``w_split`` ``(S, K/S, N)`` (W transposed and split once) -> ``(M, N)``."""
+    S, chunk, _ = w_split.shape
+    return torch.bmm(x.view(x.shape[0], S, chunk).transpose(0, 1), w_split).sum(0) + bias
+
+
+def matmul_floor(net, dev, rows_list, splits, warmup: int, repeats: int) -> list:
+    """The six linear layers of every block at ``rows`` rows (the small scales' row counts), as one CUDA graph
+    per form (cuBLAS's ``F.linear``, split-K in S chunks): us per block and the weights' read rate. A split-K
+    form's largest difference from ``F.linear`` is in the row."""
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    layers = [[(w.to(dtype), b.to(dtype)) for w, b in block_linears(block)] for block in net.blocks]
+    weight_bytes = sum(w.numel() * w.element_size() for block in layers for w, _ in block)
+    out = []
+    for rows in rows_list:
+        x = torch.randn(rows, net.width, device=dev, dtype=dtype)
+        hidden = torch.randn(rows, layers[0][4][0].shape[0], device=dev, dtype=dtype)  # fc2's input
+        inputs = [x, x, x, x, x, hidden]
+        reference = [F.linear(i, w, b) for i, (w, b) in zip(inputs, layers[0])]
+        for S in splits:
+            if any(w.shape[1] % S for w, _ in layers[0]):
+                continue
+            if S == 1:
+                forms = layers
+                fn = lambda: [F.linear(i, w, b) for block in forms for i, (w, b) in zip(inputs, block)]  # noqa: E731
+            else:
+                forms = [[(w.t().reshape(S, w.shape[1] // S, w.shape[0]).contiguous(), b) for w, b in block]
+                         for block in layers]
+                fn = lambda: [split_k_linear(i, w, b) for block in forms for i, (w, b) in zip(inputs, block)]  # noqa: E731
+            diff = max((y - r).abs().max().item() for y, r in zip(fn()[:6], reference))
+            call = fn
+            if dev.type == "cuda":
+                from starkit.utils.cuda_graphs import capture, warm_up
+                warm_up(fn, dev)
+                graph, _ = capture(fn, torch.cuda.graph_pool_handle())
+                call = graph.replay
+            seconds = timed(call, warmup, repeats, dev)
+            out.append({"rows": rows, "split_k": S, "us_per_block": 1e6 * seconds / len(layers),
+                        "tb_per_s": weight_bytes / seconds / 1e12, "max_diff_vs_linear": diff})
+            del forms
+    return out
+
+
 def main(argv=None) -> None:
     ap = kernel_bench_parser(__doc__, repeats=20)
     ap.add_argument("--scales", default="0-8", help="first-last scale index to run (default 0-8)")
     ap.add_argument("--priorities", default=",".join(PRIORITIES), help="comma-separated keys of PRIORITIES")
+    ap.add_argument("--matmul-rows", default="2,32,512",
+                    help="row counts for the matrix-product floor (the six linear layers of every block alone)")
+    ap.add_argument("--splits", default="1,2,4,8", help="split-K chunk counts tried for it (1: F.linear)")
     args = ap.parse_args(argv)
     dev = kernel_bench_device(args)
     net, patch_nums = build(args.tiny, dev)
@@ -151,9 +211,12 @@ def main(argv=None) -> None:
             del steps
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
+        floor = matmul_floor(net, dev, [int(r) for r in args.matmul_rows.split(",")],
+                             [int(k) for k in args.splits.split(",")], args.warmup, args.repeats)
     bound_us = weight_bytes(net) / 4.0e12 * 1e6  # at ~4 TB/s, a realistic share of the H200's 4.8 TB/s
     if args.json:
-        write_results(args.json, device_name(dev), args, results, kernels=kernels, block_weight_bytes=weight_bytes(net))
+        write_results(args.json, device_name(dev), args, results, kernels=kernels, matmul_floor=floor,
+                      block_weight_bytes=weight_bytes(net))
     print(f"\n### Small scales {scales[0]}-{scales[-1]} of d30 @1024, batch 1 with guidance ({device_name(dev)})\n")
     print(f"one block's weights: {weight_bytes(net) / 1e6:.1f} MB (bf16), read at 4 TB/s in {bound_us:.1f} us\n")
     print("| kernel (default backends, one replay of every scale) | per block call | mean us | total ms |")
@@ -168,6 +231,11 @@ def main(argv=None) -> None:
             continue
         print(f"| {r['priority']} | " + " | ".join(f"{r['ms_per_scale'][k]:.3f}" for k in scales)
               + f" | {r['ms_all']:.2f} | {r['us_per_block_call']:.1f} |")
+    print("\n| the six linear layers alone: rows | split-K chunks | us per block | weights read, TB/s | max diff vs F.linear |")
+    print("|---|---|---|---|---|")
+    for r in floor:
+        print(f"| {r['rows']} | {r['split_k']} | {r['us_per_block']:.1f} | {r['tb_per_s']:.2f} | "
+              f"{r['max_diff_vs_linear']:.2e} |")
 
 
 if __name__ == "__main__":

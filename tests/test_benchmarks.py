@@ -172,8 +172,12 @@ def test_bench_small_scales_tiny(tmp_path, capsys):
     import bench_small_scales
     out = tmp_path / "small.json"
     bench_small_scales.main(["--tiny", "--json", str(out)])
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
     assert [r["priority"] for r in rows] == list(bench_small_scales.PRIORITIES)
+    floor = result["matmul_floor"]  # the six linear layers alone, F.linear and split in K: the same products
+    assert {(r["rows"], r["split_k"]) for r in floor} == {(m, s) for m in (2, 32, 512) for s in (1, 2, 4, 8)}
+    assert all(r["max_diff_vs_linear"] < 1e-4 for r in floor), floor
     assert all("error" not in r and set(r["ms_per_scale"]) == {"0", "1", "2", "3"} for r in rows), rows
     assert "| default |" in capsys.readouterr().out
 
