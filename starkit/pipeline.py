@@ -230,9 +230,8 @@ def _load_pretrained(path: str, sampler: Optional[dict] = None, cuda_graphs: Uni
     from starkit.generator.hparams import own_hyperparameters
     with own_hyperparameters():
         generator = load_generator(path, sampler=sampler)
-    if cuda_graphs not in (True, False, "steps", "whole"):
-        raise ValueError(f"cuda_graphs must be false, true (per-scale steps, also 'steps') or 'whole', got "
-                         f"{cuda_graphs!r}.")
+    from starkit.generator.sampling import check_cuda_graphs
+    check_cuda_graphs(cuda_graphs)
     generator.predict_options = dict(cuda_graphs=cuda_graphs, compile_blocks=bool(compile_blocks))
     return generator
 

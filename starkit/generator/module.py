@@ -409,7 +409,7 @@ class ScaleWiseGenerator(L.LightningModule):
         Returns:
             images ``(N, 3, H, W)`` float in [0, 1] (and the list of indices if asked).
         """
-        from starkit.generator.sampling import is_single_seed, run_sampling
+        from starkit.generator.sampling import check_cuda_graphs, is_single_seed, run_sampling
         if isinstance(prompts, str):
             prompts = [prompts]
         if seed is not None and not is_single_seed(seed):
@@ -421,9 +421,7 @@ class ScaleWiseGenerator(L.LightningModule):
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         sampler = (sampler or self.sampler).with_settings(cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature)
         net = self.ema if (use_ema and self.ema is not None) else self.transformer
-        if cuda_graphs not in (True, False, "steps", "whole"):
-            raise ValueError(f"cuda_graphs must be False, True (per-scale steps, also 'steps') or 'whole', "
-                             f"got {cuda_graphs!r}.")
+        check_cuda_graphs(cuda_graphs)
         static = self.__dict__.setdefault("_static_steps", {}) if cuda_graphs else None
         images, indices = run_sampling(net, self.tokenizer, self.text_encoder, sampler, prompts, seed, self.device,
                                        static_steps=static, fused=compile_blocks, whole_graph=cuda_graphs == "whole")

@@ -35,6 +35,14 @@ def encode_with_guidance(text_encoder: TextEncoder, prompts: Sequence[str], guid
     return text.to(device)
 
 
+def check_cuda_graphs(value) -> None:
+    """The ``cuda_graphs`` setting of generation (``generate``, ``PretrainedGenerator``): False, True (per-scale
+    steps, also "steps") or "whole"; anything else is one error naming the choices."""
+    if value not in (True, False, "steps", "whole"):
+        raise ValueError(f"cuda_graphs must be false, true (per-scale steps, also 'steps') or 'whole' (False/True "
+                         f"in Python), got {value!r}.")
+
+
 def is_single_seed(seed) -> bool:
     """Whether ``seed`` is one integer (a Python or NumPy int, or a 0-d tensor), not one seed per image."""
     return isinstance(seed, numbers.Integral) or (torch.is_tensor(seed) and seed.dim() == 0)
