@@ -30,6 +30,7 @@ sys.path.insert(0, HERE)
 from bench_generator import (P1024, TINY_P256, device_name, kernel_bench_device, kernel_bench_parser,  # noqa: E402
                              write_results)
 from bench_tokenizer import timed  # noqa: E402  (CUDA-event median of a call)
+from profile_generate import kernel_events  # noqa: E402
 
 from starkit.generator import ScaleTransformer  # noqa: E402
 from starkit.generator.graphs import StaticScaleSteps  # noqa: E402
@@ -106,9 +107,7 @@ def kernel_table(steps, xs, text_kvs, bias, scales, depth: int, dev, rows: int =
         if dev.type == "cuda":
             torch.cuda.synchronize()
     totals, counts = collections.defaultdict(float), collections.defaultdict(int)
-    for e in prof.key_averages():
-        if e.self_device_time_total <= 0 or e.key.startswith(("aten::", "cuda", "Command Buffer")):
-            continue
+    for e in kernel_events(prof.key_averages()):
         totals[e.key] += e.self_device_time_total / 1000
         counts[e.key] += e.count
     calls = depth * len(scales)

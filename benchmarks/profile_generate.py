@@ -150,12 +150,17 @@ def categorise(name: str) -> str:
     return "other"
 
 
+def kernel_events(events) -> list:
+    """The profiler's kernel-level rows: operator-level rows repeat their kernels' time; runtime calls and
+    profiler records are not kernels."""
+    return [e for e in events
+            if e.self_device_time_total > 0 and not e.key.startswith(("aten::", "cuda", "Command Buffer"))]
+
+
 def print_categories(events) -> None:
     """Device time of the call's kernels by category (the profiler's kernel-level events only)."""
     totals, counts = collections.defaultdict(float), collections.defaultdict(int)
-    for e in events:
-        if e.self_device_time_total <= 0 or e.key.startswith(("aten::", "cuda", "Command Buffer")):
-            continue  # operator-level rows repeat their kernels' time; runtime calls and profiler records are not kernels
+    for e in kernel_events(events):
         totals[categorise(e.key)] += e.self_device_time_total / 1000
         counts[categorise(e.key)] += e.count
     total = sum(totals.values())
