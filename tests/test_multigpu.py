@@ -13,8 +13,10 @@ import torch
 
 from conftest import REPO, make_tiny_generator
 
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")]), "OMP_NUM_THREADS": "1",
-       "HF_HUB_OFFLINE": "1"}
+# (an inherited PYTHONPATH is kept after ours: the GPU machine's jsonargparse lies on it)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+       "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")] + ([os.environ["PYTHONPATH"]]
+                                                                            if os.environ.get("PYTHONPATH") else []))}
 PROMPTS = ["a red circle", "two blue squares", "a green triangle", "a purple star", "a yellow square"]
 
 
