@@ -279,19 +279,14 @@ def main(argv=None) -> None:
                          "(their Triton kernels then keep launch configurations timed at small sizes)")
     ap.add_argument("--kv-head-major", action="store_true",
                     help="KV caches stored head-major (B, H, L, d), as before starkit.generator.blocks.KV_TOKEN_MAJOR")
-    ap.add_argument("--no-split-k", action="store_true",
-                    help="the compiled regions' linear layers as cuBLAS's F.linear at every row count, as before "
-                         "starkit.generator.fused.SPLIT_K_MAX_ROWS")
     ap.add_argument("--text", choices=("clip", "random"), default="clip")
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
-    from starkit.generator import blocks, fused
+    from starkit.generator import blocks
     from starkit.utils import compiling
-    saved = blocks.KV_TOKEN_MAJOR, compiling.TUNE_DEVICE_TYPES, dict(fused.SPLIT_K_MAX_ROWS)  # restored at the end
-    if args.no_split_k:  # (the tests call main())
-        fused.SPLIT_K_MAX_ROWS.clear()
+    saved = blocks.KV_TOKEN_MAJOR, compiling.TUNE_DEVICE_TYPES  # restored at the end (the tests call main())
     if args.kv_head_major:
         blocks.KV_TOKEN_MAJOR = False
     if args.no_tune_first:
@@ -310,9 +305,7 @@ def main(argv=None) -> None:
             rows += time_ours(config, args, dev, text, ceiling)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-        blocks.KV_TOKEN_MAJOR, compiling.TUNE_DEVICE_TYPES = saved[:2]
-        fused.SPLIT_K_MAX_ROWS.clear()
-        fused.SPLIT_K_MAX_ROWS.update(saved[2])
+        blocks.KV_TOKEN_MAJOR, compiling.TUNE_DEVICE_TYPES = saved
     if args.json:
         bg.write_results(args.json, device_name, args, rows, ceiling_tflops=ceiling)
     print()

@@ -32,7 +32,7 @@ from bench_generator import (P1024, TINY_P256, device_name, kernel_bench_device,
 from bench_tokenizer import timed  # noqa: E402  (CUDA-event median of a call)
 from profile_generate import kernel_events  # noqa: E402
 
-from starkit.generator import ScaleTransformer, fused  # noqa: E402
+from starkit.generator import ScaleTransformer  # noqa: E402
 from starkit.generator.graphs import StaticScaleSteps  # noqa: E402
 from starkit.generator.sampling import autocast_for  # noqa: E402
 from starkit.positional import NormalizedRoPE2D  # noqa: E402
@@ -139,17 +139,6 @@ def split_k_linear(x: torch.Tensor, w_split: torch.Tensor, bias: torch.Tensor) -
     return torch.bmm(x.view(x.shape[0], S, chunk).transpose(0, 1), w_split).sum(0) + bias
 
 
-def split_k_in_place(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """starkit's few-rows form (``fused.linear``) whatever the row count and device."""
-    saved = dict(fused.SPLIT_K_MAX_ROWS)
-    fused.SPLIT_K_MAX_ROWS[x.device.type] = x.numel()
-    try:
-        return fused.linear(x, weight, bias)
-    finally:
-        fused.SPLIT_K_MAX_ROWS.clear()
-        fused.SPLIT_K_MAX_ROWS.update(saved)
-
-
 def matmul_floor(net, dev, rows_list, splits, warmup: int, repeats: int) -> list:
     """The six linear layers of every block at ``rows`` rows (the small scales' row counts), as one CUDA graph
     per form (cuBLAS's ``F.linear``, split-K in S chunks): us per block and the weights' read rate. A split-K
@@ -164,12 +153,9 @@ def matmul_floor(net, dev, rows_list, splits, warmup: int, repeats: int) -> list
         inputs = [x, x, x, x, x, hidden]
         reference = [F.linear(i, w, b) for i, (w, b) in zip(inputs, layers[0])]
         for S in splits:
-            if S and any(w.shape[1] % S for w, _ in layers[0]):
+            if any(w.shape[1] % S for w, _ in layers[0]):
                 continue
-            if S == 0:  # starkit's form: chunks per layer, the weight read in place (forced on for this device)
-                forms = layers
-                fn = lambda: [split_k_in_place(i, w, b) for block in forms for i, (w, b) in zip(inputs, block)]  # noqa: E731
-            elif S == 1:
+            if S == 1:
                 forms = layers
                 fn = lambda: [F.linear(i, w, b) for block in forms for i, (w, b) in zip(inputs, block)]  # noqa: E731
             else:
@@ -196,16 +182,9 @@ def main(argv=None) -> None:
     ap.add_argument("--priorities", default=",".join(PRIORITIES), help="comma-separated keys of PRIORITIES")
     ap.add_argument("--matmul-rows", default="2,32,512",
                     help="row counts for the matrix-product floor (the six linear layers of every block alone)")
-    ap.add_argument("--splits", default="1,2,4,8,0",
-                    help="split-K chunk counts tried for it (1: F.linear; 0: starkit's fused.linear, chunks per layer "
-                         "by fused.split_k_chunks, the weight read in place)")
-    ap.add_argument("--no-split-k", action="store_true",
-                    help="the scale steps' linear layers as F.linear at every row count (fused.SPLIT_K_MAX_ROWS "
-                         "cleared), as before the ninth comparison")
+    ap.add_argument("--splits", default="1,2,4,8", help="split-K chunk counts tried for it (1: F.linear)")
     args = ap.parse_args(argv)
     dev = kernel_bench_device(args)
-    if args.no_split_k:  # a process of its own (the module default is not restored)
-        fused.SPLIT_K_MAX_ROWS.clear()
     net, patch_nums = build(args.tiny, dev)
     first, last = (int(s) for s in args.scales.split("-"))
     scales = list(range(first, min(last, len(patch_nums) - 1) + 1))
@@ -251,7 +230,7 @@ def main(argv=None) -> None:
             continue
         print(f"| {r['priority']} | " + " | ".join(f"{r['ms_per_scale'][k]:.3f}" for k in scales)
               + f" | {r['ms_all']:.2f} | {r['us_per_block_call']:.1f} |")
-    print("\n| the six linear layers alone: rows | split-K chunks (0: fused.linear) | us per block | weights read, TB/s | max diff vs F.linear |")
+    print("\n| the six linear layers alone: rows | split-K chunks | us per block | weights read, TB/s | max diff vs F.linear |")
     print("|---|---|---|---|---|")
     for r in floor:
         print(f"| {r['rows']} | {r['split_k']} | {r['us_per_block']:.1f} | {r['tb_per_s']:.2f} | "

@@ -175,25 +175,23 @@ def test_bench_small_scales_tiny(tmp_path, capsys):
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert [r["priority"] for r in rows] == list(bench_small_scales.PRIORITIES)
-    floor = result["matmul_floor"]  # the six linear layers alone, F.linear, split in K, fused.linear: the same products
-    assert {(r["rows"], r["split_k"]) for r in floor} == {(m, s) for m in (2, 32, 512) for s in (1, 2, 4, 8, 0)}
+    floor = result["matmul_floor"]  # the six linear layers alone, F.linear and split in K: the same products
+    assert {(r["rows"], r["split_k"]) for r in floor} == {(m, s) for m in (2, 32, 512) for s in (1, 2, 4, 8)}
     assert all(r["max_diff_vs_linear"] < 1e-4 for r in floor), floor
     assert all("error" not in r and set(r["ms_per_scale"]) == {"0", "1", "2", "3"} for r in rows), rows
     assert "| default |" in capsys.readouterr().out
 
 
 def test_bench_generate_old_orders_restore_the_defaults(capsys):
-    """--no-tune-first, --kv-head-major and --no-split-k (the befores of the eighth and ninth comparisons) set
-    module defaults for the run and put them back."""
+    """--no-tune-first and --kv-head-major (the before of the eighth comparison) set module defaults for the run
+    and put them back."""
     import bench_generate
-    from starkit.generator import blocks, fused
+    from starkit.generator import blocks
     from starkit.utils import compiling
-    before = blocks.KV_TOKEN_MAJOR, compiling.TUNE_DEVICE_TYPES, dict(fused.SPLIT_K_MAX_ROWS)
-    assert before[2]
+    before = blocks.KV_TOKEN_MAJOR, compiling.TUNE_DEVICE_TYPES
     bench_generate.main(["--tiny", "--configs", "d16@256", "--batches", "1", "--repeats", "1", "--warmup", "0",
                          "--samplers", "parallel", "--text", "random", "--cuda-graphs", "--skip-eager", "--skip-plain",
-                         "--compile-blocks", "--compile-decoder", "--compile-text", "--no-tune-first", "--kv-head-major",
-                         "--no-split-k"])
-    assert (blocks.KV_TOKEN_MAJOR, compiling.TUNE_DEVICE_TYPES, fused.SPLIT_K_MAX_ROWS) == before
+                         "--compile-blocks", "--compile-decoder", "--compile-text", "--no-tune-first", "--kv-head-major"])
+    assert (blocks.KV_TOKEN_MAJOR, compiling.TUNE_DEVICE_TYPES) == before
     out = capsys.readouterr().out
     assert "starkit graphs, compiled blocks" in out and "| d16@256 | starkit graphs |" not in out

@@ -650,48 +650,6 @@ def test_token_major_kv_caches_give_the_head_major_images(monkeypatch):
         torch.testing.assert_close(image_a, image_b, rtol=1e-5, atol=1e-5)
 
 
-def test_split_k_linear_at_few_rows_equals_f_linear(monkeypatch):
-    """fused.linear: at or below SPLIT_K_MAX_ROWS rows (per device type) the inner dimension is split into
-    chunks read in place from the weight; the same products as F.linear up to rounding; above the limit,
-    on unlisted devices or with one chunk, F.linear itself."""
-    import torch.nn.functional as F
-    from starkit.generator import fused
-    assert [fused.split_k_chunks(n, k) for n, k in ((1920, 1920), (5760, 1920), (7680, 1920), (1920, 7680), (32, 32))] \
-        == [8, 4, 4, 8, 1]
-    g = torch.Generator().manual_seed(0)
-    w, b = torch.randn(256, 1024, generator=g), torch.randn(256, generator=g)
-    few, many = torch.randn(2, 3, 1024, generator=g), torch.randn(2, 40, 1024, generator=g)
-    assert torch.equal(fused.linear(few, w, b), F.linear(few, w, b))  # "cpu" not listed: F.linear
-    monkeypatch.setitem(fused.SPLIT_K_MAX_ROWS, "cpu", 64)
-    calls = []
-    monkeypatch.setattr(fused.torch, "bmm", lambda *a: calls.append(a[1].shape) or torch.matmul(*a))
-    got = fused.linear(few, w, b)
-    assert calls == [(8, 128, 256)] and got.shape == (2, 3, 256)
-    torch.testing.assert_close(got, F.linear(few, w, b), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(fused.linear(few, w, None), F.linear(few, w), rtol=1e-5, atol=1e-4)
-    assert torch.equal(fused.linear(many, w, b), F.linear(many, w, b)) and len(calls) == 2  # 80 rows > 64
-
-
-def test_split_k_regions_give_the_same_tokens(monkeypatch):
-    """generate(compile_blocks=True) with the few-rows forms (split-K linear layers, fc1 and its GELU inside
-    the last region) gives the tokens of the plain regions; the tiny model's layers forced into 2 chunks."""
-    from starkit.generator import fused
-    gen = make_tiny_generator().eval()
-    prompts = ["a red circle", "two blue squares"]
-    want, want_idx = gen.generate(prompts, seed=5, compile_blocks=True, return_indices=True)
-    monkeypatch.setitem(fused.SPLIT_K_MAX_ROWS, "cpu", 8)  # the tiny model's first scales: 2 and 8 rows
-    monkeypatch.setattr(fused, "split_k_chunks", lambda n, k: 2)
-    calls = []
-    real = fused.run_compiled
-    monkeypatch.setattr(fused, "run_compiled", lambda fn, *a: (calls.append(a[1].shape) if fn is fused.ffn_small_rows
-                                                              else None) or real(fn, *a))
-    got, got_idx = gen.generate(prompts, seed=5, compile_blocks=True, return_indices=True)
-    assert calls and all(s[0] * s[1] <= 8 for s in calls)
-    assert len(calls) < len(gen.transformer.blocks) * len(gen.transformer.patch_nums)  # larger scales: plain
-    assert all(torch.equal(a, b) for a, b in zip(got_idx, want_idx))
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-
-
 def test_a_compiler_failure_names_the_option_to_turn_off(monkeypatch):
     from starkit.utils import compiling
 

@@ -24,13 +24,6 @@ width serve every scale and batch size, one of them for the single-token first s
 them). The results equal the
 eager block's up to floating-point rounding (tests/test_generator.py); AdaLN (VAR) blocks, blocks
 in training mode and training itself run eagerly.
-
-At the first scales of a batch-1 generation a block's linear layers see a few rows (2 to 50 with
-guidance) and only read weights; cuBLAS then tiles the output columns alone (15 thread blocks for a
-1920-wide layer on 132 SMs) and reads the weights far below the memory bandwidth. At or below
-:data:`SPLIT_K_MAX_ROWS` rows the regions split the inner dimension instead (:func:`linear`: one batched
-product over chunks of the weight, read in place, then a float32 sum), and fc1 runs inside the last
-region with its GELU (:func:`ffn_small_rows`).
 """
 from __future__ import annotations
 
@@ -43,42 +36,6 @@ from starkit.generator import blocks
 from starkit.generator.blocks import Block, KVCache, autocast_weight, fc1_gelu, take_rows, token_major
 from starkit.positional import as_cis, rotate_float32
 
-#: per device type, the most rows (batch x tokens) at which the compiled regions' linear layers split their
-#: inner dimension (:func:`linear`); a device type not listed never does. Tests add ``"cpu"``.
-SPLIT_K_MAX_ROWS = {"cuda": 64}
-
-
-def split_k_chunks(out_features: int, in_features: int) -> int:
-    """Chunks of the inner dimension for a few rows: doubled while cuBLAS's ~128-column output tiles times the
-    chunks stay under ~128 thread blocks (the H200 has 132 SMs), up to 8, each chunk at least 128 deep."""
-    chunks = 1
-    while (chunks < 8 and (out_features // 128) * chunks < 128 and in_features % (2 * chunks) == 0
-           and in_features // (2 * chunks) >= 128):
-        chunks *= 2
-    return chunks
-
-
-def few_rows(h: torch.Tensor) -> bool:
-    """Whether ``h`` ``(..., K)`` has few enough rows for :func:`linear`'s split-K form on its device."""
-    return h.numel() // max(h.shape[-1], 1) <= SPLIT_K_MAX_ROWS.get(h.device.type, 0)
-
-
-def linear(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``F.linear(h, weight, bias)``; at few rows (:func:`few_rows`) split in S chunks of the inner dimension:
-    ``(S, M, K/S) @ (S, K/S, N)`` in one batched product (the weight read in place, as a strided view), the
-    partial products summed in float32. ``h`` ``(..., K)`` -> ``(..., N)``."""
-    N, K = weight.shape
-    chunks = split_k_chunks(N, K)
-    if chunks == 1 or not few_rows(h):
-        return F.linear(h, weight, bias)
-    rows = h.numel() // K
-    x = h.reshape(rows, chunks, K // chunks).transpose(0, 1)  # (S, M, K/S)
-    w = weight.view(N, chunks, K // chunks).permute(1, 2, 0)  # (S, K/S, N), no copy
-    y = torch.bmm(x, w).sum(0, dtype=torch.float32)  # (M, N)
-    if bias is not None:
-        y = y + bias
-    return y.to(h.dtype).view(*h.shape[:-1], N)
-
 
 def attention_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, q_scale: torch.Tensor,
                      rotary: Optional[Tuple[torch.Tensor, torch.Tensor]], num_heads: int, eps: float):
@@ -89,7 +46,7 @@ def attention_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     here (``benchmarks/bench_attention_layouts.py --dynamic``)."""
     B, l, C = x.shape
     h = F.layer_norm(x.float(), (C,), eps=eps).to(weight.dtype)  # (B, l, C)
-    qkv = linear(h, weight, bias).view(B, l, 3, num_heads, C // num_heads)
+    qkv = F.linear(h, weight, bias).view(B, l, 3, num_heads, C // num_heads)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, l, d)
     qf = F.normalize(q.float(), dim=-1).mul(q_scale)
     kf = F.normalize(k.float(), dim=-1)
@@ -101,7 +58,7 @@ def attention_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
 
 def _project(out: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     B, H, l, d = out.shape
-    return linear(out.transpose(1, 2).reshape(B, l, H * d), weight, bias)  # (B, l, C)
+    return F.linear(out.transpose(1, 2).reshape(B, l, H * d), weight, bias)  # (B, l, C)
 
 
 def cross_inputs(x: torch.Tensor, out: torch.Tensor, proj_w: torch.Tensor, proj_b: torch.Tensor,
@@ -111,7 +68,7 @@ def cross_inputs(x: torch.Tensor, out: torch.Tensor, proj_w: torch.Tensor, proj_
     B, l, C = x.shape
     H = out.shape[1]
     h = F.layer_norm(x.float(), (C,), eps=eps).to(q_w.dtype)
-    q = linear(h, q_w, q_b).view(B, l, H, C // H).transpose(1, 2)  # (B, H, l, d)
+    q = F.linear(h, q_w, q_b).view(B, l, H, C // H).transpose(1, 2)  # (B, H, l, d)
     return x, F.normalize(q.float(), dim=-1).mul(q_scale).to(out.dtype)
 
 
@@ -124,21 +81,12 @@ def ffn_inputs(x: torch.Tensor, out: torch.Tensor, proj_w: torch.Tensor, proj_b:
 
 def ffn_output(x: torch.Tensor, g: torch.Tensor, fc2_w: torch.Tensor, fc2_b: torch.Tensor) -> torch.Tensor:
     """The FFN's residual: ``x + fc2(g)`` ``(B, l, C)``, with g = GELU(fc1(h)) ``(B, l, 4C)``."""
-    return x + linear(g, fc2_w, fc2_b)
-
-
-def ffn_small_rows(x: torch.Tensor, h: torch.Tensor, fc1_w: torch.Tensor, fc1_b: torch.Tensor, fc2_w: torch.Tensor,
-                   fc2_b: torch.Tensor) -> torch.Tensor:
-    """:func:`ffn_output` with fc1 and its GELU in the region (at few rows, both split-K: :func:`linear`):
-    ``x + fc2(GELU_tanh(fc1(h)))`` ``(B, l, C)``."""
-    g = F.gelu(linear(h, fc1_w, fc1_b).float(), approximate="tanh").to(h.dtype)  # (B, l, 4C)
-    return x + linear(g, fc2_w, fc2_b)
+    return x + F.linear(g, fc2_w, fc2_b)
 
 
 # which dimensions of which arguments vary between calls: x (rows, tokens), out (rows, tokens), rotary (tokens)
 _DYNAMIC_DIMS = {"attention_inputs": {0: (0, 1), 4: (0,)}, "cross_inputs": {0: (0, 1), 1: (0, 2)},
-                 "ffn_inputs": {0: (0, 1), 1: (0, 2)}, "ffn_output": {0: (0, 1), 1: (0, 1)},
-                 "ffn_small_rows": {0: (0, 1), 1: (0, 1)}}
+                 "ffn_inputs": {0: (0, 1), 1: (0, 2)}, "ffn_output": {0: (0, 1), 1: (0, 1)}}
 
 
 def run_compiled(fn, *args):
@@ -212,6 +160,4 @@ def fused_block(block: Block, x: torch.Tensor, rotary: Optional[Tuple[torch.Tens
     fc1_w, fc1_b = _weights(block.ffn.fc1, x)
     fc2_w, fc2_b = _weights(block.ffn.fc2, x)
     x, h = run_compiled(ffn_inputs, x, out, proj_w, proj_b, eps, fc1_w.dtype)
-    if few_rows(h):
-        return run_compiled(ffn_small_rows, x, h, fc1_w, fc1_b, fc2_w, fc2_b)
     return run_compiled(ffn_output, x, fc1_gelu(h, fc1_w, fc1_b), fc2_w, fc2_b)
