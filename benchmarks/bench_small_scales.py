@@ -139,6 +139,13 @@ def split_k_linear(x: torch.Tensor, w_split: torch.Tensor, bias: torch.Tensor) -
     return torch.bmm(x.view(x.shape[0], S, chunk).transpose(0, 1), w_split).sum(0) + bias
 
 
+def reduction_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T + b`` written as a product summed over K, output ``(N, M)`` first so that neighbouring programs
+    of the reduction kernel ``torch.compile`` writes share a weight row (read once): ``(M, K)`` -> ``(M, N)``,
+    float32 accumulation."""
+    return ((weight.float()[:, None, :] * x.float()[None]).sum(-1).t() + bias.float()).to(x.dtype)
+
+
 def matmul_floor(net, dev, rows_list, splits, warmup: int, repeats: int) -> list:
     """The six linear layers of every block at ``rows`` rows (the small scales' row counts), as one CUDA graph
     per form (cuBLAS's ``F.linear``, split-K in S chunks): us per block and the weights' read rate. A split-K
@@ -153,9 +160,14 @@ def matmul_floor(net, dev, rows_list, splits, warmup: int, repeats: int) -> list
         inputs = [x, x, x, x, x, hidden]
         reference = [F.linear(i, w, b) for i, (w, b) in zip(inputs, layers[0])]
         for S in splits:
-            if any(w.shape[1] % S for w, _ in layers[0]):
+            if S == "reduce":  # one compiled reduction kernel per layer (compiled per shape, dynamic=False)
+                forms = layers
+                torch._dynamo.config.recompile_limit = 64  # one graph per layer shape and row count
+                compiled = torch.compile(reduction_linear, dynamic=False)
+                fn = lambda: [compiled(i, w, b) for block in forms for i, (w, b) in zip(inputs, block)]  # noqa: E731
+            elif any(w.shape[1] % S for w, _ in layers[0]):
                 continue
-            if S == 1:
+            elif S == 1:
                 forms = layers
                 fn = lambda: [F.linear(i, w, b) for block in forms for i, (w, b) in zip(inputs, block)]  # noqa: E731
             else:
@@ -182,7 +194,9 @@ def main(argv=None) -> None:
     ap.add_argument("--priorities", default=",".join(PRIORITIES), help="comma-separated keys of PRIORITIES")
     ap.add_argument("--matmul-rows", default="2,32,512",
                     help="row counts for the matrix-product floor (the six linear layers of every block alone)")
-    ap.add_argument("--splits", default="1,2,4,8", help="split-K chunk counts tried for it (1: F.linear)")
+    ap.add_argument("--splits", default="1,2,4,8",
+                    help="split-K chunk counts tried for it (1: F.linear); 'reduce': the product as a compiled "
+                         "reduction (reduction_linear)")
     args = ap.parse_args(argv)
     dev = kernel_bench_device(args)
     net, patch_nums = build(args.tiny, dev)
@@ -193,7 +207,7 @@ def main(argv=None) -> None:
     results, kernels = [], []
     with torch.no_grad(), autocast_for(dev, cache_enabled=False):
         xs, text_kvs, bias = inputs(net, patch_nums, scales, dev)
-        for name in args.priorities.split(","):
+        for name in [p for p in args.priorities.split(",") if p not in ("", "none")]:  # none: the floor alone
             try:
                 steps = capture_steps(net, xs, text_kvs, bias, scales, PRIORITIES[name], dev)
                 ms = time_scales(steps, xs, text_kvs, bias, scales, dev, args.warmup, args.repeats)
@@ -211,7 +225,8 @@ def main(argv=None) -> None:
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
         floor = matmul_floor(net, dev, [int(r) for r in args.matmul_rows.split(",")],
-                             [int(k) for k in args.splits.split(",")], args.warmup, args.repeats)
+                             [k if k == "reduce" else int(k) for k in args.splits.split(",")], args.warmup,
+                             args.repeats)
     bound_us = weight_bytes(net) / 4.0e12 * 1e6  # at ~4 TB/s, a realistic share of the H200's 4.8 TB/s
     if args.json:
         write_results(args.json, device_name(dev), args, results, kernels=kernels, matmul_floor=floor,
