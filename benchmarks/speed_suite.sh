@@ -28,8 +28,8 @@
 #   kernels   : benchmarks/bench_kernels.py, fc1 with GELU in the epilogue and the decoder's conv_out as tap_conv3x3
 #               against what they replaced (not in the default list)
 #   multigpu  : on a machine with 2+ GPUs (nvidia-h200-x2): the 2-GPU FSDP test, then benchmarks/bench_multigpu.py
-#               d30 @256 (single, DDP, FSDP; ~6 min on 2 H200s); MULTIGPU_CONFIGS=d30@1024 in a second call (token dropping):
-#               run it alone (not in the default list)
+#               d30 @256 (single, DDP, FSDP; 6 min on 2 H200s); MULTIGPU_CONFIGS=d30@1024 in a second call (token dropping,
+#               batch 8 per GPU; ~7.5 min with the test): run it alone (not in the default list)
 # Pick stages with STAGES="train tokenizer" (default: check generate, 510 s of limits: a device call runs 600 s at
 # most, so keep the sum of the chosen stages' limits below that); *_LIMIT variables set time limits.
 # Narrower runs: T1024_COMPILE=on (compiled rows only), SMALL_CONFIGS=d16@256, SMALL_ARGS / GENERATE_ARGS add
