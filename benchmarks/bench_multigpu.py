@@ -159,7 +159,8 @@ def main(argv=None) -> None:
     ap.add_argument("--configs", default="d30@256,d30@1024", help="comma-separated: d30@256, d30@1024")
     ap.add_argument("--strategies", default="single,ddp,fsdp", help="comma-separated: single, ddp, fsdp")
     ap.add_argument("--batch-256", type=int, default=32, help="batch per GPU of d30 @256")
-    ap.add_argument("--batch-1024", type=int, default=8, help="batch per GPU of d30 @1024 (8 fits in 46 GiB on one H200)")
+    ap.add_argument("--batch-1024", type=int, default=8,
+                    help="batch per GPU of d30 @1024 (8 fits in 46 GiB on one H200)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     ap.add_argument("--text", choices=("random", "clip"), default="random")
