@@ -160,7 +160,13 @@ def matmul_floor(net, dev, rows_list, splits, warmup: int, repeats: int) -> list
         inputs = [x, x, x, x, x, hidden]
         reference = [F.linear(i, w, b) for i, (w, b) in zip(inputs, layers[0])]
         for S in splits:
-            if S == "reduce":  # one compiled reduction kernel per layer (compiled per shape, dynamic=False)
+            if S == "triton":  # benchmarks/few_rows_gemm.py: a Triton product for <= 64 rows, tuned per shape
+                if rows > 64:
+                    continue
+                from few_rows_gemm import few_rows_linear
+                forms = layers
+                fn = lambda: [few_rows_linear(i, w, b) for block in forms for i, (w, b) in zip(inputs, block)]  # noqa: E731
+            elif S == "reduce":  # one compiled reduction kernel per layer (compiled per shape, dynamic=False)
                 forms = layers
                 torch._dynamo.config.recompile_limit = 64  # one graph per layer shape and row count
                 compiled = torch.compile(reduction_linear, dynamic=False)
@@ -196,7 +202,8 @@ def main(argv=None) -> None:
                     help="row counts for the matrix-product floor (the six linear layers of every block alone)")
     ap.add_argument("--splits", default="1,2,4,8",
                     help="split-K chunk counts tried for it (1: F.linear); 'reduce': the product as a compiled "
-                         "reduction (reduction_linear)")
+                         "reduction (reduction_linear); 'triton': benchmarks/few_rows_gemm.py (<= 64 rows; needs "
+                         "Triton, on a CPU TRITON_INTERPRET=1)")
     args = ap.parse_args(argv)
     dev = kernel_bench_device(args)
     net, patch_nums = build(args.tiny, dev)
@@ -225,7 +232,7 @@ def main(argv=None) -> None:
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
         floor = matmul_floor(net, dev, [int(r) for r in args.matmul_rows.split(",")],
-                             [k if k == "reduce" else int(k) for k in args.splits.split(",")], args.warmup,
+                             [k if k in ("reduce", "triton") else int(k) for k in args.splits.split(",")], args.warmup,
                              args.repeats)
     bound_us = weight_bytes(net) / 4.0e12 * 1e6  # at ~4 TB/s, a realistic share of the H200's 4.8 TB/s
     if args.json:

@@ -3,6 +3,8 @@ import json
 import os
 import sys
 
+import pytest
+
 from conftest import REPO
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
@@ -195,3 +197,20 @@ def test_bench_generate_old_orders_restore_the_defaults(capsys):
     assert (blocks.KV_TOKEN_MAJOR, compiling.TUNE_DEVICE_TYPES) == before
     out = capsys.readouterr().out
     assert "starkit graphs, compiled blocks" in out and "| d16@256 | starkit graphs |" not in out
+
+
+def test_few_rows_gemm_matches_f_linear_under_the_triton_interpreter():
+    """benchmarks/few_rows_gemm.py (the Triton product for <= 64 rows of bench_small_scales --splits triton) gives
+    F.linear's products; on a CPU through Triton's interpreter (skipped where Triton is not installed)."""
+    pytest.importorskip("triton")
+    import subprocess
+    code = ("import sys, torch, torch.nn.functional as F; sys.path.insert(0, 'benchmarks'); import few_rows_gemm as g\n"
+            "for M, N, K in ((2, 48, 256), (5, 100, 300), (33, 64, 128)):\n"
+            "    x, w, b = torch.randn(M, K), torch.randn(N, K), torch.randn(N)\n"
+            "    torch.testing.assert_close(g.few_rows_linear(x, w, b), F.linear(x, w, b), rtol=1e-4, atol=1e-4)\n"
+            "    torch.testing.assert_close(g.few_rows_linear(x, w), F.linear(x, w), rtol=1e-4, atol=1e-4)\n"
+            "try:\n    g.few_rows_linear(torch.randn(65, 8), torch.randn(4, 8))\nexcept ValueError as e:\n"
+            "    assert 'at most 64 rows' in str(e)\nelse:\n    raise AssertionError('65 rows accepted')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
