@@ -277,3 +277,18 @@ def test_fit_with_a_trainer_logs_the_counts(tmp_path):
     assert sum(sum(s.values()) for s in skipped) >= 6  # the val sanity check may count again
     logged = trainer.logged_metrics
     assert any(k.startswith("train/skipped/") and v > 0 for k, v in logged.items())
+
+
+def test_symlinked_subfolders_are_scanned_once(tmp_path):
+    # os.walk does not follow folder links: a data set assembled from linked folders was silently left out
+    real, root = tmp_path / "disk2" / "part", tmp_path / "data"
+    real.mkdir(parents=True)
+    root.mkdir()
+    _img(real / "x.jpg")
+    _caption(real / "x.jpg")
+    _img(root / "y.png")
+    (root / "part1").symlink_to(real, target_is_directory=True)
+    (root / "again").symlink_to(real, target_is_directory=True)  # the same folder twice: read once
+    (root / "loop").symlink_to(root, target_is_directory=True)  # a link back up: no endless walk
+    keys = [item.key for item in scan_folder(str(root), "empty")[0]]
+    assert keys == ["again/x.jpg", "y.png"]

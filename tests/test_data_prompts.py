@@ -211,3 +211,30 @@ def test_trainer_predict_progress_bar_knows_the_total(tmp_path):
     trainer.predict(_echo(), datamodule=PromptDataModule(prompts=["a", "b", "c"], num_images_per_prompt=2,
                                                          batch_size=4), return_predictions=False)
     assert trainer.num_predict_batches == [2]
+
+
+@pytest.mark.parametrize("workers, batch_size, n", [(3, 4, 3), (2, 4, 10)])
+def test_trainer_predict_with_workers_loses_no_item(tmp_path, workers, batch_size, n):
+    # each worker batches its own shard: 3 workers x 1 item are 3 batches, not ceil(3 / 4) = 1; Lightning stops
+    # predict after len(loader) batches, so the loader's length must count them or the last items are dropped.
+    import lightning as L
+
+    path = tmp_path / "p.txt"
+    path.write_text("".join(f"p{i}\n" for i in range(n)))
+    dm = PromptDataModule(prompt_file=str(path), batch_size=batch_size, num_workers=workers)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(tmp_path))
+    batches = trainer.predict(_echo(), datamodule=dm)
+    assert sorted(i for b in batches for i in b["index"]) == list(range(n))
+
+
+@pytest.mark.parametrize("bad, match", [
+    ('{"prompt": "x", "name": "..."}\n', r"p.jsonl line 1: name '...' gives an empty file name"),
+    ('{"prompt": "x"}\n{"prompt": "y", "seed": 99999999999999999999}\n', r"line 2: seed must be an integer in"),
+    ("a plain prompt\n", r"line 1 is not valid JSON.*name the file \*.txt"),
+])
+def test_jsonl_field_errors_name_the_file_line_and_fix(tmp_path, bad, match):
+    path = tmp_path / "p.jsonl"
+    path.write_text(bad)
+    with pytest.raises(ValueError, match=match):
+        PromptDataModule(prompt_file=str(path)).setup("predict")

@@ -132,3 +132,24 @@ def test_a_failed_or_empty_run_leaves_no_partial_files_and_workers_reopen_the_fi
     copy = pickle.loads(pickle.dumps(dataset))  # what a spawned DataLoader worker receives
     assert copy.__dict__["_token_rows"] is None  # no copy of the rows: it reopens the file
     assert torch.equal(copy[5]["indices"], dataset[5]["indices"])
+
+
+def test_a_rerun_that_stops_before_its_meta_leaves_no_stale_meta_and_mixed_files_are_refused(tmp_path, images,
+                                                                                            monkeypatch):
+    from starkit.data import tokens as tokens_module
+    _tokenize(tmp_path)
+    root = str(tmp_path / "tokens")
+    meta = read_meta(root)
+    with open(os.path.join(root, "meta.json"), "w") as fh:  # rows of another run's scales
+        json.dump({**meta, "length": 21, "patch_nums": [1, 2, 4]}, fh)
+    with pytest.raises(ValueError, match=r"indices.npy holds \(6, 30\) token rows but meta.json describes \(6, 21\)"):
+        TokenizedDataset(root)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(tokens_module.json, "dump", crash)  # the new rows are in place, the meta is not written
+    with pytest.raises(OSError, match="disk full"):
+        _tokenize(tmp_path)
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError, match="not a token folder"):  # not the old meta over the new rows
+        TokenizedDataModule(root)

@@ -170,3 +170,52 @@ def test_datamodule_fit_and_resume_through_lightning(shards, tmp_path):
     assert dm.skipped_counts().get("val/repaired/caption_missing") is None
     rest, _ = fit(6, tmp_path / "c", ckpt=str(tmp_path / "b" / "last.ckpt"))
     assert first + rest == full
+
+
+def test_a_key_written_twice_in_a_shard_is_two_samples(tmp_path):
+    # the second a.jpg/a.txt (e.g. concatenated shards) overwrote the first: one sample silently lost, not counted
+    path = str(tmp_path / "dup.tar")
+    with tarfile.open(path, "w") as tf:
+        for name, data in (("a.jpg", _jpeg(1)), ("a.txt", b"first"), ("b.jpg", _jpeg(2)), ("b.txt", b"b"),
+                           ("a.jpg", _jpeg(3)), ("a.txt", b"second")):
+            _add(tf, name, data)
+    stream = WebDatasetStream([path], resolution=16, train=False, shuffle=False, repeat=False)
+    assert [s["caption"] for s in stream] == ["first", "b", "second"]
+
+
+def _bounded_passes(stream, limit=200):
+    """Fail (instead of hanging the test) if the stream starts more than ``limit`` passes."""
+    calls, plain = [], stream.consumer_shards
+
+    def consumer_shards(*args):
+        calls.append(1)
+        assert len(calls) <= limit, "the stream loops over its passes forever"
+        return plain(*args)
+    stream.consumer_shards = consumer_shards
+    return stream
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_shards_without_a_usable_sample_are_an_error_not_a_hang(tmp_path, shuffle):
+    # an endless stream over shards that give nothing (an empty tar, a non-tar) looped forever without yielding
+    empty, junk = str(tmp_path / "empty.tar"), str(tmp_path / "junk.tar")
+    tarfile.open(empty, "w").close()
+    with open(junk, "wb") as fh:
+        fh.write(b"not a tar" * 200)
+    stream = _bounded_passes(WebDatasetStream([empty, junk], resolution=16, shuffle=shuffle, repeat=True))
+    loader = ResumableStreamLoader(stream, batch_size=2, num_workers=0)
+    with pytest.raises(RuntimeError, match="no usable sample in the 2 training shard"):
+        next(iter(loader))
+
+
+def test_a_reader_with_only_empty_shards_stops_and_the_others_go_on(shards, tmp_path):
+    empty = str(tmp_path / "empty.tar")
+    tarfile.open(empty, "w").close()
+    good = os.path.join(shards, "00000.tar")
+    for shuffle in (True, False):
+        stream = _bounded_passes(WebDatasetStream([good, empty], resolution=16, shuffle=shuffle, repeat=True))
+        for consumer in range(2):  # 2 readers: samples keep coming, or (its one shard is empty) the stream ends
+            stream._consumer = lambda c=consumer: (c, c, 2)
+            taken = [s["path"] for _, s in zip(range(3 * PER_SHARD), iter(stream))]
+            # shuffled, each reader gets the good shard in some passes; not shuffled, reader 1 only the empty one
+            assert len(taken) == (0 if not shuffle and consumer == 1 else 3 * PER_SHARD)

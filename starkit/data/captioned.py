@@ -47,7 +47,13 @@ def scan_folder(root: str, missing_caption: str) -> Tuple[List[CaptionedItem], C
     if not os.path.isdir(root):
         raise FileNotFoundError(f"image folder {root!r} does not exist or is not a folder")
     items, stats, extensions = [], Counter(), Counter()
-    for folder, dirs, files in os.walk(root):
+    visited = set()  # real paths of the folders scanned: symlinked folders are followed, each folder once
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in visited:  # a link back up the tree, or a second link to the same folder
+            dirs[:] = []
+            continue
+        visited.add(real)
         dirs.sort()
         names = set(files)
         for name in sorted(files):

@@ -80,7 +80,9 @@ def read_prompt_file(path: str) -> Iterator[PromptRecord]:
             try:
                 record = json.loads(line)
             except ValueError as err:
-                raise ValueError(f"{path} line {line_no} is not valid JSON: {err}") from None
+                raise ValueError(f"{path} line {line_no} is not valid JSON: {err}. A .jsonl/.json prompt file holds "
+                                 f"one JSON object per line; for one plain-text prompt per line, name the file "
+                                 f"*.txt") from None
             yield _check_record(record, f"{path} line {line_no}")
 
 
@@ -90,9 +92,14 @@ def _check_record(record, where: str) -> PromptRecord:
     seed, name = record.get("seed"), record.get("name")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"{where}: seed must be an integer, got {seed!r}")
+    if seed is not None and not -2 ** 63 <= seed < 2 ** 63:  # torch.Generator.manual_seed takes 64 bits
+        raise ValueError(f"{where}: seed must be an integer in [-2**63, 2**63), got {seed}")
     if name is not None and not isinstance(name, str):
         raise ValueError(f"{where}: name must be a string, got {name!r}")
-    return record["prompt"], seed, None if name is None else safe_name(name)
+    try:
+        return record["prompt"], seed, None if name is None else safe_name(name)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
 
 
 def rank_and_world() -> Tuple[int, int]:
@@ -104,11 +111,12 @@ def rank_and_world() -> Tuple[int, int]:
 
 class ScanCounts(NamedTuple):
     """What one pass over every item found: ``items`` in all, ``done`` (their image exists) and ``mine`` (the
-    items one rank will yield: in its shards and not done)."""
+    items one rank will yield: in its shards and not done); ``per_worker``: ``mine`` split by DataLoader worker."""
 
     items: int
     done: int
     mine: int
+    per_worker: Tuple[int, ...] = ()
 
 
 def shard_info() -> Tuple[int, int]:
@@ -157,7 +165,8 @@ class PromptStream(IterableDataset):
         workers = max(workers, 1)
         num_shards, first = world * workers, rank * workers
         resume = self.has_outputs()
-        items = done = mine = 0
+        items = done = 0
+        per_worker = [0] * workers
         for item in self.all_items():
             items += 1
             if resume and self.is_done(item):
@@ -165,8 +174,8 @@ class PromptStream(IterableDataset):
                 if on_done is not None:
                     on_done(item)
             elif first <= item["index"] % num_shards < first + workers:
-                mine += 1
-        return ScanCounts(items, done, mine)
+                per_worker[item["index"] % num_shards - first] += 1
+        return ScanCounts(items, done, sum(per_worker), tuple(per_worker))
 
     def records(self) -> Iterator[PromptRecord]:
         """The prompts, in order, as ``(prompt, seed or None, name or None)``."""
@@ -254,6 +263,7 @@ class PromptDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.dataset = PromptStream(prompts, prompt_file, num_images_per_prompt, seed, output_dir)
         self.num_prompts: Optional[int] = None
+        self._worker_counts: Tuple[int, ...] = ()  # items per DataLoader worker on this rank (setup)
 
     @property
     def source(self) -> str:
@@ -276,6 +286,7 @@ class PromptDataModule(L.LightningDataModule):
                 f"{self.dataset.output_dir!r}; generating the other {counts.items - counts.done}"
             )
         self.dataset.length = counts.mine
+        self._worker_counts = counts.per_worker
 
     def _check_existing(self, item: dict) -> None:
         """An existing image is kept only if its JSON sidecar (when there is one) was written for the same
@@ -305,9 +316,25 @@ class PromptDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         """Batches of items as lists; see the class docstring for the format."""
-        return DataLoader(
+        # Each worker batches its own shard, so there are sum(ceil(n_w / B)) batches, not ceil(sum(n_w) / B);
+        # Lightning stops predict after len(loader) batches, so a short length would drop items.
+        batches = sum(-(-n // self.batch_size) for n in self._worker_counts) if self._worker_counts else None
+        return _PromptLoader(
             self.dataset,
+            num_batches=batches,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             collate_fn=collate_prompts,
         )
+
+
+class _PromptLoader(DataLoader):
+    """A DataLoader whose length is the exact number of batches its workers yield (``num_batches``, once
+    counted by ``PromptDataModule.setup``; otherwise DataLoader's own)."""
+
+    def __init__(self, dataset, num_batches: Optional[int] = None, **kwargs) -> None:
+        super().__init__(dataset, **kwargs)
+        self.num_batches = num_batches
+
+    def __len__(self) -> int:
+        return self.num_batches if self.num_batches is not None else super().__len__()

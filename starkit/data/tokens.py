@@ -73,10 +73,14 @@ def tokenize_dataset(tokenizer, dataset: Dataset, out_dir: str, batch_size: int 
     del rows
     meta = {"format": FORMAT, "patch_nums": patch_nums, "codebook_size": int(tokenizer.codebook_size),
             "resolution": resolution, "count": start, "length": length, "tokenizer": description}
+    meta_path = os.path.join(out_dir, "meta.json")
+    if os.path.exists(meta_path):  # an older run's meta must not describe the new rows if we stop half-way
+        os.remove(meta_path)
     os.replace(partial, os.path.join(out_dir, "indices.npy"))  # complete files only under the final names
     os.replace(os.path.join(out_dir, "captions.jsonl.partial"), os.path.join(out_dir, "captions.jsonl"))
-    with open(os.path.join(out_dir, "meta.json"), "w") as fh:
+    with open(meta_path + ".partial", "w") as fh:
         json.dump(meta, fh, indent=2)
+    os.replace(meta_path + ".partial", meta_path)  # last: a folder with meta.json is complete
     return meta
 
 
@@ -106,6 +110,10 @@ class TokenizedDataset(Dataset):
         with open(os.path.join(root, "captions.jsonl")) as fh:
             self.captions: List[str] = [json.loads(line)["caption"] for line in fh if line.strip()]
         count = len(self.token_rows)
+        shape, expected = tuple(self.token_rows.shape), (self.meta.get("count"), self.meta.get("length"))
+        if shape != expected:
+            raise ValueError(f"{root}: indices.npy holds {shape} token rows but meta.json describes {expected} "
+                             f"(count, length); the files are from different runs: write the folder again.")
         if len(self.captions) != count:
             raise ValueError(f"{root}: {count} token rows but {len(self.captions)} captions; "
                              f"the folder is incomplete: write it again.")

@@ -122,15 +122,23 @@ def split_key(name: str) -> Tuple[str, str]:
 
 
 def index_shard(path: str) -> List[Tuple[str, Dict[str, tarfile.TarInfo]]]:
-    """The keys of a tar shard in file order, each with its members by extension (headers only)."""
-    groups: Dict[str, Dict[str, tarfile.TarInfo]] = {}
+    """The keys of a tar shard in file order, each with its members by extension (headers only).
+
+    A key whose extension appears again (the same key written twice, e.g. concatenated shards)
+    starts a new sample, so neither copy is lost."""
+    groups: List[Tuple[str, Dict[str, tarfile.TarInfo]]] = []
+    latest: Dict[str, Dict[str, tarfile.TarInfo]] = {}  # key -> its last group
     with tarfile.open(path, "r:*") as tf:
         for member in tf.getmembers():
             if not member.isfile() or os.path.basename(member.name).startswith("."):
                 continue
             key, ext = split_key(member.name)
-            groups.setdefault(key, {})[ext] = member
-    return list(groups.items())
+            group = latest.get(key)
+            if group is None or ext in group:
+                group = latest[key] = {}
+                groups.append((key, group))
+            group[ext] = member
+    return groups
 
 
 def _stable_seed(*parts: Any) -> int:
@@ -195,15 +203,27 @@ class WebDatasetStream(IterableDataset):
                               else "some readers get no data."))
         start = self.start_positions.get(worker)
         pass_, shard_pos, offset = (0, 0, 0) if start is None else (start[0], start[1], start[2] + 1)
+        empty: set = set()  # shards that gave no usable sample when read whole, in this iterator
         while True:
             mine = self.consumer_shards(pass_, consumer, consumers)
+            yielded = False
             while shard_pos < len(mine):
-                shard_id = mine[shard_pos]
+                shard_id, whole, got = mine[shard_pos], offset == 0, False
                 for offset, sample in self._read_shard(shard_id, pass_, offset):
                     sample["__pos__"] = (worker, pass_, shard_pos, offset)
+                    yielded = got = True
                     yield sample
+                if whole and not got:
+                    empty.add(shard_id)
                 shard_pos, offset = shard_pos + 1, 0
             if not self.repeat or not mine:
+                return
+            # A reader whose every reachable shard (its own without shuffling, else any) gave no usable sample
+            # would spin forever and stall the DataLoader: it stops instead (the other readers go on).
+            if not yielded and (empty >= set(mine) if not self.shuffle else len(empty) == len(self.shards)):
+                rank_zero_warn(f"starkit.data: reader {consumer} of {consumers} found no usable sample in "
+                               f"{len(empty)} shard(s) (e.g. {self.shards[min(empty)]!r}; counts: {self.stats}); "
+                               f"it stops, the other readers go on.")
                 return
             pass_, shard_pos, offset = pass_ + 1, 0, 0
 
@@ -329,12 +349,18 @@ class ResumableStreamLoader(DataLoader):
         return self._track(super().__iter__())
 
     def _track(self, iterator) -> Iterator[dict]:
+        n = -1
         for n, batch in enumerate(iterator):
             if self.batches_per_epoch is not None and n >= self.batches_per_epoch:
                 return
             worker, pass_, shard_pos, offset = batch["__pos__"][-1]
             self.positions[int(worker)] = (int(pass_), int(shard_pos), int(offset))
             yield batch
+        if n < 0 and self.dataset.repeat:  # every reader read a whole pass and found nothing: not one batch
+            shards = self.dataset.shards
+            raise RuntimeError(
+                f"no usable sample in the {len(shards)} training shard(s) (e.g. {shards[0]!r}); counts: "
+                f"{self.dataset.stats}. A shard is a tar of <key>.jpg (or .png, .webp ...) + <key>.txt members.")
 
     def _layout(self) -> Tuple[int, int]:
         return dist_info()[1], max(self.num_workers, 1)
