@@ -10,6 +10,7 @@ Model directory layout (written by :meth:`StarPipeline.save_pretrained` / ``star
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from typing import List, Optional, Sequence, Union
 
@@ -106,6 +107,19 @@ def load_generator(path: str, device: Union[str, torch.device] = "cpu", sampler:
     return generator.to(device).eval()
 
 
+def sampler_config(sampler) -> dict:
+    """The sampler's ``class_path``/``init_args`` with its current settings: a setting changed on the object
+    after construction (``generator.sampler.cfg = 2.0``) is what gets saved, not the constructor's value."""
+    sampler.validate()  # settings assigned directly are not checked on assignment
+    config = component_config(sampler)
+    init_args = config.get("init_args") or {}
+    for key in init_args:
+        value = getattr(sampler, key, init_args[key])
+        if isinstance(value, (bool, int, float, str)) or value is None:
+            init_args[key] = value
+    return config
+
+
 def save_model_dir(generator: ScaleWiseGenerator, path: str, dtype: Optional[torch.dtype] = None,
                    use_ema: bool = True, copy_text_encoder: bool = False) -> None:
     """Write a generator (with its tokenizer and text-encoder reference) as a model directory."""
@@ -124,7 +138,7 @@ def save_model_dir(generator: ScaleWiseGenerator, path: str, dtype: Optional[tor
         "format": FORMAT, "format_version": FORMAT_VERSION, "generator": gen_args,
         "tokenizer": "tokenizer", "text_encoder": text_cfg,
         "positional": component_config(hp.get("positional")) if hp.get("positional") else None,
-        "sampler": component_config(generator.sampler),
+        "sampler": sampler_config(generator.sampler),
     }
     generator.tokenizer.save_pretrained(os.path.join(path, "tokenizer"), dtype=dtype)
     source = generator.ema if (use_ema and generator.ema is not None) else generator.transformer
@@ -165,11 +179,13 @@ class StarPipeline:
         save_model_dir(self.generator, path, dtype=dtype)
 
     def to(self, device) -> "StarPipeline":
+        """Move the generator (``nn.Module.to`` arguments: a device, or a dtype); returns the pipeline."""
         self.generator.to(device)
         return self
 
     @property
     def device(self) -> torch.device:
+        """The generator's device."""
         return self.generator.device
 
     def __call__(self, prompts: Union[str, Sequence[str]], seed: Union[None, int, Sequence[int]] = None,
@@ -198,7 +214,10 @@ class StarPipeline:
         prompts = list(prompts)
         if not prompts:
             raise ValueError("The prompt list is empty: give at least one prompt.")
-        from starkit.generator.sampling import is_single_seed
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+        from starkit.generator.sampling import check_seed, is_single_seed
+        seed = check_seed(seed)
         seeds = None if seed is None or is_single_seed(seed) else list(seed)  # one per prompt
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one int, or one seed per prompt.")

@@ -45,7 +45,11 @@ class DropPath(nn.Module):
     The rate lives in an integer buffer (parts per billion), not in a Python number, so that blocks
     with different rates share one ``torch.compile`` graph (a number is specialised per block),
     and no dtype cast (``.to(torch.bfloat16)``, FSDP's buffer dtype) can round it. The rescale
-    ``keep / keep_prob`` is formed in float32 and each element is rounded once."""
+    ``keep / keep_prob`` is formed in float32 and each element is rounded once.
+
+    Args:
+        p: probability of dropping the branch for a sample (0: off).
+    """
 
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
@@ -86,7 +90,17 @@ class KVCache:
     Stored token-major, ``(B, L, H, d)`` in memory (``token_major``, default :data:`KV_TOKEN_MAJOR`): keys
     and values come out of the QKV projection in that order (the compiled regions keep it for the keys), so
     :meth:`append` is a copy of whole token rows instead of a transposing copy, and the attention kernels
-    read either layout."""
+    read either layout.
+
+    Args:
+        batch: rows B (twice the images with guidance).
+        heads: attention heads H.
+        length: L, the tokens of all scales.
+        head_dim: d, channels per head.
+        device: where the cache lives.
+        dtype: the cache's dtype (the attention's).
+        token_major: memory layout ``(B, L, H, d)`` (True) or ``(B, H, L, d)`` (None: :data:`KV_TOKEN_MAJOR`).
+    """
 
     def __init__(self, batch: int, heads: int, length: int, head_dim: int, device, dtype,
                  token_major: Optional[bool] = None) -> None:
@@ -128,7 +142,11 @@ class Linear(nn.Linear):
 
 class QKNorm(nn.Module):
     """L2-normalises queries and keys; queries are then scaled by a learnable per-head
-    factor (init 4, clamped at 100), so attention uses scale 1 (VAR's ``attn_l2_norm``)."""
+    factor (init 4, clamped at 100), so attention uses scale 1 (VAR's ``attn_l2_norm``).
+
+    Args:
+        num_heads: attention heads (one learnable scale each).
+    """
 
     def __init__(self, num_heads: int) -> None:
         super().__init__()
@@ -155,7 +173,12 @@ class QKNorm(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with QK L2-norm and optional rotary positions."""
+    """Multi-head self-attention with QK L2-norm and optional rotary positions.
+
+    Args:
+        width: model width C.
+        num_heads: attention heads (head dim ``C // num_heads``).
+    """
 
     def __init__(self, width: int, num_heads: int) -> None:
         super().__init__()
@@ -203,6 +226,11 @@ class CrossAttention(nn.Module):
 
     The text keys and values depend only on the prompt: :meth:`text_kv` computes them
     once per generation and every scale reuses them.
+
+    Args:
+        width: model width C (queries).
+        text_dim: width of the text token features (keys and values).
+        num_heads: attention heads.
     """
 
     def __init__(self, width: int, text_dim: int, num_heads: int) -> None:
@@ -262,7 +290,12 @@ def _(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor
 
 
 class FFN(nn.Module):
-    """Two-layer MLP with tanh-approximated GELU."""
+    """Two-layer MLP with tanh-approximated GELU.
+
+    Args:
+        width: input and output width C.
+        hidden: hidden width (``mlp_ratio * C``).
+    """
 
     def __init__(self, width: int, hidden: int) -> None:
         super().__init__()
@@ -291,6 +324,15 @@ class Block(nn.Module):
     also owns ``ada_lin = Sequential(SiLU, Linear(D, 6C))``; the condition vector ``cond``
     ``(B, D)`` gives ``gamma1, gamma2, scale1, scale2, shift1, shift2`` and each branch becomes
     ``x + branch(norm(x) * (1 + scale) + shift) * gamma``. Without it nothing changes.
+
+    Args:
+        width: model width C.
+        num_heads: attention heads.
+        text_dim: width of the text token features (None: no cross-attention).
+        mlp_ratio: FFN width / C.
+        drop_path: drop-path probability of the self-attention and FFN branches.
+        norm_eps: epsilon of the LayerNorms.
+        adaln_cond_dim: width D of the AdaLN condition vector (None: no AdaLN).
     """
 
     def __init__(self, width: int, num_heads: int, text_dim: Optional[int], mlp_ratio: float = 4.0,
@@ -338,7 +380,13 @@ class Block(nn.Module):
 
 class AdaLNBeforeHead(nn.Module):
     """VAR's ``head_nm``: non-affine LayerNorm, then scale and shift from the condition
-    (``ada_lin = Sequential(SiLU, Linear(D, 2C))``)."""
+    (``ada_lin = Sequential(SiLU, Linear(D, 2C))``).
+
+    Args:
+        width: model width C.
+        cond_dim: width D of the condition vector.
+        norm_eps: epsilon of the LayerNorm.
+    """
 
     def __init__(self, width: int, cond_dim: int, norm_eps: float = 1e-6) -> None:
         super().__init__()

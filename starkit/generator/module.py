@@ -13,6 +13,7 @@ Frozen components stay out of its checkpoint and are rebuilt from their own conf
 from __future__ import annotations
 
 import copy
+import numbers
 import warnings
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -205,6 +206,20 @@ class ScaleWiseGenerator(L.LightningModule):
         for key in [k for k in full if prefixes and k.startswith(prefixes)]:
             del full[key]
         return full
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, where ``strict`` does not ask for the frozen components that
+        :meth:`state_dict` leaves out (they keep their weights), so ``load_state_dict(other.state_dict())``
+        works; any other missing or unexpected key is still an error."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        if strict:
+            prefixes = self._rebuildable_prefixes()
+            missing = [k for k in result.missing_keys if not (prefixes and k.startswith(prefixes))]
+            if missing or result.unexpected_keys:
+                raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: missing keys "
+                                   f"{missing[:8]}{' ...' if len(missing) > 8 else ''}, unexpected keys "
+                                   f"{result.unexpected_keys[:8]}{' ...' if len(result.unexpected_keys) > 8 else ''}.")
+        return result
 
     def setup(self, stage: str) -> None:
         """Fail before the first step when the data's resolution does not fit the scales."""
@@ -409,9 +424,18 @@ class ScaleWiseGenerator(L.LightningModule):
         Returns:
             images ``(N, 3, H, W)`` float in [0, 1] (and the list of indices if asked).
         """
-        from starkit.generator.sampling import check_cuda_graphs, is_single_seed, run_sampling
+        from starkit.generator.sampling import check_cuda_graphs, check_seed, is_single_seed, run_sampling
         if isinstance(prompts, str):
             prompts = [prompts]
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, numbers.Integral) \
+                or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}.")
+        seed = check_seed(seed)
+        if self.device.type != "cuda":
+            dtype = next(self.transformer.parameters()).dtype
+            if dtype != torch.float32:
+                raise TypeError(f"generate() runs in float32 on {self.device.type} (bf16 autocast only on CUDA), but "
+                                f"the generator's weights are {dtype}: call .float() on it (or move it to a GPU).")
         if seed is not None and not is_single_seed(seed):
             seeds = [int(s) for s in seed]
             if len(seeds) != len(prompts):

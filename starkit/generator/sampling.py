@@ -48,6 +48,22 @@ def is_single_seed(seed) -> bool:
     return isinstance(seed, numbers.Integral) or (torch.is_tensor(seed) and seed.dim() == 0)
 
 
+def check_seed(seed):
+    """``seed`` as given when None or one integer, else as a list (one seed per prompt); one clear error for
+    anything else (a string would otherwise be read as one seed per character, a float fail on iteration)."""
+    if seed is None or is_single_seed(seed):
+        return seed
+    if isinstance(seed, (str, bytes)) or not hasattr(seed, "__iter__"):
+        raise TypeError(f"seed must be None, an int, or a list with one int per prompt, got {type(seed).__name__} "
+                        f"{seed!r}.")
+    seed = list(seed)
+    bad = [s for s in seed if not is_single_seed(s)]
+    if bad:
+        raise TypeError(f"seed must be None, an int, or a list with one int per prompt; the list holds "
+                        f"{type(bad[0]).__name__} {bad[0]!r}.")
+    return seed
+
+
 def random_source(seed, num_images: int, device):
     """None, a ``torch.Generator`` (one seed for the call), or :class:`RowGenerators` (one seed per image)."""
     if seed is None:

@@ -66,6 +66,7 @@ class ScaleTransformer(nn.Module):
         mlp_ratio: FFN width / model width.
         drop_path_rate: stochastic depth of the last block (linear from 0).
         head_norm: non-affine LayerNorm before the logits head (STAR's ``logit_norm``).
+        norm_eps: epsilon of every LayerNorm of the blocks and the head.
         cond_dim: width of the conditioning vector that becomes the start token (default text_dim).
         adaln: VAR's AdaLN: every block gets ``ada_lin`` (scale/shift/gamma from the condition
             vector) and the head norm becomes ``head_nm`` (AdaLN before the head) instead of

@@ -86,7 +86,18 @@ def seed_kind(seed) -> str:
 
 class WholeGenerationGraph:
     """One captured generation of a fixed key (see the module docstring), kept in the generator's
-    ``_static_steps`` dict under ``"whole"`` between calls (``release_cuda_graphs()`` frees it)."""
+    ``_static_steps`` dict under ``"whole"`` between calls (``release_cuda_graphs()`` frees it).
+
+    Args:
+        parts: ``(net, tokenizer, sampler)`` of the capture (compared by identity).
+        key: the rest of what the capture depends on (compared by value).
+        text: the encoded prompts (copied into the graph's static input).
+        batch: images B.
+        guided: whether the rows hold the unconditional half too.
+        seed: the call's seed (None, one int, or one per image): decides the kind of random source.
+        device: where the graph runs.
+        fused: the blocks' element-wise work in compiled regions.
+    """
 
     def __init__(self, parts: tuple, key: tuple, text: TextEmbedding, batch: int, guided: bool, seed,
                  device: torch.device, fused: bool) -> None:

@@ -30,7 +30,14 @@ def token_grid(patch_nums: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor, t
 
 class PositionalEncoding(nn.Module):
     """Base class. ``positions`` arguments select tokens of the full sequence: a slice
-    (a scale during cached sampling) or a LongTensor of indices (token dropping)."""
+    (a scale during cached sampling) or a LongTensor of indices (token dropping).
+
+    Args:
+        width: model width C (filled in by the generator).
+        num_heads: attention heads (filled in by the generator); head dim = ``width // num_heads``.
+        patch_nums: side of each scale's token map (filled in by the generator); the sequence has
+            ``sum(pn**2)`` tokens.
+    """
 
     def __init__(self, width: int, num_heads: int, patch_nums: Sequence[int]) -> None:
         super().__init__()

@@ -1,6 +1,8 @@
 """Sampling primitives shared by the samplers: guidance, filtering, draws without host sync."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -164,14 +166,14 @@ def gumbel_soft_tokens(logits: torch.Tensor, codebook: torch.Tensor, tau: float,
 
 
 def validate_settings(cfg=None, top_k=None, top_p=None, temperature=None, schedule=None) -> None:
-    """One clear error for invalid sampling settings."""
-    if cfg is not None and cfg < 0:
-        raise ValueError(f"cfg must be >= 0 (0 turns guidance off), got {cfg}.")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 (or None to disable top-k), got {top_k}.")
+    """One clear error for invalid sampling settings (NaN included: every comparison with it is False)."""
+    if cfg is not None and not (0 <= cfg < math.inf):
+        raise ValueError(f"cfg must be >= 0 and finite (0 turns guidance off), got {cfg}.")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
+        raise ValueError(f"top_k must be >= 1, an int (or None to disable top-k), got {top_k!r}.")
     if top_p is not None and not (0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1] (1 or None disables it), got {top_p}.")
-    if temperature is not None and temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    if temperature is not None and not (0 < temperature < math.inf):
+        raise ValueError(f"temperature must be > 0 and finite, got {temperature}.")
     if schedule is not None and schedule not in ("linear", "constant"):
         raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {schedule!r}.")

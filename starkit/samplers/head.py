@@ -53,6 +53,7 @@ class SamplerHead(nn.Module):
         num_scales: K (the level embedding has one row per scale).
         depth: number of blocks.
         mlp_ratio: FFN width / width.
+        norm_eps: epsilon of the blocks' and the logits head's LayerNorms.
     """
 
     def __init__(self, width: int, text_dim: int, latent_dim: int, vocab_size: int, num_heads: int,

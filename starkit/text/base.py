@@ -56,6 +56,9 @@ class TextEncoder(L.LightningModule):
 
     Subclasses set ``dim`` (the width D of token features and pooled vector) and
     implement :meth:`_encode`.
+
+    Args:
+        frozen: no gradients and always in eval mode (encoding runs under ``torch.no_grad``).
     """
 
     dim: int

@@ -71,7 +71,8 @@ class HFTextEncoder(TextEncoder):
         kind: ``"auto"``, ``"clip"``, ``"t5"`` or ``"bert"`` (any other AutoModel encoder).
         max_length: prompt length in tokens (longer prompts are truncated, with a warning);
             default 77 for CLIP; otherwise the tokenizer's model_max_length capped at 512
-            (and at a sentence-transformers folder's max_seq_length, 256 for MiniLM).
+            (and at a sentence-transformers folder's max_seq_length, 256 for MiniLM). A value above the
+            model's position embeddings (CLIP, BERT-like) is an error.
         dtype: weights' dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``. Outputs are float32.
         frozen: no gradients and always in eval mode.
         local_files_only: never download (the default); set False to allow hub downloads.
@@ -136,8 +137,9 @@ class HFTextEncoder(TextEncoder):
                     max_length = min(max_length, int(max_pos))
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}.")
-        if kind == "clip" and max_pos and max_length > max_pos:
-            raise ValueError(f"max_length {max_length} exceeds the CLIP model's {max_pos} positions.")
+        if kind in ("clip", "bert") and max_pos and max_length > max_pos:  # (T5's positions are relative)
+            raise ValueError(f"max_length {max_length} exceeds the {kind.upper()} model's {max_pos} positions: a "
+                             f"longer prompt would fail in its position embeddings.")
         self.max_length = int(max_length)
         self._warned_truncation = False
         self.freeze_if_needed()

@@ -109,6 +109,10 @@ class ScaleTokenizer(L.LightningModule):
                 f"decode got {len(indices)} token maps but the tokenizer has {self.num_scales} scales "
                 f"(patch_nums={self.patch_nums}); pass one LongTensor per scale."
             )
+        for k, (idx, pn) in enumerate(zip(indices, self.patch_nums)):
+            if idx.dim() != 2 or idx.shape[1] != pn * pn:
+                raise ValueError(f"token map {k} has shape {tuple(idx.shape)}; scale {k} of patch_nums "
+                                 f"{self.patch_nums} needs (B, {pn * pn}).")
         f_hat = self.empty_latent(indices[0].shape[0], device=indices[0].device)
         for k, idx in enumerate(indices):
             f_hat = self.add_scale(f_hat, k, self.embed(idx).float())

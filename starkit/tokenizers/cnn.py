@@ -95,7 +95,11 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Stride-2 3x3 conv after zero-padding right and bottom by one pixel (halves H and W)."""
+    """Stride-2 3x3 conv after zero-padding right and bottom by one pixel (halves H and W).
+
+    Args:
+        channels: input and output channels.
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -106,7 +110,11 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling followed by a 3x3 conv (doubles H and W)."""
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv (doubles H and W).
+
+    Args:
+        channels: input and output channels.
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__()

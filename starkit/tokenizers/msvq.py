@@ -143,7 +143,26 @@ class MultiScaleVQ(ScaleTokenizer):
 
     def encode_latent(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``(B, 3, H, W)`` in [-1, 1] -> continuous latent ``f`` ``(B, z, H/d, W/d)``."""
+        self._check_images(images)
         return self.quant_conv(self.encoder(self._to_memory_format(images)))
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        """One clear error for images the encoder cannot take as they are: not ``(B, C, H, W)`` float with the
+        encoder's C channels, or a side that is not a multiple of the downsampling (the convolutions would
+        silently drop the extra pixels)."""
+        channels = self.encoder.conv_in.in_channels
+        if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != channels:
+            shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+            raise ValueError(f"The tokenizer encodes images of shape (B, {channels}, H, W) in [-1, 1], got {shape} "
+                             f"(channels first; add a batch axis to a single image).")
+        if not images.is_floating_point():
+            raise TypeError(f"The tokenizer encodes float images in [-1, 1], got {images.dtype} (convert uint8 "
+                            f"pixels with images.float() / 127.5 - 1).")
+        H, W = images.shape[-2:]
+        if H % self.downsample or W % self.downsample:
+            raise ValueError(f"Image side {H}x{W} is not a multiple of the tokenizer's downsampling x{self.downsample}; "
+                             f"with patch_nums {self.patch_nums} it encodes {self.resolution}x{self.resolution} "
+                             f"images: resize them.")
 
     def encode(self, images: torch.Tensor) -> List[torch.Tensor]:
         """Images ``(B, 3, H, W)`` in [-1, 1] -> K LongTensors ``(B, pn_k**2)``."""
