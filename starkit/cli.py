@@ -10,6 +10,7 @@ before LightningCLI parses the arguments.
 from __future__ import annotations
 
 import importlib
+import os
 import pickle
 import sys
 from typing import List, Optional
@@ -67,9 +68,32 @@ class _TopLevelInstantiator(_InstantiatorFn):
         top = self.cli.config_dump.get(self.key, {})
         top_path = top.get("class_path") if isinstance(top, dict) else None
         own_path = f"{class_type.__module__}.{class_type.__qualname__}"
-        if top_path is not None and own_path != top_path and not top_path.endswith("." + class_type.__name__):
-            return class_type(*args, **kwargs)
-        return super().__call__(class_type, *args, applied_instantiation_links=applied_instantiation_links, **kwargs)
+        try:
+            if top_path is not None and own_path != top_path and not top_path.endswith("." + class_type.__name__):
+                return class_type(*args, **kwargs)
+            return super().__call__(class_type, *args, applied_instantiation_links=applied_instantiation_links,
+                                    **kwargs)
+        except Exception as err:
+            _name_bad_checkpoint_argument(class_type, kwargs, err)
+            raise
+
+
+CHECKPOINT_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin")
+
+
+def _name_bad_checkpoint_argument(class_type, kwargs: dict, err: Exception) -> None:
+    """Building a component failed: if one of its checkpoint arguments (``pretrained``, ``init_from``, ...) is an
+    empty, truncated or non-checkpoint file, raise that as the cause (torch.load says ``EOFError`` with no message,
+    which jsonargparse even turns into an ``IndexError``). An error without a message gets the class's name."""
+    from starkit.convert.common import NotACheckpointError, checkpoint_file_problem
+    for key, value in kwargs.items():
+        if isinstance(value, str) and value.lower().endswith(CHECKPOINT_SUFFIXES) and os.path.isfile(value):
+            problem = checkpoint_file_problem(value)
+            if problem:
+                raise NotACheckpointError(f"{class_type.__name__}({key}={value!r}): the file is not a checkpoint: "
+                                          f"{problem}.") from err
+    if not str(err).strip():
+        raise RuntimeError(f"building {class_type.__name__} failed with {type(err).__name__} (no message)") from err
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -109,14 +133,40 @@ class StarkitCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """Lightning reads ``--ckpt_path``'s hyperparameters with ``weights_only=True``: a file that
-        needs unsafe unpickling is refused with a message that says how to convert it."""
+        needs unsafe unpickling is refused with a message that says how to convert it; an empty, truncated or
+        non-checkpoint file is named as such. Lightning then replaces the recipe's model by the checkpoint's
+        class: a checkpoint of an unrelated class (a tokenizer's for a generator recipe) is refused first."""
+        path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
         try:
+            if path and os.path.isfile(path):
+                from starkit.convert.common import check_checkpoint_file
+                check_checkpoint_file(str(path), "a checkpoint (--ckpt_path)")
+                self._check_ckpt_class(str(path))
             super()._parse_ckpt_path()
         except pickle.UnpicklingError as err:
             from starkit.utils.checkpoint_io import CONVERT_HINT, UnsafeCheckpointError
-            path = self.config[self.config.subcommand].get("ckpt_path")
             raise UnsafeCheckpointError(f"refusing to load {str(path)!r}: it needs unsafe unpickling (torch.load "
                                         f"with weights_only=True failed).\n{CONVERT_HINT}") from err
+
+    def _check_ckpt_class(self, path: str) -> None:
+        import torch
+        model = self.config[self.config.subcommand].get("model")
+        recipe = model.get("class_path") if hasattr(model, "get") else None
+        if not recipe:
+            return
+        try:  # memory-mapped: only the pickled dict is read, not the tensors
+            ckpt = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+        except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped: Lightning reads it as it is
+            return
+        hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+        saved = hparams.get("_class_path") if isinstance(hparams, dict) else None
+        if saved and not _related_classes(recipe, saved):
+            raise ValueError(
+                f"--ckpt_path {path!r} is a checkpoint of {saved}, but the recipe's model is {recipe}: "
+                f"--ckpt_path resumes or evaluates the same kind of model. Give a checkpoint written with this "
+                f"recipe's model, or the recipe that wrote this one (to build a generator on a trained tokenizer, set "
+                f"model.init_args.tokenizer.init_args.pretrained; to start from another generator's weights, "
+                f"model.init_args.init_from).")
 
     def _check_data(self) -> None:
         from starkit.callbacks.guards import check_data_fits_model
@@ -129,6 +179,21 @@ class StarkitCLI(LightningCLI):
                                      subclasses=self.subclass_mode_model)
         self.parser.add_instantiator(_TopLevelInstantiator(cli=self, key="data"), L.LightningDataModule,
                                      subclasses=self.subclass_mode_data)
+
+
+def _related_classes(a: str, b: str) -> bool:
+    """Whether the classes at import paths ``a`` and ``b`` are the same or one subclasses the other (a predict
+    recipe's ``PretrainedGenerator`` and a ``ScaleWiseGenerator`` checkpoint are); unresolvable: compare names."""
+    def resolve(path):
+        module, _, name = path.rpartition(".")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError):
+            return None
+    ca, cb = resolve(a), resolve(b)
+    if isinstance(ca, type) and isinstance(cb, type):
+        return issubclass(ca, cb) or issubclass(cb, ca)
+    return a.rpartition(".")[2] == b.rpartition(".")[2]
 
 
 def main(args: Optional[List[str]] = None) -> Optional[StarkitCLI]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from typing import List, Optional
 
 import torch
@@ -18,16 +19,26 @@ def export_checkpoint(ckpt_path: str, out_dir: str, dtype: Optional[str] = None,
     from starkit.pipeline import save_model_dir
     import pickle
 
+    from starkit.convert.common import check_checkpoint_file
     from starkit.utils.checkpoint_io import CONVERT_HINT, UnsafeCheckpointError
     consolidated = None
     if os.path.isdir(ckpt_path):  # an FSDP sharded checkpoint (a directory): consolidate it on the CPU first
         from starkit.generator.distributed import consolidate_checkpoint
         ckpt_path = consolidated = consolidate_checkpoint(ckpt_path)
     try:
+        check_checkpoint_file(ckpt_path, "a training checkpoint")
         generator = ScaleWiseGenerator.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise UnsafeCheckpointError(f"refusing to load {ckpt_path!r}: it needs unsafe unpickling "
                                     f"(torch.load with weights_only=True failed).\n{CONVERT_HINT}") from err
+    except ValueError as err:  # Lightning refuses a checkpoint of another class (e.g. a tokenizer's)
+        other = re.search(r"The class '([^']+)' requested by the checkpoint does not resolve", str(err))
+        if other is None:
+            raise
+        raise ValueError(f"{ckpt_path!r} is a checkpoint of {other.group(1)}, not of a ScaleWiseGenerator: "
+                         f"`starkit export` writes a generator's model directory. Give a checkpoint of a generator "
+                         f"run (e.g. recipes/generator/*.yaml); a tokenizer checkpoint is used through a generator "
+                         f"recipe's tokenizer.init_args.pretrained.") from None
     finally:
         if consolidated is not None:
             os.remove(consolidated)

@@ -294,3 +294,85 @@ def test_resumable_loader_is_left_in_place_by_lightning_under_ddp():
     loader.sampler.set_epoch(5)  # Lightning's per-epoch call is harmless
     first = [b.tolist() for b in loader]
     assert sorted(x for b in first for x in b) == list(range(10)) and first != [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+
+
+# ---------------------------------------------------------------------------- wrong or broken files
+def _broken_files(tmp_path):
+    """An empty file, a checkpoint cut short (as by a crash mid-copy) and a text file, each named *.ckpt."""
+    good = _save_ckpt(make_tiny_generator(), tmp_path / "good.ckpt")
+    data = open(good, "rb").read()
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "notes.ckpt").write_text("learning rate 1e-3\n")
+    return {"empty": (str(tmp_path / "empty.ckpt"), r"is empty \(0 bytes\).*earlier checkpoint"),
+            "cut": (str(tmp_path / "cut.ckpt"), r"is truncated or damaged.*earlier checkpoint"),
+            "text": (str(tmp_path / "notes.ckpt"), r"is a text file.*\.ckpt / \.pth file")}
+
+
+def test_empty_truncated_or_text_checkpoints_are_named_not_called_unsafe(tmp_path):
+    from starkit.convert import convert_var_vae
+    from starkit.convert.common import NotACheckpointError, load_state_dict
+    from starkit.export import export_checkpoint
+    for path, cause in _broken_files(tmp_path).values():
+        with pytest.raises(NotACheckpointError, match=f"(?s)is not a training checkpoint: it {cause}"):
+            export_checkpoint(path, str(tmp_path / "out"))
+        with pytest.raises(NotACheckpointError, match=f"(?s)is not a VQVAE checkpoint: it {cause}"):
+            convert_var_vae(path, str(tmp_path / "vae"))
+        with pytest.raises(NotACheckpointError, match=f"(?s)is not a checkpoint: it {cause}"):
+            load_state_dict(path)  # starkit convert star-t2i / var / star-sampler-head
+    assert not (tmp_path / "out").exists() and not (tmp_path / "vae").exists()
+
+
+def test_broken_checkpoint_given_to_the_cli_is_named(tmp_path):
+    files = _broken_files(tmp_path)
+    for what in ("empty", "cut"):
+        path, cause = files[what]
+        with pytest.raises(ValueError, match=f"(?s){what}.ckpt' is not a checkpoint \\(--ckpt_path\\): it {cause}"):
+            main(["fit", "--config", TINY, *QUICK, f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={path}"])
+    path, cause = files["empty"]  # torch.load's bare EOFError became jsonargparse's IndexError
+    with pytest.raises(ValueError, match=f"(?s)MultiScaleVQ\\(pretrained='.*empty.ckpt'\\).*it {cause}"):
+        main(["fit", "--config", TINY, *QUICK, f"--trainer.default_root_dir={tmp_path}",
+              f"--model.init_args.tokenizer.init_args.pretrained={path}"])
+    with pytest.raises(ValueError, match=f"(?s)ScaleWiseGenerator\\(init_from='.*empty.ckpt'\\).*it {cause}"):
+        main(["fit", "--config", TINY, *QUICK, f"--trainer.default_root_dir={tmp_path}",
+              f"--model.init_args.init_from={path}"])
+
+
+def test_tokenizer_checkpoint_where_a_generator_one_is_expected_and_back(tmp_path):
+    from starkit.export import export_checkpoint
+    tok = make_tiny_tokenizer()
+    tok_ckpt = str(tmp_path / "tok.ckpt")  # as `starkit fit` writes it: the class path among the hyperparameters
+    torch.save({"state_dict": tok.state_dict(), "pytorch-lightning_version": L.__version__,
+                "hyper_parameters": {**dict(tok.hparams), "_class_path": "starkit.tokenizers.MultiScaleVQ",
+                                     "_instantiator": "lightning.pytorch.cli.instantiate_module"}}, tok_ckpt)
+    with pytest.raises(ValueError, match=r"(?s)is a checkpoint of starkit.tokenizers.MultiScaleVQ, not of a "
+                                         r"ScaleWiseGenerator.*tokenizer.init_args.pretrained"):
+        export_checkpoint(tok_ckpt, str(tmp_path / "out"))
+    # Lightning would silently swap the recipe's model for the checkpoint's class, then fail on something else
+    with pytest.raises(ValueError, match=r"(?s)is a checkpoint of starkit.tokenizers.MultiScaleVQ, but the "
+                                         r"recipe's model is starkit.generator.ScaleWiseGenerator"):
+        main(["fit", "--config", TINY, *QUICK, f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={tok_ckpt}"])
+    gen = make_tiny_generator()
+    gen_ckpt = str(tmp_path / "gen.ckpt")
+    torch.save({"state_dict": gen.state_dict(), "pytorch-lightning_version": L.__version__,
+                "hyper_parameters": {"_class_path": "starkit.generator.ScaleWiseGenerator", "size": "tiny"}}, gen_ckpt)
+    with pytest.raises(ValueError, match=r"(?s)is a checkpoint of starkit.generator.ScaleWiseGenerator, but the "
+                                         r"recipe's model is starkit.tokenizers.MultiScaleVQ"):
+        main(["fit", "--config", os.path.join(REPO, "recipes/tokenizer/tiny.yaml"), *QUICK,
+              f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={gen_ckpt}"])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["a_file", "under_a_file"])
+def test_unusable_output_folder_fails_before_generating(tmp_path, where, monkeypatch):
+    from starkit.callbacks import ImageWriter
+    from starkit.data import PromptDataModule
+    (tmp_path / "a_file").write_text("not a folder")
+    out = tmp_path / "a_file" if where == "a_file" else tmp_path / "a_file" / "images"
+    gen = make_tiny_generator()
+    monkeypatch.setattr(type(gen), "predict_step", lambda *a, **k: pytest.fail("generated before checking the folder"))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[ImageWriter()],
+                        default_root_dir=str(tmp_path))
+    with pytest.raises(OSError, match="(?s)ImageWriter.*output folder.*--data.init_args.output_dir"):
+        trainer.predict(gen, datamodule=PromptDataModule(prompts=["a red circle"], output_dir=str(out)))
+    assert (tmp_path / "a_file").read_text() == "not a folder"

@@ -39,6 +39,20 @@ class ImageWriter(BasePredictionWriter):
             raise ValueError(f"ImageWriter writes to {self.output_dir!r} but the data module skips the images that exist "
                              f"in {data_dir!r}: set one folder (ImageWriter's output_dir can be left out: it then "
                              f"uses the data module's).")
+        if stage == "predict":  # an unusable folder is found now, not after the first batch was generated
+            fix = "Set output_dir to a folder you can write to (predict recipes: --data.init_args.output_dir DIR)."
+            if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
+                raise NotADirectoryError(f"ImageWriter's output folder {self.output_dir!r} is a file, not a folder. "
+                                         f"{fix}")
+            try:
+                os.makedirs(self.output_dir, exist_ok=True)
+                writable = os.access(self.output_dir, os.W_OK | os.X_OK)
+            except OSError as err:
+                raise type(err)(f"ImageWriter cannot use the output folder {self.output_dir!r}: "
+                                f"{err.strerror or err}. {fix}") from err
+            if not writable:
+                raise PermissionError(f"ImageWriter cannot write into the output folder {self.output_dir!r} (no "
+                                      f"write permission). {fix}")
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.written, self.skipped = 0, 0

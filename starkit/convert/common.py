@@ -31,6 +31,49 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint whose keys or shapes do not match the architecture it is converted to."""
 
 
+class NotACheckpointError(ValueError):
+    """A file given as a checkpoint that is empty, cut short, or not a PyTorch file at all."""
+
+
+def checkpoint_file_problem(path: str) -> Optional[str]:
+    """Why the file at ``path`` cannot be a ``torch.save`` checkpoint, and what to do, from its first bytes and
+    its zip directory (cheap: nothing is unpickled), or None when it looks like one. ``torch.load`` words these
+    cases as ``EOFError``, ``KeyError: 101`` or "weights only load failed", which read like a safety refusal."""
+    import zipfile
+    size = os.path.getsize(path)
+    cut_short = ("the write, download or copy that made it was cut short: copy or download it again, or use an "
+                 "earlier checkpoint (e.g. the previous epoch's)")
+    if size == 0:
+        return f"it is empty (0 bytes); {cut_short}"
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    if head.startswith(b"PK\x03\x04"):  # torch.save's zip format
+        try:
+            with zipfile.ZipFile(path) as zf:
+                zf.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return f"it is truncated or damaged ({size} bytes, no zip directory at its end); {cut_short}"
+        return None
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # the legacy pickle format
+        return None
+    wrong = "give the .ckpt / .pth file written by torch.save (a training run's checkpoints/*.ckpt)"
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
+        return f"it is a safetensors file (plain weights), not a torch.save checkpoint; {wrong}"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"it is not a PyTorch checkpoint (it starts with the bytes {head[:8]!r}); {wrong}"
+    return f"it is a text file, not a PyTorch checkpoint (it starts with {text.strip()[:40]!r}); {wrong}"
+
+
+def check_checkpoint_file(path: str, what: str = "a checkpoint") -> None:
+    """Raise :class:`NotACheckpointError` naming the file, the cause and the fix if it cannot be a checkpoint."""
+    if os.path.isfile(path):
+        problem = checkpoint_file_problem(path)
+        if problem:
+            raise NotACheckpointError(f"{path!r} is not {what}: {problem}.")
+
+
 def load_state_dict(path: str, nested: Sequence[Sequence[str]] = (("trainer", "var_wo_ddp"), ("state_dict",),
                                                                    ("model",))) -> Dict[str, torch.Tensor]:
     """A flat ``{name: tensor}`` from a ``.pth`` / ``.pt`` / ``.ckpt`` (``weights_only=True``, memory-mapped
@@ -41,6 +84,7 @@ def load_state_dict(path: str, nested: Sequence[Sequence[str]] = (("trainer", "v
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         return load_file(path, device="cpu")
+    check_checkpoint_file(path)
     try:
         try:
             obj = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
@@ -173,6 +217,8 @@ def write_model_config(model_dir: str, config: dict) -> None:
 def write_tokenizer(vae_path: str, model_dir: str, patch_nums: Sequence[int], vocab_size: int, latent_dim: int) -> None:
     """Convert VAR's VQVAE file (or a tokenizer directory) into ``model_dir/tokenizer``."""
     from starkit.tokenizers import MultiScaleVQ
+    if not vae_path.endswith(".safetensors"):
+        check_checkpoint_file(vae_path, "a VQVAE checkpoint")
     tokenizer = MultiScaleVQ.from_pretrained(vae_path, patch_nums=list(patch_nums))
     if (tokenizer.codebook_size, tokenizer.embed_dim) != (vocab_size, latent_dim):
         raise CheckpointMismatchError(
