@@ -85,7 +85,7 @@ def _name_bad_checkpoint_argument(class_type, kwargs: dict, err: Exception) -> N
     """Building a component failed: if one of its checkpoint arguments (``pretrained``, ``init_from``, ...) is an
     empty, truncated or non-checkpoint file, raise that as the cause (torch.load says ``EOFError`` with no message,
     which jsonargparse even turns into an ``IndexError``). An error without a message gets the class's name."""
-    from starkit.convert.common import NotACheckpointError, checkpoint_file_problem
+    from starkit.utils.checkpoint_io import NotACheckpointError, checkpoint_file_problem
     for key, value in kwargs.items():
         if isinstance(value, str) and value.lower().endswith(CHECKPOINT_SUFFIXES) and os.path.isfile(value):
             problem = checkpoint_file_problem(value)
@@ -139,7 +139,7 @@ class StarkitCLI(LightningCLI):
         path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
         try:
             if path and os.path.isfile(path):
-                from starkit.convert.common import check_checkpoint_file
+                from starkit.utils.checkpoint_io import check_checkpoint_file
                 check_checkpoint_file(str(path), "a checkpoint (--ckpt_path)")
                 self._check_ckpt_class(str(path))
             super()._parse_ckpt_path()

@@ -19,7 +19,7 @@ from PIL import Image
 
 from starkit.generator import ScaleWiseGenerator
 from starkit.generator.hparams import component_config
-from starkit.utils.io import atomic_write_bytes, images_to_pil
+from starkit.utils.io import atomic_save_safetensors, atomic_write_bytes, images_to_pil
 
 FORMAT = "starkit-model"
 FORMAT_VERSION = 1
@@ -123,7 +123,6 @@ def sampler_config(sampler) -> dict:
 def save_model_dir(generator: ScaleWiseGenerator, path: str, dtype: Optional[torch.dtype] = None,
                    use_ema: bool = True, copy_text_encoder: bool = False) -> None:
     """Write a generator (with its tokenizer and text-encoder reference) as a model directory."""
-    from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     hp = dict(generator.hparams)
     gen_args = {k: v for k, v in hp.items() if k not in COMPONENT_ARGS + NOT_EXPORTED}
@@ -146,9 +145,7 @@ def save_model_dir(generator: ScaleWiseGenerator, path: str, dtype: Optional[tor
     tensors.update({f"sampler.{k}": v for k, v in generator.sampler.state_dict().items()})
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in tensors.items()}
-    tmp = os.path.join(path, ".generator.safetensors.tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(path, "generator.safetensors"))
+    atomic_save_safetensors(os.path.join(path, "generator.safetensors"), tensors, metadata={"format": "pt"})
     atomic_write_bytes(os.path.join(path, "starkit.json"), json.dumps(config, indent=2, default=str).encode())
 
 

@@ -313,6 +313,8 @@ def test_empty_truncated_or_text_checkpoints_are_named_not_called_unsafe(tmp_pat
     from starkit.convert import convert_var_vae
     from starkit.convert.common import NotACheckpointError, load_state_dict
     from starkit.export import export_checkpoint
+    from starkit.tokenizers.weights import load_weights_file
+    from starkit.utils.checkpoint_io import safe_torch_load
     for path, cause in _broken_files(tmp_path).values():
         with pytest.raises(NotACheckpointError, match=f"(?s)is not a training checkpoint: it {cause}"):
             export_checkpoint(path, str(tmp_path / "out"))
@@ -320,7 +322,18 @@ def test_empty_truncated_or_text_checkpoints_are_named_not_called_unsafe(tmp_pat
             convert_var_vae(path, str(tmp_path / "vae"))
         with pytest.raises(NotACheckpointError, match=f"(?s)is not a checkpoint: it {cause}"):
             load_state_dict(path)  # starkit convert star-t2i / var / star-sampler-head
+        with pytest.raises(NotACheckpointError, match=f"(?s)is not a checkpoint: it {cause}"):
+            safe_torch_load(path)  # Lightning's checkpoint loading through AtomicCheckpointIO
+        with pytest.raises(NotACheckpointError, match=f"(?s)is not tokenizer weights: it {cause}"):
+            load_weights_file(path)  # MultiScaleVQ(pretrained=...) / from_pretrained
     assert not (tmp_path / "out").exists() and not (tmp_path / "vae").exists()
+
+
+def test_generator_weights_given_as_tokenizer_weights_are_named():
+    tok = make_tiny_tokenizer()
+    generator_sd = {f"transformer.{k}": v for k, v in make_tiny_generator().transformer.state_dict().items()}
+    with pytest.raises(ValueError, match="generator's weights .*not a tokenizer's"):
+        tok.load_tokenizer_weights(generator_sd)
 
 
 def test_broken_checkpoint_given_to_the_cli_is_named(tmp_path):
@@ -376,3 +389,24 @@ def test_unusable_output_folder_fails_before_generating(tmp_path, where, monkeyp
     with pytest.raises(OSError, match="(?s)ImageWriter.*output folder.*--data.init_args.output_dir"):
         trainer.predict(gen, datamodule=PromptDataModule(prompts=["a red circle"], output_dir=str(out)))
     assert (tmp_path / "a_file").read_text() == "not a folder"
+
+
+def test_atomic_writes_give_files_the_permissions_of_a_plain_open(tmp_path):
+    """Images, model directories and checkpoints go through a temporary file and a rename; mkstemp's 0600 must not
+    survive it (other users of a shared machine or a web server could not read the outputs)."""
+    import stat
+    from PIL import Image
+    from starkit import StarPipeline
+    from starkit.utils.checkpoint_io import AtomicCheckpointIO
+    from starkit.utils.io import atomic_save_image, atomic_write_bytes
+    plain = tmp_path / "plain.txt"
+    plain.write_bytes(b"x")  # what open() gives under this process's umask
+    atomic_write_bytes(str(tmp_path / "a.json"), b"{}")
+    atomic_save_image(str(tmp_path / "a.png"), Image.new("RGB", (4, 4)))
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {}}, str(tmp_path / "a.ckpt"))
+    make_tiny_tokenizer().save_pretrained(str(tmp_path / "tok"))
+    StarPipeline(make_tiny_generator()).save_pretrained(str(tmp_path / "model"))
+    files = [tmp_path / "a.json", tmp_path / "a.png", tmp_path / "a.ckpt"] + sorted((tmp_path / "tok").iterdir()) \
+        + [f for f in (tmp_path / "model").rglob("*") if f.is_file()]
+    mode = stat.S_IMODE(plain.stat().st_mode)
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == {f.name: mode for f in files}

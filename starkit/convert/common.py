@@ -10,7 +10,8 @@ from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from starkit.utils.io import atomic_write_bytes
+from starkit.utils.checkpoint_io import NotACheckpointError, check_checkpoint_file  # noqa: F401 (NotA...: re-exported)
+from starkit.utils.io import atomic_save_safetensors, atomic_write_bytes
 
 #: The scale sets of the released STAR / VAR models.
 PATCH_NUMS = {
@@ -29,49 +30,6 @@ UNSAFE_HINT = (
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint whose keys or shapes do not match the architecture it is converted to."""
-
-
-class NotACheckpointError(ValueError):
-    """A file given as a checkpoint that is empty, cut short, or not a PyTorch file at all."""
-
-
-def checkpoint_file_problem(path: str) -> Optional[str]:
-    """Why the file at ``path`` cannot be a ``torch.save`` checkpoint, and what to do, from its first bytes and
-    its zip directory (cheap: nothing is unpickled), or None when it looks like one. ``torch.load`` words these
-    cases as ``EOFError``, ``KeyError: 101`` or "weights only load failed", which read like a safety refusal."""
-    import zipfile
-    size = os.path.getsize(path)
-    cut_short = ("the write, download or copy that made it was cut short: copy or download it again, or use an "
-                 "earlier checkpoint (e.g. the previous epoch's)")
-    if size == 0:
-        return f"it is empty (0 bytes); {cut_short}"
-    with open(path, "rb") as fh:
-        head = fh.read(64)
-    if head.startswith(b"PK\x03\x04"):  # torch.save's zip format
-        try:
-            with zipfile.ZipFile(path) as zf:
-                zf.namelist()
-        except (zipfile.BadZipFile, OSError, ValueError):
-            return f"it is truncated or damaged ({size} bytes, no zip directory at its end); {cut_short}"
-        return None
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # the legacy pickle format
-        return None
-    wrong = "give the .ckpt / .pth file written by torch.save (a training run's checkpoints/*.ckpt)"
-    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
-        return f"it is a safetensors file (plain weights), not a torch.save checkpoint; {wrong}"
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        return f"it is not a PyTorch checkpoint (it starts with the bytes {head[:8]!r}); {wrong}"
-    return f"it is a text file, not a PyTorch checkpoint (it starts with {text.strip()[:40]!r}); {wrong}"
-
-
-def check_checkpoint_file(path: str, what: str = "a checkpoint") -> None:
-    """Raise :class:`NotACheckpointError` naming the file, the cause and the fix if it cannot be a checkpoint."""
-    if os.path.isfile(path):
-        problem = checkpoint_file_problem(path)
-        if problem:
-            raise NotACheckpointError(f"{path!r} is not {what}: {problem}.")
 
 
 def load_state_dict(path: str, nested: Sequence[Sequence[str]] = (("trainer", "var_wo_ddp"), ("state_dict",),
@@ -200,12 +158,9 @@ def size_args(depth: int, width: int, num_heads: int) -> dict:
 
 def write_generator_weights(path: str, tensors: Dict[str, torch.Tensor], dtype: Optional[torch.dtype] = None) -> None:
     """``generator.safetensors`` written atomically (floating tensors cast to ``dtype`` when given)."""
-    from safetensors.torch import save_file
     out = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
            for k, v in tensors.items()}
-    tmp = path + ".tmp"
-    save_file(out, tmp, metadata={"format": "pt"})
-    os.replace(tmp, path)
+    atomic_save_safetensors(path, out, metadata={"format": "pt"})
 
 
 def write_model_config(model_dir: str, config: dict) -> None:

@@ -123,7 +123,8 @@ def convert_var(checkpoint: str, vae: str, out_dir: str, patch_nums: Optional[Se
 def convert_var_vae(vae: str, out_dir: str, patch_nums: Optional[Sequence[int]] = None,
                     resolution: Optional[int] = None) -> str:
     """VAR's VQVAE file -> a starkit tokenizer directory (``config.json`` + ``model.safetensors``)."""
-    from starkit.convert.common import PATCH_NUMS, check_checkpoint_file
+    from starkit.convert.common import PATCH_NUMS
+    from starkit.utils.checkpoint_io import check_checkpoint_file
     from starkit.tokenizers import MultiScaleVQ
     if patch_nums is not None and resolution is not None:
         raise ValueError("give either patch_nums or resolution, not both")

@@ -225,6 +225,10 @@ class MultiScaleVQ(ScaleTokenizer):
         Training-only weights (discriminator, perceptual net) of a stage-1 checkpoint are
         dropped when this tokenizer has no such parts (e.g. frozen inside the generator)."""
         own = self.state_dict()
+        if state_dict and not set(own) & set(state_dict) and any(k.startswith("transformer.") for k in state_dict):
+            raise ValueError("these are a generator's weights (keys transformer.*), not a tokenizer's: give the "
+                             "tokenizer's own checkpoint (a run of recipes/tokenizer/*.yaml), its model directory "
+                             "(MultiScaleVQ.save_pretrained, or a model directory's tokenizer/), or VAR's VQVAE .pth.")
         state_dict = {k: v for k, v in state_dict.items() if k in own or not k.startswith(TRAIN_ONLY_PREFIXES)}
         bad = [k for k, v in state_dict.items() if k in own and k != "quantize.ema_vocab_hit_SV" and own[k].shape != v.shape]
         if bad:

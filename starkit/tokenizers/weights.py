@@ -6,7 +6,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 from typing import Any, Dict
 
 import torch
@@ -33,6 +32,8 @@ def load_weights_file(path: str) -> Dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         return load_file(path, device="cpu")
+    from starkit.utils.checkpoint_io import check_checkpoint_file
+    check_checkpoint_file(path, "tokenizer weights")
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as err:
@@ -69,10 +70,12 @@ def infer_var_config(sd: Dict[str, torch.Tensor]) -> Dict[str, Any]:
 
 
 def _atomic_write(directory: str, name: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    from starkit.utils.io import FILE_MODE, temp_file
+    fd, tmp = temp_file(directory, f".{name}.", ".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, FILE_MODE)  # the writer may have made the file anew (safetensors does, as 0600)
         os.replace(tmp, os.path.join(directory, name))
     finally:
         if os.path.exists(tmp):
@@ -81,10 +84,10 @@ def _atomic_write(directory: str, name: str, write) -> None:
 
 def save_pretrained_dir(directory: str, config: Dict[str, Any], state_dict: Dict[str, torch.Tensor]) -> None:
     """Write ``config.json`` and ``model.safetensors`` into ``directory``, each atomically."""
-    from safetensors.torch import save_file
+    from starkit.utils.io import atomic_save_safetensors
     os.makedirs(directory, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    _atomic_write(directory, "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_save_safetensors(os.path.join(directory, "model.safetensors"), tensors, metadata={"format": "pt"})
 
     def write_json(p: str) -> None:
         with open(p, "w") as fh:

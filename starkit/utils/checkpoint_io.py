@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from starkit.utils.io import temp_file
 
 CONVERT_HINT = (
     "If you trust this file, convert it once to plain tensors and Python values, e.g.\n"
@@ -34,9 +35,53 @@ class UnsafeCheckpointError(ValueError):
     """A checkpoint that can only be read by running arbitrary pickled code."""
 
 
+class NotACheckpointError(ValueError):
+    """A file given as a checkpoint that is empty, cut short, or not a PyTorch file at all."""
+
+
+def checkpoint_file_problem(path: str) -> Optional[str]:
+    """Why the file at ``path`` cannot be a ``torch.save`` checkpoint, and what to do, from its first bytes and
+    its zip directory (cheap: nothing is unpickled), or None when it looks like one. ``torch.load`` words these
+    cases as ``EOFError``, ``KeyError: 101`` or "weights only load failed", which read like a safety refusal."""
+    import zipfile
+    size = os.path.getsize(path)
+    cut_short = ("the write, download or copy that made it was cut short: copy or download it again, or use an "
+                 "earlier checkpoint (e.g. the previous epoch's)")
+    if size == 0:
+        return f"it is empty (0 bytes); {cut_short}"
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    if head.startswith(b"PK\x03\x04"):  # torch.save's zip format
+        try:
+            with zipfile.ZipFile(path) as zf:
+                zf.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return f"it is truncated or damaged ({size} bytes, no zip directory at its end); {cut_short}"
+        return None
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # the legacy pickle format
+        return None
+    wrong = "give the .ckpt / .pth file written by torch.save (a training run's checkpoints/*.ckpt)"
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
+        return f"it is a safetensors file (plain weights), not a torch.save checkpoint; {wrong}"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"it is not a PyTorch checkpoint (it starts with the bytes {head[:8]!r}); {wrong}"
+    return f"it is a text file, not a PyTorch checkpoint (it starts with {text.strip()[:40]!r}); {wrong}"
+
+
+def check_checkpoint_file(path: str, what: str = "a checkpoint") -> None:
+    """Raise :class:`NotACheckpointError` naming the file, the cause and the fix if it cannot be a checkpoint."""
+    if os.path.isfile(path):
+        problem = checkpoint_file_problem(path)
+        if problem:
+            raise NotACheckpointError(f"{path!r} is not {what}: {problem}.")
+
+
 def safe_torch_load(path: str, map_location: Any = "cpu") -> Any:
     """``torch.load(path, weights_only=True)``; a file that needs unsafe unpickling raises
     :class:`UnsafeCheckpointError` naming the file and how to convert a trusted one."""
+    check_checkpoint_file(str(path))
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, AttributeError, TypeError, RuntimeError) as err:
@@ -64,7 +109,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} does not take storage_options.")
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        fd, tmp = temp_file(folder, f".{os.path.basename(path)}.", ".tmp")
         try:
             with os.fdopen(fd, "wb") as fh:
                 torch.save(checkpoint, fh)
