@@ -6,6 +6,8 @@
   ``action="skip"`` drops that batch's optimizer update and goes on.
 - :func:`check_data_fits_model`: the data's image side must equal the tokenizer's
   ``patch_nums[-1] * downsample`` (checked by the ``starkit`` CLI before fit/validate/test).
+- :func:`check_precision`: ``*-true`` precisions other than ``32-true`` cast every weight, the
+  tokenizer's too, whose quantizer runs in float32: one clear error before the first step.
 """
 from __future__ import annotations
 
@@ -148,3 +150,15 @@ def check_data_fits_model(model, datamodule) -> None:
     if data_codebook is not None and int(data_codebook) != tokenizer.codebook_size:
         raise ValueError(f"{type(datamodule).__name__} holds tokens of a {data_codebook}-code tokenizer, the model's "
                          f"has {tokenizer.codebook_size} codes: tokenize the data with the model's tokenizer.")
+
+
+def check_precision(model) -> None:
+    """Raise one clear ``ValueError`` when the trainer's precision casts the model's weights off float32
+    (``bf16-true``, ``16-true``, ``64-true``): the tokenizer's quantizer (nearest codes, ``f_hat``) runs in
+    float32 and would fail inside the first step on a dtype mismatch. Mixed precisions keep float32 weights."""
+    trainer = getattr(model, "_trainer", None)
+    precision = str(getattr(trainer, "precision", "") or "")
+    if precision.endswith("-true") and precision != "32-true":
+        raise ValueError(f"precision={precision!r} is not supported by {type(model).__name__}: it casts every weight, "
+                         f"the tokenizer's too, whose quantizer runs in float32. Use precision: bf16-mixed (weights "
+                         f"stay float32, the matrix products run in bf16), 16-mixed or 32-true.")

@@ -157,7 +157,7 @@ class ScaleWiseGenerator(L.LightningModule):
             raise ValueError(f"token_drop={token_drop} must be in [0, {last}) (the last scale has {last} tokens).")
         self.ema = None
         if ema_decay is not None:
-            self.ema = copy.deepcopy(self.transformer).requires_grad_(False)
+            self.ema = copy.deepcopy(self.transformer).requires_grad_(False).eval()  # Lightning never calls train()
         if init_from:
             from starkit.generator.progressive import init_transformer_from
             init_transformer_from(self, init_from)
@@ -222,9 +222,12 @@ class ScaleWiseGenerator(L.LightningModule):
         return result
 
     def setup(self, stage: str) -> None:
-        """Fail before the first step when the data's resolution does not fit the scales."""
-        from starkit.callbacks.guards import check_data_fits_model
+        """Fail before the first step when the data's resolution does not fit the scales, or the trainer's
+        precision casts the frozen tokenizer off float32."""
+        from starkit.callbacks.guards import check_data_fits_model, check_precision
         check_data_fits_model(self, getattr(self.trainer, "datamodule", None))
+        if stage in ("fit", "validate", "test"):
+            check_precision(self)
 
     def on_fit_start(self) -> None:
         if self.hparams.get("compile"):
@@ -241,6 +244,19 @@ class ScaleWiseGenerator(L.LightningModule):
         encoder = getattr(self.tokenizer, "encoder", None)
         if isinstance(encoder, torch.nn.Module) and getattr(encoder, "_compiled_call_impl", None) is None:
             encoder.compile()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Record the sampler as it is now: one swapped in (``generator.sampler = StableSampler(...)``) or with a
+        setting changed on the object after construction is what ``load_from_checkpoint`` rebuilds (the
+        constructor's sampler would not take the ``sampler.*`` weights, or would sample with old settings)."""
+        hparams = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
+        if isinstance(hparams, dict) and "sampler" in hparams:
+            from starkit.pipeline import sampler_config
+            try:
+                hparams["sampler"] = sampler_config(self.sampler)  # a copy of self.hparams: the key is replaced
+            except ValueError as err:  # an invalid setting assigned on the object: keep the recorded sampler
+                warnings.warn(f"The checkpoint keeps the sampler's recorded settings: the current ones are invalid "
+                              f"({err}).", UserWarning, stacklevel=2)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         from starkit.generator.hparams import check_state_dict_keys
@@ -314,9 +330,16 @@ class ScaleWiseGenerator(L.LightningModule):
         with torch.no_grad():
             inputs = self.tokenizer.teacher_forcing_inputs(indices)
             hidden = self.transformer(text.pooled, text.tokens, text.mask, inputs)  # (B, L, C), frozen
-        loss, logs = self.sampler.training_loss(HeadTrainingBatch(
-            hidden=hidden, indices=indices, pooled_text=text.pooled, patch_nums=self.patch_nums,
-            embed=self.tokenizer.embed, rotary=self.transformer.positional.rotary))
+        head_batch = HeadTrainingBatch(hidden=hidden, indices=indices, pooled_text=text.pooled,
+                                       patch_nums=self.patch_nums, embed=self.tokenizer.embed,
+                                       rotary=self.transformer.positional.rotary)
+        if stage == "train":
+            loss, logs = self.sampler.training_loss(head_batch)
+        else:  # the loss draws its reveal masks: from a copy of the random state, so that validation leaves
+            # training's draws (caption dropout, masks, drop path) as they would have been without it
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                loss, logs = self.sampler.training_loss(head_batch)
         B = indices[0].shape[0]
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=B, sync_dist=stage != "train")
         for name, value in logs.items():
@@ -352,7 +375,18 @@ class ScaleWiseGenerator(L.LightningModule):
         from starkit.generator.distributed import record_param_shapes
         record_param_shapes(self)
 
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The optimizer step, then the EMA update: once per optimizer step (not per micro-batch under
+        ``accumulate_grad_batches``), and before the callbacks' ``on_train_batch_end``, where ModelCheckpoint
+        saves: a checkpoint holds the EMA of the weights it holds, and a resumed run continues it exactly."""
+        super().optimizer_step(*args, **kwargs)
+        self._update_ema()
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self._trainer is None:  # a loop of one's own, without a Trainer: one EMA update per call
+            self._update_ema()
+
+    def _update_ema(self) -> None:
         if self.ema is not None:  # sharded alike under FSDP: see starkit/generator/distributed.py
             from starkit.generator.distributed import ema_update
             ema_update(self, self.hparams.ema_decay)

@@ -140,7 +140,8 @@ def init_transformer_from(generator, path: str) -> dict:
     generator saved at ``path`` (a ``.ckpt`` of ``starkit fit`` or a model directory).
 
     Returns:
-        a summary ``{"copied": [...], "resized": [...], "sampler": [...]}`` (also logged).
+        a summary ``{"copied": [...], "resized": [...], "sampler": [...], "skipped": [...]}`` (also logged;
+        ``skipped``: sampler tensors of either side that were not copied, with a warning).
     """
     net_src, sampler_src, old_patch_nums = load_source(str(path))
     net = generator.transformer
@@ -168,14 +169,28 @@ def init_transformer_from(generator, path: str) -> dict:
         generator.ema.load_state_dict(adapted, strict=True)
     sampler_copied = []
     sampler_target = generator.sampler.state_dict()
+    # sampler tensors not copied: the source's without a place here, and this sampler's that keep their init
+    skipped = [f"sampler.{k}" for k in sorted(set(sampler_src) - set(sampler_target))]
+    if sampler_src:
+        skipped += [f"sampler.{k}" for k in sorted(set(sampler_target) - set(sampler_src))]
     if sampler_src and sampler_target:
         sampler_adapted, sampler_copied, sampler_resized = adapt_state_dict(sampler_target, sampler_src, "sampler",
                                                                            allow_missing=True)
+        if "head_trained" in sampler_adapted and any(k != "head_trained" for k in sampler_target
+                                                     if k not in sampler_src):
+            # a head copied in part (e.g. another head_depth) is not a trained head: it keeps this flag
+            del sampler_adapted["head_trained"]
+            sampler_copied = [k for k in sampler_copied if k != "head_trained"]
+            skipped.append("sampler.head_trained (the head is copied in part)")
         generator.sampler.load_state_dict(sampler_adapted, strict=False)
         resized += [f"sampler.{r}" for r in sampler_resized]
-    summary = {"copied": copied, "resized": resized, "sampler": sampler_copied}
+    summary = {"copied": copied, "resized": resized, "sampler": sampler_copied, "skipped": skipped}
     log.info("init_from %s (scales %s -> %s): %d tensors copied, resized: %s; sampler tensors copied: %d",
              path, old_patch_nums, new_patch_nums, len(copied), resized or "none", len(sampler_copied))
+    if skipped:
+        from lightning.pytorch.utilities import rank_zero_warn
+        rank_zero_warn(f"init_from {path}: {len(skipped)} sampler tensors not copied (the source's sampler and this "
+                       f"one differ): {', '.join(skipped[:8])}{' ...' if len(skipped) > 8 else ''}")
     try:
         from lightning.pytorch.utilities import rank_zero_info
         rank_zero_info(f"init_from {path}: {len(copied)} tensors copied, resized: {resized or 'none'}, "

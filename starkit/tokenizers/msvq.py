@@ -279,14 +279,21 @@ class MultiScaleVQ(ScaleTokenizer):
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         checkpoint["starkit_tokenizer_step"] = self.train_step_count
+        checkpoint["starkit_usage_ema_steps"] = self.quantize.ema_steps
 
     def setup(self, stage: str) -> None:
-        """Fail before the first step when the data's resolution does not fit the scales."""
-        from starkit.callbacks.guards import check_data_fits_model
+        """Fail before the first step when the data's resolution does not fit the scales, or the trainer's
+        precision casts the weights off float32 (the quantizer runs in float32)."""
+        from starkit.callbacks.guards import check_data_fits_model, check_precision
         check_data_fits_model(self, getattr(self.trainer, "datamodule", None))
+        if stage in ("fit", "validate", "test"):
+            check_precision(self)
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         self.train_step_count = checkpoint.get("starkit_tokenizer_step", 0)
+        # the usage EMA goes on from the checkpoint's buffer: a count of 0 would overwrite it with one batch's hits
+        # (and dead-code re-initialisation would then reset codes that are in use); one update per training step
+        self.quantize.ema_steps = checkpoint.get("starkit_usage_ema_steps", self.train_step_count)
 
     def optimize_for_inference(self, compile: bool = True, channels_last: bool = False,
                                mode: Optional[str] = None) -> "MultiScaleVQ":
