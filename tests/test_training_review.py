@@ -154,3 +154,37 @@ def test_init_from_reports_skipped_sampler_tensors_and_a_partly_copied_head_is_n
     with pytest.warns(UserWarning, match="sampler tensors not copied"):
         parallel = make_tiny_generator(init_from=path)  # a sampler without weights: the source's head is skipped
     assert "sampler.head_trained" in parallel._init_from_summary["skipped"]
+
+
+def test_validation_loaders_leave_the_global_random_state_alone(tmp_path):
+    """Every iter(DataLoader) draws its workers' base seed from the loader's generator, else from the global RNG:
+    the validation/test loaders have their own, so a validation between steps does not move training's draws."""
+    from PIL import Image
+    from starkit.data import CaptionedImageDataModule, ShapesDataModule
+    for i in range(4):
+        Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(f"image {i}")
+    shapes = ShapesDataModule(resolution=32, batch_size=2, num_train=4, num_val=2)
+    folder = CaptionedImageDataModule(root=str(tmp_path), resolution=32, batch_size=2, num_workers=0, val_size=2)
+    for dm in (shapes, folder):
+        dm.setup("fit")
+        torch.manual_seed(0)
+        state = torch.get_rng_state()
+        next(iter(dm.val_dataloader()))
+        assert torch.equal(torch.get_rng_state(), state), type(dm).__name__
+    shapes.setup("test")
+    next(iter(shapes.test_dataloader()))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_run_with_validation_trains_like_one_without():
+    from starkit.data import ShapesDataModule
+
+    def weights(limit_val_batches):
+        gen = make_tiny_generator(token_drop=2)
+        dm = ShapesDataModule(resolution=32, batch_size=2, num_train=8, num_val=2)
+        torch.manual_seed(0)
+        _trainer(max_steps=4, limit_val_batches=limit_val_batches, val_check_interval=2).fit(gen, datamodule=dm)
+        return [p.detach().clone() for p in gen.transformer.parameters()]
+    for a, b in zip(weights(0), weights(1)):
+        assert torch.equal(a, b)

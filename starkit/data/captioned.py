@@ -333,10 +333,12 @@ class CaptionedImageDataModule(L.LightningDataModule):
                 dataset, shuffle=True, seed=self.seed, batch_size=self.batch_size, num_workers=self.num_workers,
                 pin_memory=self.pin_memory and torch.cuda.is_available(),
                 persistent_workers=self.persistent_workers and self.num_workers > 0)
+        from starkit.utils.resumable import evaluation_generator
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            generator=evaluation_generator(self.seed),  # validation leaves the global random state alone
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and self.num_workers > 0,

@@ -359,9 +359,11 @@ class ShapesDataModule(L.LightningDataModule):
         if self.cache is not None:
             self.cache.build()
 
-    def _loader(self, dataset, shuffle: bool = False) -> DataLoader:
+    def _loader(self, dataset, shuffle: bool = False, evaluation: bool = False) -> DataLoader:
+        from starkit.utils.resumable import evaluation_generator
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0,
+                          generator=evaluation_generator(self.hparams.seed) if evaluation else None)
 
     def train_dataloader(self) -> DataLoader:
         if self.num_train is None:
@@ -374,10 +376,10 @@ class ShapesDataModule(L.LightningDataModule):
                                    persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(ShapesDataset(self.world, self.val_split, self.num_val))
+        return self._loader(ShapesDataset(self.world, self.val_split, self.num_val), evaluation=True)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(ShapesDataset(self.world, "heldout", self.num_val))
+        return self._loader(ShapesDataset(self.world, "heldout", self.num_val), evaluation=True)
 
     def prompts(self, split: str = "heldout", n: int = 256) -> List[Tuple[str, dict]]:
         """``(caption, truth)`` of the first ``n`` samples of ``split`` (no pixels rendered),

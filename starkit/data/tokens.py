@@ -177,7 +177,9 @@ class TokenizedDataModule(L.LightningDataModule):
     def val_dataloader(self):
         if not len(self.val_dataset):
             return []
-        return DataLoader(self.val_dataset, batch_size=self.batch_size, num_workers=self.num_workers)
+        from starkit.utils.resumable import evaluation_generator
+        return DataLoader(self.val_dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                          generator=evaluation_generator(self.seed))  # leaves the global random state alone
 
 
 def main(argv=None) -> None:

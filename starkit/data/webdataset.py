@@ -469,7 +469,9 @@ class WebDatasetDataModule(L.LightningDataModule):
         """One pass over the validation shards with centre crops; ``[]`` without them."""
         if self.val_dataset is None:
             return []
-        return DataLoader(self.val_dataset, collate_fn=collate_samples, **self._kwargs())
+        from starkit.utils.resumable import evaluation_generator
+        return DataLoader(self.val_dataset, collate_fn=collate_samples,  # (own generator: leaves the global RNG)
+                          generator=evaluation_generator(self.hparams.seed), **self._kwargs())
 
     def skipped_counts(self) -> Dict[str, int]:
         """Non-zero counts on this rank, e.g. ``{"train/skipped/undecodable": 3}``."""

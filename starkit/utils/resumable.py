@@ -143,3 +143,12 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def evaluation_generator(seed: int = 0) -> torch.Generator:
+    """A ``torch.Generator`` for validation, test and prediction loaders. Every ``iter(DataLoader)`` draws its
+    workers' base seed from the loader's generator, or from the global one when it has none: a validation
+    between training steps would then change training's later random draws (caption dropout, token dropping,
+    drop path). With its own generator, validation leaves them as they were, and its workers get the same
+    seeds at every validation."""
+    return torch.Generator().manual_seed(seed)
