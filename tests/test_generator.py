@@ -40,7 +40,7 @@ def test_generation_is_reproducible_with_a_seed(tiny_generator):
     b = tiny_generator.generate(["a red circle", "a blue square"], seed=3)
     c = tiny_generator.generate(["a red circle", "a blue square"], seed=4, top_k=None, top_p=None)
     assert a.shape == (2, 3, 32, 32) and a.min() >= 0 and a.max() <= 1
-    assert torch.equal(a, b)
+    assert torch.equal(a, b) and not torch.equal(a, c)
     _, ia = tiny_generator.generate(["a red circle"], seed=3, return_indices=True)
     _, ic = tiny_generator.generate(["a red circle"], seed=5, return_indices=True)
     assert any(not torch.equal(x, y) for x, y in zip(ia, ic))
@@ -94,6 +94,21 @@ def test_top_k_top_p_filtering_matches_definition():
     probs = torch.tensor([[0.05, 0.1, 0.15, 0.3, 0.4]])
     kept = torch.isfinite(filter_logits(probs.log(), top_p=0.6))  # 0.4 + 0.3 >= 0.6: two kept
     assert kept.tolist() == [[False, False, False, True, True]]
+
+
+def test_temperature_divides_the_logits_and_top_p_keeps_vars_boundary():
+    """Temperature T: logits / T (written out here, not through the code under test); top-p removes the tokens
+    whose ascending cumulative probability is <= 1 - top_p (VAR's `<=`), checked on dyadic probabilities that
+    float32 sums exactly, so the boundary case is hit: 0.125 + 0.125 == 1 - 0.75."""
+    from starkit.samplers.functional import candidates, filter_logits
+    logits = torch.tensor([[0.3, -1.2, 2.0, 0.5, -0.1]])
+    torch.testing.assert_close(filter_logits(logits, temperature=2.0), logits / 2.0)
+    torch.testing.assert_close(candidates(logits, top_k=2, temperature=0.5).probs,
+                               torch.tensor([[2.0, 0.5]]).div(0.5).softmax(-1))
+    torch.testing.assert_close(candidates(logits, temperature=4.0).probs, (logits / 4.0).softmax(-1))
+    dyadic = torch.tensor([[0.125, 0.25, 0.125, 0.5]]).log()
+    assert torch.isfinite(filter_logits(dyadic, top_p=0.75)).tolist() == [[False, True, False, True]]
+    torch.testing.assert_close(candidates(dyadic, top_p=0.75).probs, torch.tensor([[0.0, 1 / 3, 0.0, 2 / 3]]))
 
 
 def test_exponential_race_sampling_has_the_categorical_distribution():
