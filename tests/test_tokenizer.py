@@ -338,3 +338,35 @@ def test_tap_conv_decodes_the_images_of_the_plain_conv(monkeypatch):
     tok.train()
     tok.decode_latent(f)  # gradients on: the plain conv
     assert calls == [1]
+
+
+def test_quantizer_equals_a_residual_loop_written_out_here():
+    """VAR's residual multi-scale quantization written out with plain torch (area downsample of the residual,
+    brute-force nearest code by cdist, bicubic upsample with align_corners=False, the scale's phi, residual
+    subtracted): the same indices at every scale and the same f_hat; add_scale rebuilds that f_hat from the
+    indices, and next_scale_input is f_hat area-downsampled, row-major."""
+    import torch.nn.functional as F
+    tok = tiny()
+    q = tok.quantize
+    K, side, C = len(q.patch_nums), q.patch_nums[-1], q.embed_dim
+    f = torch.randn(2, C, side, side, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        f_hat_q, indices, _, _ = q(f, compute_loss=False)
+        codes = q.embedding.weight.detach()
+        rest, f_hat = f.clone(), torch.zeros_like(f)
+        for k, pn in enumerate(q.patch_nums):
+            z = rest if k == K - 1 else F.interpolate(rest, size=(pn, pn), mode="area")  # (B, C, pn, pn)
+            idx = torch.cdist(z.permute(0, 2, 3, 1).reshape(-1, C), codes).argmin(1)  # (B*pn*pn,)
+            assert torch.equal(idx.view(2, pn * pn), indices[k]), f"scale {k}"
+            e = codes[idx].view(2, pn, pn, C).permute(0, 3, 1, 2)
+            up = e if k == K - 1 else F.interpolate(e, size=(side, side), mode="bicubic", align_corners=False)
+            h = q.quant_resi.get(k, K)(up)
+            f_hat, rest = f_hat + h, rest - h
+        torch.testing.assert_close(f_hat_q, f_hat, rtol=1e-5, atol=1e-5)
+        rebuilt = tok.empty_latent(2)
+        for k in range(K):
+            rebuilt = tok.add_scale(rebuilt, k, tok.embed(indices[k]).float())
+            if k + 1 < K:
+                want = F.interpolate(rebuilt, size=(q.patch_nums[k + 1],) * 2, mode="area").flatten(2).transpose(1, 2)
+                torch.testing.assert_close(tok.next_scale_input(rebuilt, k + 1), want)
+        torch.testing.assert_close(rebuilt, f_hat, rtol=1e-5, atol=1e-5)
