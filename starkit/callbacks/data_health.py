@@ -10,22 +10,18 @@ class DataHealthLogger(L.Callback):
     """Log the data module's ``skipped_counts()`` as ``data/<key>`` metrics.
 
     A data module that skips or repairs bad samples instead of failing (e.g.
-    :class:`starkit.data.CaptionedImageDataModule`) counts them by cause; this callback
+    ``starkit.data.CaptionedImageDataModule``) counts them by cause; this callback
     logs those counts (``data/train/skipped/undecodable``, ``data/index/missing_caption``
     ...) plus the totals ``data/skipped_total`` and ``data/repaired_total``, at the end of
     every training epoch and, with ``every_n_steps``, every N optimizer steps. Data modules
     without ``skipped_counts()`` (e.g. the shapes world) log nothing. Counts are summed
     over ranks. Works for any LightningModule (generator, tokenizer).
 
+    In YAML: ``trainer.callbacks: [{class_path: starkit.callbacks.DataHealthLogger, init_args: {every_n_steps:
+    100}}]``.
+
     Args:
         every_n_steps: also log every N training steps (None: only at epoch end).
-
-    YAML::
-
-        trainer:
-          callbacks:
-            - class_path: starkit.callbacks.DataHealthLogger
-              init_args: {every_n_steps: 100}
     """
 
     def __init__(self, every_n_steps: Optional[int] = None) -> None:

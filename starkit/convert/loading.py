@@ -14,6 +14,15 @@ import torch
 
 @dataclass
 class ModelParts:
+    """The parts of a model directory, as ``load_parts`` builds them.
+
+    Args:
+        transformer: the ``ScaleTransformer``.
+        text_encoder: the conditioning encoder (a text encoder, or VAR's class ids).
+        tokenizer: the ``MultiScaleVQ``.
+        sampler: the saved sampler.
+    """
+
     transformer: Any
     text_encoder: Any
     tokenizer: Any

@@ -165,7 +165,9 @@ class WebDatasetStream(IterableDataset):
         seed: base seed of the permutations.
         repeat: start a new pass when this consumer's shards are done (training); ``False``:
             one pass, each sample exactly once over all ranks and workers.
-        max_image_pixels, min_size_policy, missing_caption: as in ``CaptionedImageDataModule``.
+        max_image_pixels: as in ``CaptionedImageDataModule``.
+        min_size_policy: as in ``CaptionedImageDataModule``.
+        missing_caption: as in ``CaptionedImageDataModule``.
         num_workers: DataLoader workers that will read it (sizes ``counts``).
     """
 

@@ -61,7 +61,9 @@ class ScaleTransformer(nn.Module):
         vocab_size: V, the tokenizer's codebook size.
         latent_dim: Cvae, the tokenizer's embedding width.
         text_dim: width of the text features (None: no cross-attention, e.g. class-conditional).
-        depth, width, num_heads: transformer size.
+        depth: number of blocks.
+        width: model width C.
+        num_heads: attention heads (head dim ``width // num_heads``).
         positional: the positional encoding (built by the generator).
         mlp_ratio: FFN width / model width.
         drop_path_rate: stochastic depth of the last block (linear from 0).
