@@ -524,3 +524,69 @@ def test_whole_generation_graph_with_the_trained_head_gives_the_same_tokens(trai
         _, idx_e = gen.generate(PROMPTS, seed=7, return_indices=True, cuda_graphs="whole")
         assert all(torch.equal(x, y) for x, y in zip(idx_d, idx_e)) and gen._static_steps["whole"] is not whole
     gen.release_cuda_graphs()
+
+
+def test_head_training_loss_is_the_cross_entropy_of_the_hidden_tokens_only(trained, monkeypatch):
+    """The head sees the kept ground-truth tokens (zeros elsewhere) and is scored on the hidden ones only: the loss
+    equals the cross-entropy over the hidden positions written out here, whatever the logits at kept positions."""
+    import torch.nn.functional as F
+    from starkit.samplers import HeadTrainingBatch
+    from starkit.samplers import stable
+    gen, _ = trained
+    sampler = gen.sampler
+    monkeypatch.setattr(stable, "keep_ratio", lambda batch, mode="arccos", device=None: torch.full((batch,), 0.5))
+    g = torch.Generator().manual_seed(0)
+    K, B = len(gen.patch_nums), 2
+    indices = [torch.randint(0, gen.tokenizer.codebook_size, (B, pn * pn), generator=g) for pn in gen.patch_nums]
+    L = sum(pn * pn for pn in gen.patch_nums)
+    batch = HeadTrainingBatch(hidden=torch.randn(B, L, gen.transformer.width, generator=g), indices=indices,
+                              pooled_text=torch.randn(B, gen.text_encoder.dim, generator=g),
+                              patch_nums=gen.patch_nums, embed=gen.tokenizer.embed,
+                              rotary=gen.transformer.positional.rotary)
+    seen, real_forward = [], sampler.head.forward
+
+    def forward(hidden, shown, pooled, k, *rest, **kwargs):
+        logits = real_forward(hidden, shown, pooled, k, *rest, **kwargs)
+        seen.append((k, shown, logits))
+        return logits
+    monkeypatch.setattr(sampler.head, "forward", forward)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        loss, _ = sampler.training_loss(batch)
+    torch.manual_seed(7)  # the same masks, drawn in the same order (keep_ratio draws nothing here)
+    total, count = 0.0, 0
+    for k, shown, logits in seen:
+        keep = torch.rand(B, gen.patch_nums[k] ** 2) < 0.5
+        expected_shown = gen.tokenizer.embed(indices[k]).float() * keep[..., None]
+        torch.testing.assert_close(shown, expected_shown)
+        ce = F.cross_entropy(logits.float().flatten(0, 1), indices[k].flatten(), reduction="none").view(B, -1)
+        total, count = total + ce[~keep].sum(), count + int((~keep).sum())
+    assert [k for k, _, _ in seen] == list(sampler.causal_scale_ids(K)) and count > 0
+    torch.testing.assert_close(loss, total / count)
+
+
+def test_the_head_gets_each_scales_own_rotary_positions_when_sampling(trained, monkeypatch):
+    """At sampling time the head of scale k gets the rotary tables of that scale's tokens in the whole sequence
+    (positions starts[k]..starts[k+1]) and those of the first token, as in its training loss."""
+    gen, _ = trained
+    seen = []
+    real = gen.sampler.head.for_scale
+
+    def spy(hidden, pooled, scale, rotary_first=None, rotary=None, *args, **kwargs):
+        seen.append((scale, rotary_first, rotary))
+        return real(hidden, pooled, scale, rotary_first, rotary, *args, **kwargs)
+    monkeypatch.setattr(gen.sampler.head, "for_scale", spy)
+    gen.generate(PROMPTS[:2], seed=0)
+    starts = [0]
+    for pn in gen.patch_nums:
+        starts.append(starts[-1] + pn * pn)
+    as_tables = lambda r: tuple(torch.view_as_real(t) if torch.is_complex(t) else t  # noqa: E731
+                                for t in (r if isinstance(r, tuple) else (r,)))
+    assert sorted({k for k, _, _ in seen}) == list(gen.sampler.causal_scale_ids(len(gen.patch_nums)))
+    for k, first, rotary in seen:
+        want = gen.transformer.positional.rotary(slice(starts[k], starts[k + 1]))
+        assert rotary is not None and len(as_tables(rotary)) == len(as_tables(want))
+        for a, b in zip(as_tables(rotary), as_tables(want)):
+            torch.testing.assert_close(a, b)
+        for a, b in zip(as_tables(first), as_tables(gen.transformer.positional.rotary(slice(0, 1)))):
+            torch.testing.assert_close(a, b)
