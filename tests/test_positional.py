@@ -240,3 +240,31 @@ def test_rotation_by_the_real_pair_equals_the_complex_multiplication(per_sample)
     angles = torch.randn(2, 5, 4) if per_sample else torch.randn(5, 4)
     pair = (angles.cos(), angles.sin())
     assert torch.allclose(rotate_float32(x, pair), rotate_float32(x, as_cis(pair)), atol=1e-6)
+
+
+def test_self_attention_rotates_queries_and_keys_as_written_out_here():
+    """One SelfAttention with normalized 2D RoPE against attention written out here: qkv projection with VAR's
+    biases (q, zero, v), L2-normalised queries (times the learned scale) and keys, BOTH rotated by the pairwise
+    formula at their positions, softmax attention with scale 1, output projection."""
+    from starkit.generator.blocks import SelfAttention
+    torch.manual_seed(0)
+    B, C, H, pns = 2, 32, 2, (1, 2, 3)
+    attn = SelfAttention(C, H).eval()
+    with torch.no_grad():
+        attn.q_bias.normal_()
+        attn.v_bias.normal_()
+        attn.qk_norm.scale_mul_1H11.uniform_(0.5, 2.0)
+    rope = NormalizedRoPE2D(C, H, pns)
+    L = sum(p * p for p in pns)
+    x = torch.randn(B, L, C)
+    cos, sin = rope.rotary(slice(0, L))
+    with torch.no_grad():
+        got = attn(x, rotary=(cos, sin))
+        bias = torch.cat((attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias))
+        q, k, v = (x @ attn.mat_qkv.weight.T + bias).view(B, L, 3, H, C // H).permute(2, 0, 3, 1, 4)
+        scale = attn.qk_norm.scale_mul_1H11.clamp_max(math.log(100)).exp()
+        q = _rotary_formula(q / q.norm(dim=-1, keepdim=True) * scale, cos, sin)
+        k = _rotary_formula(k / k.norm(dim=-1, keepdim=True), cos, sin)
+        out = ((q @ k.transpose(-1, -2)).softmax(-1) @ v).transpose(1, 2).reshape(B, L, C)
+        want = out @ attn.proj.weight.T + attn.proj.bias
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
