@@ -2,17 +2,21 @@
 written from the official code), converted, loaded and run; errors and unsafe files refused."""
 import inspect
 import json
+import math
 import os
 import pickle
 import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import REPO, TINY_PATCH_NUMS, make_tiny_tokenizer
 from starkit.cli import main
 from starkit.convert import (CheckpointMismatchError, MissingSamplerHeadWarning, add_star_sampler_head,
                              convert_star_t2i, convert_var, convert_var_vae, load_parts, map_star_keys)
+from starkit.generator.blocks import key_padding_bias
+from starkit.positional import as_cis
 
 C, H, DT, CVAE, V = 32, 2, 32, 8, 16  # width, heads, text width, tokenizer latent, codebook (TINY_TOKENIZER)
 PN_1024 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
@@ -263,3 +267,149 @@ def test_adaln_cached_sampling_matches_teacher_forcing(files, tmp_path):
             if k + 1 < len(TINY_PATCH_NUMS):
                 x = net.scale_tokens(tok.next_scale_input(f_hat, k + 1), k + 1)
     torch.testing.assert_close(torch.cat(cached, 1), full, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- numbers: the official formulas, written out
+# The references below are the official forward passes (STAR-T2I models/basic_var.py Attention / AttnBlock /
+# FFN, models/embed_rope.py compute_axial_cis / apply_rotary_emb, models/var_drop.py forward / get_logits;
+# VAR models/basic_var.py AdaLNSelfAttn / AdaLNBeforeHead, models/var.py forward / get_logits), written with
+# plain torch ops on the OFFICIAL-layout tensors (math path: no flash/xformers, float32, no dropout), so
+# that any mixed-up tensor in the key mapping (a transposed square weight, swapped biases) changes numbers.
+
+def _ln(x):  # ln_wo_grad / logit_norm: LayerNorm(eps=1e-6, elementwise_affine=False)
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+
+
+def _official_attention(sd, p, x, attn_bias, cis=None, text=None):
+    """``Attention.forward`` with attn_l2_norm=True (scale 1): self-attention, or cross-attention to ``text``."""
+    B, L, C = x.shape
+    H = sd[f"{p}.scale_mul_1H11"].shape[1]
+    d = C // H
+    if text is None:
+        qkv = F.linear(x, sd[f"{p}.mat_qkv.weight"],
+                       torch.cat((sd[f"{p}.q_bias"], sd[f"{p}.zero_k_bias"], sd[f"{p}.v_bias"])))
+        q, k, v = qkv.view(B, L, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, d)
+    else:
+        q = F.linear(x, sd[f"{p}.mat_q.weight"], sd[f"{p}.q_bias"]).view(B, L, H, d).permute(0, 2, 1, 3)
+        kv = F.linear(text, sd[f"{p}.mat_kv.weight"], torch.cat((sd[f"{p}.zero_k_bias"], sd[f"{p}.v_bias"])))
+        k, v = kv.view(B, -1, 2, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+    if cis is not None:  # apply_rotary_emb: channel pairs (2i, 2i+1) as complex numbers, times freqs_cis (L, d/2)
+        def rot(t):
+            return torch.view_as_real(torch.view_as_complex(t.float().reshape(*t.shape[:-1], -1, 2)) * cis).flatten(3)
+        q, k = rot(q), rot(k)
+    scale_mul = sd[f"{p}.scale_mul_1H11"].clamp_max(torch.log(torch.tensor(100)).item()).exp()
+    q, k = F.normalize(q, dim=-1).mul(scale_mul), F.normalize(k, dim=-1)
+    attn = (q @ k.transpose(-2, -1) + attn_bias).softmax(dim=-1)  # slow_attn, scale 1
+    return F.linear((attn @ v).transpose(1, 2).reshape(B, L, C), sd[f"{p}.proj.weight"], sd[f"{p}.proj.bias"])
+
+
+def _official_ffn(sd, p, x):
+    return F.linear(F.gelu(F.linear(x, sd[f"{p}.fc1.weight"], sd[f"{p}.fc1.bias"]), approximate="tanh"),
+                    sd[f"{p}.fc2.weight"], sd[f"{p}.fc2.bias"])
+
+
+def _official_star_block(sd, p, x, attn_bias, cis, text, text_bias):
+    """STAR's ``AttnBlock.forward`` (shared_aln=False: gammas 1, scales/shifts 0; cross_attn_ln=True). The
+    official adds ``cross_attn(...)[0]`` (batch element 0's output to every element), a documented defect
+    (docs/convert.md) that starkit does not reproduce: each element gets its own output here."""
+    x = x + _official_attention(sd, f"{p}.attn", _ln(x), attn_bias, cis=cis)
+    x = x + _official_attention(sd, f"{p}.cross_attn", _ln(x), text_bias, text=text)
+    return x + _official_ffn(sd, f"{p}.ffn", _ln(x))
+
+
+def _official_var_block(sd, p, x, cond, attn_bias):
+    """VAR's ``AdaLNSelfAttn.forward`` (shared_aln=False)."""
+    C = x.shape[-1]
+    ada = F.linear(F.silu(cond), sd[f"{p}.ada_lin.1.weight"], sd[f"{p}.ada_lin.1.bias"]).view(-1, 1, 6, C)
+    gamma1, gamma2, scale1, scale2, shift1, shift2 = ada.unbind(2)
+    x = x + _official_attention(sd, f"{p}.attn", _ln(x).mul(scale1.add(1)).add(shift1), attn_bias).mul(gamma1)
+    return x + _official_ffn(sd, f"{p}.ffn", _ln(x).mul(scale2.add(1)).add(shift2)).mul(gamma2)
+
+
+def _official_freqs_cis(head_dim, patch_nums, theta=10000.0, normalize=64.0, dtype=torch.float64):
+    """``compute_axial_cis(dim=head_dim, end_x=pn, end_y=pn, theta, normalize)`` of every scale, concatenated
+    (STAR's self.freqs_cis, (L, d/2)), with the released rope_theta / rope_norm. The official code forms the
+    angles in float32 (up to 64 rad: off by ~1e-6, which a query scale of 100 turns into ~1e-5 at the block's
+    output); starkit forms them in float64, so the formula is evaluated in float64 here too."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 4)[: head_dim // 4].to(dtype) / head_dim))
+    tables = []
+    for pn in patch_nums:
+        t = torch.arange(pn * pn, dtype=dtype)
+        t_x, t_y = t % pn, torch.div(t, pn, rounding_mode="floor")
+        if t_x.shape[0] > 1:
+            t_x, t_y = t_x / t_x.max() * normalize, t_y / t_y.max() * normalize
+        fx, fy = torch.outer(t_x, freqs), torch.outer(t_y, freqs)
+        tables.append(torch.cat([torch.polar(torch.ones_like(fx), fx), torch.polar(torch.ones_like(fy), fy)], -1))
+    return torch.cat(tables).to(torch.complex64)
+
+
+def _block_causal_bias(patch_nums):  # attn_bias_for_masking (1, 1, L, L)
+    lvl = torch.cat([torch.full((p * p,), k) for k, p in enumerate(patch_nums)])
+    return torch.where(lvl[:, None] >= lvl[None, :], 0.0, -torch.inf)[None, None], lvl
+
+
+def test_converted_star_block_and_forward_match_official_formulas(files, tmp_path):
+    """One converted STAR block (self-attention with q/v biases, clamped QK-norm scale, 2D RoPE over four
+    scales, block-causal mask; cross-attention with padded text; tanh-GELU FFN; non-affine LayerNorms) and
+    the whole teacher-forced pass with the logit-norm head, against the official formulas."""
+    sd = star_state_dict(seed=3)
+    sd["blocks.0.attn.scale_mul_1H11"][0, 1] = math.log(150.0)  # above the clamp (100): exercises clamp_max
+    sd["blocks.0.cross_attn.scale_mul_1H11"][0, 0] = math.log(1.5)
+    torch.save({"trainer": {"var_wo_ddp": sd}}, tmp_path / "star.pth")
+    net = load_parts(convert_star_t2i(str(tmp_path / "star.pth"), files["vae"], files["clip"], str(tmp_path / "m"),
+                                      patch_nums=TINY_PATCH_NUMS)).transformer.float().eval()
+    B, T = 2, 5
+    L = sum(p * p for p in TINY_PATCH_NUMS)
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(B, L, C, generator=g), torch.randn(B, T, DT, generator=g)
+    text_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)  # row 1 padded
+    text_bias = torch.where(text_mask, 0.0, -torch.inf)[:, None, None, :]  # var_drop.prepare_attn_mask
+    attn_bias, lvl = _block_causal_bias(TINY_PATCH_NUMS)
+    cis = _official_freqs_cis(C // H, TINY_PATCH_NUMS)
+    official_fp32 = _official_freqs_cis(C // H, TINY_PATCH_NUMS, dtype=torch.float32)  # the official code's own
+    torch.testing.assert_close(cis, official_fp32, rtol=0, atol=2e-6)
+    with torch.no_grad():
+        ref = _official_star_block(sd, "blocks.0", x, attn_bias, cis, text, text_bias)
+        ours = net.blocks[0](x, rotary=as_cis(net.positional.rotary(slice(0, L))), mask=net.block_causal,
+                             text_tokens=text, text_bias=key_padding_bias(text_mask))
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+        # the whole pass: start token from the pooled text, word / level embeddings, 2 blocks, logit_norm head
+        pooled, inputs = torch.randn(B, DT, generator=g), torch.randn(B, L - 1, CVAE, generator=g)
+        h = torch.cat((F.linear(pooled, sd["encoder_proj.weight"], sd["encoder_proj.bias"])[:, None] + sd["pos_start"],
+                       F.linear(inputs, sd["word_embed.weight"], sd["word_embed.bias"])), dim=1)
+        h = h + sd["lvl_embed.weight"][lvl]
+        for i in range(2):
+            h = _official_star_block(sd, f"blocks.{i}", h, attn_bias, cis, text, text_bias)
+        ref_logits = F.linear(_ln(h), sd["head_logits.weight"], sd["head_logits.bias"])
+        torch.testing.assert_close(net.logits(net(pooled, text, text_mask, inputs)), ref_logits, rtol=0, atol=1e-5)
+
+
+def test_converted_var_adaln_block_and_forward_match_official_formulas(files, tmp_path):
+    """One converted VAR block (AdaLN gammas / scales / shifts from the class embedding, QK-norm
+    self-attention, FFN) and the whole pass with absolute positions and head_nm, against the official formulas."""
+    sd = var_state_dict(seed=4)
+    sd["blocks.0.attn.scale_mul_1H11"][0, 0] = math.log(150.0)  # clamped
+    torch.save(sd, tmp_path / "var.pth")
+    parts = load_parts(convert_var(str(tmp_path / "var.pth"), files["vae"], str(tmp_path / "m"),
+                                   patch_nums=TINY_PATCH_NUMS))
+    net = parts.transformer.float().eval()
+    B, L = 2, sum(p * p for p in TINY_PATCH_NUMS)
+    g = torch.Generator().manual_seed(1)
+    cond = sd["class_emb.weight"][[3, 10]]  # class 3 and the unconditional class
+    attn_bias, lvl = _block_causal_bias(TINY_PATCH_NUMS)
+    x = torch.randn(B, L, C, generator=g)
+    with torch.no_grad():
+        pooled = parts.text_encoder.encode(["3", ""]).pooled
+        torch.testing.assert_close(pooled, cond, rtol=0, atol=0)
+        ours = net.blocks[0](x, mask=net.block_causal, cond=pooled)
+        torch.testing.assert_close(ours, _official_var_block(sd, "blocks.0", x, cond, attn_bias), rtol=0, atol=1e-5)
+        inputs = torch.randn(B, L - 1, CVAE, generator=g)
+        h = torch.cat((cond[:, None] + sd["pos_start"],
+                       F.linear(inputs, sd["word_embed.weight"], sd["word_embed.bias"])), dim=1)
+        h = h + sd["lvl_embed.weight"][lvl] + sd["pos_1LC"]
+        for i in range(2):
+            h = _official_var_block(sd, f"blocks.{i}", h, cond, attn_bias)
+        scale, shift = F.linear(F.silu(cond), sd["head_nm.ada_lin.1.weight"],
+                                sd["head_nm.ada_lin.1.bias"]).view(-1, 1, 2, C).unbind(2)
+        ref_logits = F.linear(_ln(h).mul(scale.add(1)).add(shift), sd["head.weight"], sd["head.bias"])
+        torch.testing.assert_close(net.logits(net(pooled, None, None, inputs)), ref_logits, rtol=0, atol=1e-5)
