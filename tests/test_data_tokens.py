@@ -147,7 +147,7 @@ def test_a_rerun_that_stops_before_its_meta_leaves_no_stale_meta_and_mixed_files
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
-    monkeypatch.setattr(tokens_module.json, "dump", crash)  # the new rows are in place, the meta is not written
+    monkeypatch.setattr(tokens_module, "atomic_write_bytes", crash)  # new rows in place, the meta not written
     with pytest.raises(OSError, match="disk full"):
         _tokenize(tmp_path)
     monkeypatch.undo()

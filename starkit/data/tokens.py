@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from starkit.utils.io import atomic_write_bytes
+
 FORMAT = "starkit-tokens-1"
 
 
@@ -78,9 +80,7 @@ def tokenize_dataset(tokenizer, dataset: Dataset, out_dir: str, batch_size: int 
         os.remove(meta_path)
     os.replace(partial, os.path.join(out_dir, "indices.npy"))  # complete files only under the final names
     os.replace(os.path.join(out_dir, "captions.jsonl.partial"), os.path.join(out_dir, "captions.jsonl"))
-    with open(meta_path + ".partial", "w") as fh:
-        json.dump(meta, fh, indent=2)
-    os.replace(meta_path + ".partial", meta_path)  # last: a folder with meta.json is complete
+    atomic_write_bytes(meta_path, json.dumps(meta, indent=2).encode())  # last: a folder with meta.json is complete
     return meta
 
 

@@ -69,30 +69,13 @@ def infer_var_config(sd: Dict[str, torch.Tensor]) -> Dict[str, Any]:
                 using_mid_sa="encoder.mid.attn_1.qkv.weight" in sd)
 
 
-def _atomic_write(directory: str, name: str, write) -> None:
-    from starkit.utils.io import FILE_MODE, temp_file
-    fd, tmp = temp_file(directory, f".{name}.", ".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, FILE_MODE)  # the writer may have made the file anew (safetensors does, as 0600)
-        os.replace(tmp, os.path.join(directory, name))
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_pretrained_dir(directory: str, config: Dict[str, Any], state_dict: Dict[str, torch.Tensor]) -> None:
     """Write ``config.json`` and ``model.safetensors`` into ``directory``, each atomically."""
-    from starkit.utils.io import atomic_save_safetensors
+    from starkit.utils.io import atomic_save_safetensors, atomic_write_bytes
     os.makedirs(directory, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     atomic_save_safetensors(os.path.join(directory, "model.safetensors"), tensors, metadata={"format": "pt"})
-
-    def write_json(p: str) -> None:
-        with open(p, "w") as fh:
-            json.dump(config, fh, indent=2, sort_keys=True)
-    _atomic_write(directory, "config.json", write_json)
+    atomic_write_bytes(os.path.join(directory, "config.json"), json.dumps(config, indent=2, sort_keys=True).encode())
 
 
 @torch.no_grad()
