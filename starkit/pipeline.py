@@ -10,7 +10,6 @@ Model directory layout (written by :meth:`StarPipeline.save_pretrained` / ``star
 from __future__ import annotations
 
 import json
-import numbers
 import os
 from typing import List, Optional, Sequence, Union
 
@@ -211,9 +210,8 @@ class StarPipeline:
         prompts = list(prompts)
         if not prompts:
             raise ValueError("The prompt list is empty: give at least one prompt.")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
-        from starkit.generator.sampling import check_seed, is_single_seed
+        from starkit.generator.sampling import check_count, check_seed, is_single_seed
+        check_count("batch_size", batch_size)
         seed = check_seed(seed)
         seeds = None if seed is None or is_single_seed(seed) else list(seed)  # one per prompt
         if seeds is not None and len(seeds) != len(prompts):

@@ -13,7 +13,6 @@ Frozen components stay out of its checkpoint and are rebuilt from their own conf
 from __future__ import annotations
 
 import copy
-import numbers
 import warnings
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -458,12 +457,10 @@ class ScaleWiseGenerator(L.LightningModule):
         Returns:
             images ``(N, 3, H, W)`` float in [0, 1] (and the list of indices if asked).
         """
-        from starkit.generator.sampling import check_cuda_graphs, check_seed, is_single_seed, run_sampling
+        from starkit.generator.sampling import check_count, check_cuda_graphs, check_seed, is_single_seed, run_sampling
         if isinstance(prompts, str):
             prompts = [prompts]
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, numbers.Integral) \
-                or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}.")
+        check_count("num_images_per_prompt", num_images_per_prompt)
         seed = check_seed(seed)
         if self.device.type != "cuda":
             dtype = next(self.transformer.parameters()).dtype

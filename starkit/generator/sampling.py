@@ -48,6 +48,12 @@ def is_single_seed(seed) -> bool:
     return isinstance(seed, numbers.Integral) or (torch.is_tensor(seed) and seed.dim() == 0)
 
 
+def check_count(name: str, value) -> None:
+    """One clear error unless ``value`` is an int >= 1 (``num_images_per_prompt``, ``batch_size``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+
+
 def check_seed(seed):
     """``seed`` as given when None or one integer, else as a list (one seed per prompt); one clear error for
     anything else (a string would otherwise be read as one seed per character, a float fail on iteration)."""
