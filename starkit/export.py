@@ -19,8 +19,7 @@ def export_checkpoint(ckpt_path: str, out_dir: str, dtype: Optional[str] = None,
     from starkit.pipeline import save_model_dir
     import pickle
 
-    from starkit.utils.checkpoint_io import check_checkpoint_file
-    from starkit.utils.checkpoint_io import CONVERT_HINT, UnsafeCheckpointError
+    from starkit.utils.checkpoint_io import CONVERT_HINT, UnsafeCheckpointError, check_checkpoint_file
     consolidated = None
     if os.path.isdir(ckpt_path):  # an FSDP sharded checkpoint (a directory): consolidate it on the CPU first
         from starkit.generator.distributed import consolidate_checkpoint
