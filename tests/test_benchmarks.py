@@ -214,3 +214,35 @@ def test_few_rows_gemm_matches_f_linear_under_the_triton_interpreter():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "TRITON_INTERPRET": "1"},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_bench_decoder_tiny(tmp_path, capsys, monkeypatch):
+    """bench_decoder.py: each variant of the VQ decoder's inference rewrites timed, the outputs within float32
+    rounding of the plain layers (the rewrites run on the CPU in the smoke test)."""
+    import bench_decoder
+    from starkit.tokenizers import cnn
+    monkeypatch.setattr(cnn, "TAP_CONV_DEVICES", cnn.TAP_CONV_DEVICES)  # the smoke test adds the CPU: restored
+    monkeypatch.setattr(cnn, "INFERENCE_REWRITES", dict(cnn.INFERENCE_REWRITES))
+    out = tmp_path / "decoder.json"
+    bench_decoder.main(["--tiny", "--json", str(out), "--batches", "1,2"])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["variant"], r["batch"]) for r in rows] == [(v, b) for v in (
+        "base", "all", "no_subpixel_upsample", "no_channel_stats_group_norm") for b in (1, 2)]
+    assert all(r["decode_ms"] > 0 and r["max_diff_base"] < 1e-4 for r in rows)
+    assert [r["encode_ms"] is not None for r in rows] == [True] * 4 + [False] * 4
+    assert "| all | 2 |" in capsys.readouterr().out
+
+
+def test_bench_head_tiny(tmp_path, capsys):
+    """bench_head.py: the compiled sampler head timed per reveal step with dynamic and static shapes."""
+    import bench_head
+    from starkit.utils import compiling
+    real = compiling.compile_once
+    out = tmp_path / "head.json"
+    bench_head.main(["--tiny", "--json", str(out)])
+    assert compiling.compile_once is real  # the static mode's replacement is undone
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["mode"], r["rows"]) for r in rows] == [(m, r) for m in ("dynamic", "static")
+                                                      for r in ("all rows", "2/3 of the rows")]
+    assert all(r["ms"] > 0 for r in rows)
+    assert "| static | all rows |" in capsys.readouterr().out

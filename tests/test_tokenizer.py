@@ -340,6 +340,60 @@ def test_tap_conv_decodes_the_images_of_the_plain_conv(monkeypatch):
     assert calls == [1]
 
 
+def test_upsample_and_group_norm_rewrites_decode_the_images_of_the_plain_layers(monkeypatch):
+    # At inference on CUDA the decoder's nearest-2x upsample and its 3x3 conv run as four 2x2 phase convolutions of
+    # the small map (one conv), and GroupNorm of channels_last maps from per-channel statistics: the same images in
+    # float32 (the taps are summed before the product: rounding only); gradients on: the plain layers.
+    import torch.nn.functional as F
+    from starkit.tokenizers import cnn
+    tok = tiny().to(memory_format=torch.channels_last)
+    f = torch.randn(2, TINY["z_channels"], 4, 4).contiguous(memory_format=torch.channels_last)
+    calls = {"up": 0, "gn": 0}
+    real_up, real_gn = cnn.upsample_conv3x3, cnn.group_norm_channels_last
+
+    def count(key, fn):
+        def wrapped(*args):
+            calls[key] += 1
+            return fn(*args)
+        return wrapped
+    monkeypatch.setattr(cnn, "upsample_conv3x3", count("up", real_up))
+    monkeypatch.setattr(cnn, "group_norm_channels_last", count("gn", real_gn))
+    with torch.no_grad():
+        plain = tok.decode_latent(f)
+        assert calls == {"up": 0, "gn": 0}  # CPU is not in TAP_CONV_DEVICES
+        monkeypatch.setattr(cnn, "TAP_CONV_DEVICES", ("cpu",))
+        rewritten = tok.decode_latent(f)
+        n_up = sum(isinstance(m, cnn.Upsample) for m in tok.decoder.modules())
+        n_gn = sum(isinstance(m, torch.nn.GroupNorm) for m in tok.decoder.modules())
+        assert calls == {"up": n_up, "gn": n_gn} and n_up > 0
+        torch.testing.assert_close(rewritten, plain, rtol=1e-5, atol=1e-5)
+        for name in cnn.INFERENCE_REWRITES:  # each switch alone turns its rewrite off
+            monkeypatch.setitem(cnn.INFERENCE_REWRITES, name, False)
+            torch.testing.assert_close(tok.decode_latent(f), plain, rtol=1e-5, atol=1e-5)
+            monkeypatch.setitem(cnn.INFERENCE_REWRITES, name, True)
+    calls.update(up=0, gn=0)
+    tok.decode_latent(f)  # gradients on: the plain layers
+    assert calls == {"up": 0, "gn": 0}
+
+    # the functions against the plain layers on odd sizes, with and without bias, both memory formats
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 5, 7, generator=g, dtype=torch.float64)
+    w, b = torch.randn(4, 6, 3, 3, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+    for bias in (b, None):
+        want = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), w, bias, padding=1)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            got = real_up(x.float().contiguous(memory_format=fmt), w.float(), None if bias is None else bias.float())
+            assert got.shape == want.shape and got.is_contiguous(memory_format=fmt)
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    x = torch.randn(3, 64, 9, 11, generator=g, dtype=torch.float64) * 3 + 5  # large mean: variance from centred sums
+    gamma, beta = torch.randn(64, generator=g, dtype=torch.float64), torch.randn(64, generator=g, dtype=torch.float64)
+    got = real_gn(x.float().contiguous(memory_format=torch.channels_last), 32, gamma.float(), beta.float(), 1e-6)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), F.group_norm(x, 32, gamma, beta, 1e-6), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(real_gn(x.float(), 8, None, None, 1e-6).double(), F.group_norm(x, 8, eps=1e-6),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_quantizer_equals_a_residual_loop_written_out_here():
     """VAR's residual multi-scale quantization written out with plain torch (area downsample of the residual,
     brute-force nearest code by cdist, bicubic upsample with align_corners=False, the scale's phi, residual

@@ -20,8 +20,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: device types on which the decoder's last conv runs as :func:`tap_conv3x3` at inference
+#: device types on which the inference rewrites below replace the plain layers (no gradients only)
 TAP_CONV_DEVICES = ("cuda",)
+
+#: the inference rewrites, each exact in real arithmetic and on by default; switched off one at a time for A/B
+#: measurements (``benchmarks/bench_decoder.py``) and debugging. ``tap_conv_out``: the decoder's last conv as
+#: :func:`tap_conv3x3`; ``subpixel_upsample``: nearest 2x upsampling and its 3x3 conv as :func:`upsample_conv3x3`;
+#: ``channel_stats_group_norm``: GroupNorm of channels_last maps as :func:`group_norm_channels_last`.
+INFERENCE_REWRITES = {"tap_conv_out": True, "subpixel_upsample": True, "channel_stats_group_norm": True}
+
+
+def use_rewrite(name: str, x: torch.Tensor) -> bool:
+    """Whether the inference rewrite ``name`` (:data:`INFERENCE_REWRITES`) applies to input ``x``: switched on,
+    no gradients being recorded, and ``x`` on one of :data:`TAP_CONV_DEVICES`."""
+    return INFERENCE_REWRITES[name] and not torch.is_grad_enabled() and x.device.type in TAP_CONV_DEVICES
 
 
 def tap_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -43,9 +55,67 @@ def tap_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
     return out.to(dtype).permute(0, 3, 1, 2)  # (B, Cout, H, W), channels_last strides
 
 
+#: the 3x3 taps of a nearest-2x-upsampled map that each output phase's 2x2 window of the small map sums:
+#: phase 0 (even rows) reads rows (i - 1, i) with taps (0, 1 + 2); phase 1 (odd rows) rows (i, i + 1) with (0 + 1, 2)
+_PHASE_TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+
+
+def upsample_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``conv3x3(nearest_upsample_2x(x))`` (stride 1, padding 1) without forming the upsampled map.
+
+    Each of the four output phases ``(a, b)`` (row and column parity) is a 2x2 convolution of ``x`` whose taps are
+    sums of the 3x3 taps (:data:`_PHASE_TAPS`, summed in float32): one convolution ``x`` ``(B, Cin, H, W)`` ->
+    ``(B, 4 Cout, H + 1, W + 1)`` with padding 1, 16 instead of 36 multiply-adds per input pixel and channel pair,
+    then output ``(2i + a, 2j + b)`` = phase ``(a, b)`` at window ``(i + a, j + b)``. Returns ``(B, Cout, 2H, 2W)``
+    in ``x``'s memory format (channels_last stays channels_last)."""
+    B, _, H, W = x.shape
+    cout = weight.shape[0]
+    taps = torch.tensor(_PHASE_TAPS, dtype=torch.float32, device=weight.device)  # (2 phases, 2 window, 3 taps)
+    phase_w = torch.einsum("auy,bvx,ocyx->abocuv", taps, taps, weight.float())  # (2, 2, Cout, Cin, 2, 2)
+    phase_b = None if bias is None else bias.repeat(4)
+    y = F.conv2d(x, phase_w.reshape(4 * cout, *phase_w.shape[3:]).to(weight.dtype), phase_b, padding=1)
+    y = y.permute(0, 2, 3, 1)  # (B, H + 1, W + 1, 4 Cout), a view for channels_last
+    rows = [torch.stack([y[:, a:a + H, b:b + W, (2 * a + b) * cout:(2 * a + b + 1) * cout] for b in range(2)], dim=3)
+            for a in range(2)]  # each (B, H, W, 2, Cout)
+    out = torch.stack(rows, dim=2).reshape(B, 2 * H, 2 * W, cout).permute(0, 3, 1, 2)  # (B, Cout, 2H, 2W), NHWC
+    return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
+
+
+def group_norm_channels_last(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,
+                             eps: float) -> torch.Tensor:
+    """``F.group_norm`` in float32 from per-channel statistics, for channels_last maps ``(B, C, H, W)``.
+
+    A group's channels are not contiguous in channels_last memory (5 of every 160 values for VAR's decoder), so a
+    reduction over a group reads memory in scattered pieces; here each channel's mean and variance come from a
+    reduction over ``H W`` in which neighbouring channels are read together, and a group's statistics follow
+    exactly from its channels' (equal counts: the mean of the means; the mean of the variances plus the variance
+    of the means). Returns float32, as ``nn.GroupNorm`` does under autocast."""
+    B, C = x.shape[:2]
+    var_c, mean_c = torch.var_mean(x.float(), dim=(2, 3), correction=0)  # (B, C) each
+    mean_g = mean_c.view(B, num_groups, -1).mean(-1)  # (B, G)
+    var_g = var_c.view(B, num_groups, -1).mean(-1) + mean_c.view(B, num_groups, -1).var(-1, correction=0)
+    rstd_c = (var_g + eps).rsqrt().repeat_interleave(C // num_groups, dim=1)  # (B, C)
+    scale_c = rstd_c * weight.float() if weight is not None else rstd_c
+    shift_c = -mean_g.repeat_interleave(C // num_groups, dim=1) * scale_c
+    if bias is not None:
+        shift_c = shift_c + bias.float()
+    return x.float() * scale_c[:, :, None, None] + shift_c[:, :, None, None]
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` (same parameters and state-dict keys) that, at inference on channels_last maps, runs as
+    :func:`group_norm_channels_last` (rewrite ``channel_stats_group_norm``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+                and use_rewrite("channel_stats_group_norm", x)):
+            return group_norm_channels_last(x, self.num_groups, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
 def group_norm(channels: int) -> nn.GroupNorm:
     """GroupNorm(32 groups, eps 1e-6), the normalisation used everywhere in the autoencoder."""
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+    return GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
@@ -121,7 +191,10 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, 2H, 2W)
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        conv = self.conv
+        if use_rewrite("subpixel_upsample", x) and conv.padding_mode == "zeros":
+            return upsample_conv3x3(x, conv.weight, conv.bias)
+        return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 def _maybe_attn(channels: int, on: bool) -> nn.Module:
@@ -242,7 +315,7 @@ class Decoder(nn.Module):
         runs a generic kernel at ~1.4 TFLOP/s (6.3 ms per 1024 px image on an H200, docs/performance.md).
         Training (gradients on) runs the plain conv."""
         conv = self.conv_out
-        if (torch.is_grad_enabled() or h.device.type not in TAP_CONV_DEVICES or conv.kernel_size != (3, 3)
+        if (not use_rewrite("tap_conv_out", h) or conv.kernel_size != (3, 3)
                 or conv.stride != (1, 1) or conv.padding != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1
                 or conv.padding_mode != "zeros"):
             return conv(h)
