@@ -779,3 +779,22 @@ def test_ffn_uses_the_fc1_gelu_operator_only_at_inference_on_a_plain_layer(monke
         ffn.fc1.register_forward_hook(lambda m, i, o: o * 0)  # a hooked (or replaced) fc1 runs as written
         torch.testing.assert_close(ffn(x), ffn.fc2(torch.zeros(2, 3, 32)))
         assert calls == [1]
+
+
+def test_l2_normalize_equals_f_normalize_with_its_gradient():
+    """Compiled code normalises queries and keys by one reciprocal square root per row (blocks.l2_normalize):
+    F.normalize's values and gradients, the per-head scale applied, a zero row giving zeros (not NaN)."""
+    import torch.nn.functional as F
+    from starkit.generator.blocks import l2_normalize
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64)
+    x[0, 0, 0] = 0
+    scale = torch.rand(1, 3, 1, 1, dtype=torch.float64) + 1
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got, want = l2_normalize(a.float(), scale.float()), F.normalize(b.float(), dim=-1) * scale.float()
+    assert got.dtype == torch.float32 and torch.isfinite(got).all() and got[0, 0, 0].abs().sum() == 0
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    weights = torch.randn_like(got)
+    (got * weights).sum().backward()
+    (want * weights).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)

@@ -140,6 +140,16 @@ class Linear(nn.Linear):
         return F.linear(x, autocast_weight(self, "weight", self.weight, x), autocast_weight(self, "bias", self.bias, x))
 
 
+def l2_normalize(x: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.normalize(x.float(), dim=-1)`` (times ``scale``) with one factor per row, the reciprocal square root
+    of the clamped sum of squares (times ``scale``), instead of a division per element: the form used in
+    compiled code, where the QK-norm kernels are bound by instructions, not memory (``benchmarks/bench_head.py``).
+    Returns float32 of ``x``'s shape; equal to ``F.normalize`` up to rounding (eps 1e-12 on the norm)."""
+    xf = x.float()
+    factor = xf.square().sum(-1, keepdim=True).clamp_min(1e-24).rsqrt()  # (.., 1)
+    return xf * (factor if scale is None else factor * scale)
+
+
 class QKNorm(nn.Module):
     """L2-normalises queries and keys; queries are then scaled by a learnable per-head
     factor (init 4, clamped at 100), so attention uses scale 1 (VAR's ``attn_l2_norm``).
@@ -162,14 +172,16 @@ class QKNorm(nn.Module):
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Normalise (and, given rotary tables ``cis``, rotate) in float32, one cast back each. A rotation
         keeps the norm, so normalising first equals STAR's rotate-then-normalise."""
-        qf = F.normalize(q.float(), dim=-1).mul(self.scale())  # (B, H, l, d) float32
-        kf = F.normalize(k.float(), dim=-1)
+        if torch.compiler.is_compiling():
+            qf, kf = l2_normalize(q, self.scale()), l2_normalize(k)  # (B, H, l, d) float32
+        else:
+            qf, kf = F.normalize(q.float(), dim=-1).mul(self.scale()), F.normalize(k.float(), dim=-1)
         if cis is not None:
             qf, kf = rotate_float32(qf, cis), rotate_float32(kf, cis)
-        q_out = qf.to(q.dtype)
-        if torch.compiler.is_compiling() and not torch.is_grad_enabled():  # compiled sampling (the sampler head)
-            q_out = token_major(q_out)
-        return q_out, kf.to(k.dtype)
+        q_out, k_out = qf.to(q.dtype), kf.to(k.dtype)
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled():  # compiled sampling (the sampler head):
+            q_out, k_out = token_major(q_out), token_major(k_out)  # written in the order they are read
+        return q_out, k_out
 
 
 class SelfAttention(nn.Module):

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from starkit.generator import blocks
-from starkit.generator.blocks import Block, KVCache, autocast_weight, fc1_gelu, take_rows, token_major
+from starkit.generator.blocks import (Block, KVCache, autocast_weight, fc1_gelu, l2_normalize, take_rows,
+                                      token_major)
 from starkit.positional import as_cis, rotate_float32
 
 
@@ -48,8 +49,7 @@ def attention_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     h = F.layer_norm(x.float(), (C,), eps=eps).to(weight.dtype)  # (B, l, C)
     qkv = F.linear(h, weight, bias).view(B, l, 3, num_heads, C // num_heads)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, l, d)
-    qf = F.normalize(q.float(), dim=-1).mul(q_scale)
-    kf = F.normalize(k.float(), dim=-1)
+    qf, kf = l2_normalize(q, q_scale), l2_normalize(k)  # (B, H, l, d) float32
     if rotary is not None:
         qf, kf = rotate_float32(qf, rotary), rotate_float32(kf, rotary)
     k = kf.to(v.dtype)
@@ -69,7 +69,7 @@ def cross_inputs(x: torch.Tensor, out: torch.Tensor, proj_w: torch.Tensor, proj_
     H = out.shape[1]
     h = F.layer_norm(x.float(), (C,), eps=eps).to(q_w.dtype)
     q = F.linear(h, q_w, q_b).view(B, l, H, C // H).transpose(1, 2)  # (B, H, l, d)
-    return x, F.normalize(q.float(), dim=-1).mul(q_scale).to(out.dtype)
+    return x, l2_normalize(q, q_scale).to(out.dtype)
 
 
 def ffn_inputs(x: torch.Tensor, out: torch.Tensor, proj_w: torch.Tensor, proj_b: torch.Tensor, eps: float,

@@ -56,14 +56,18 @@ def rotate_float32(x: torch.Tensor, cis) -> torch.Tensor:
     (:func:`as_cis`): one complex multiplication, the pairwise formula
     ``(x0 cos - x1 sin, x0 sin + x1 cos)``. Returns float32 ``(B, H, l, d)``.
 
-    ``cis`` may also be the real ``(cos, sin)`` pair: the pairwise formula written out, which
-    ``torch.compile`` fuses (its code generation has no complex operators)."""
+    ``cis`` may also be the real ``(cos, sin)`` pair, for ``torch.compile`` (its code generation has no
+    complex operators): ``x * [cos, cos] + x[j ^ 1] * [-sin, sin]`` per pair, the same products without a
+    concatenation, which Inductor turns into masked branches per element (an instruction-bound kernel at head
+    dim 64: ``benchmarks/bench_head.py``)."""
     if isinstance(cis, tuple):
         cos, sin = (t.float() for t in cis)
         if cos.dim() == 3:  # (B, l, d/2) -> (B, 1, l, d/2)
             cos, sin = cos[:, None], sin[:, None]
-        x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)  # each (B, H, l, d/2)
-        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+        cos_d = cos.unsqueeze(-1).expand(*cos.shape, 2).flatten(-2)  # (.., l, d): cos of each channel's pair
+        sin_d = (sin.unsqueeze(-1) * sin.new_tensor([-1.0, 1.0])).flatten(-2)  # (.., l, d): -sin, +sin
+        swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (B, H, l, d): channel j holds x[j ^ 1]
+        return x * cos_d + swapped * sin_d
     if cis.dim() == 3:  # per-sample positions (B, l, d/2) -> (B, 1, l, d/2)
         cis = cis[:, None]
     pairs = x.unflatten(-1, (-1, 2))  # (B, H, l, d/2, 2)
