@@ -424,3 +424,37 @@ def test_quantizer_equals_a_residual_loop_written_out_here():
                 want = F.interpolate(rebuilt, size=(q.patch_nums[k + 1],) * 2, mode="area").flatten(2).transpose(1, 2)
                 torch.testing.assert_close(tok.next_scale_input(rebuilt, k + 1), want)
         torch.testing.assert_close(rebuilt, f_hat, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_refuses_ids_outside_the_codebook_and_float_maps():
+    """Tokens from another tokenizer (ids >= V or < 0) or float maps: one clear error naming the cause, not a bare
+    IndexError from the embedding (a device-side assert on CUDA)."""
+    tok = tiny()
+    V = tok.codebook.shape[0]
+    idx = tok.encode(torch.rand(1, 3, tok.resolution, tok.resolution) * 2 - 1)
+    for bad in (V, -1):
+        broken = [i.clone() for i in idx]
+        broken[-1][0, 0] = bad
+        with pytest.raises(ValueError, match=rf"codebook has {V} entries .*another tokenizer"):
+            tok.decode(broken)
+    with pytest.raises(ValueError, match="token ids are integers"):
+        tok.decode([i.float() for i in idx])
+    assert tok.decode(idx).shape[0] == 1  # in range: decodes
+
+
+def test_a_tokenizer_cast_to_bfloat16_encodes_and_decodes():
+    """``tokenizer.to(torch.bfloat16)`` (to save memory) takes float32 images and latents: the CNN runs in bf16,
+    the quantizer and the scale refinement in float32 as always; decoding the same tokens stays close to float32."""
+    import copy
+    tok = tiny()
+    x = torch.rand(2, 3, tok.resolution, tok.resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        idx, ref = tok.encode(x), tok.decode(tok.encode(x))
+        half = copy.deepcopy(tok).to(torch.bfloat16)
+        out = half.decode(idx)
+        assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+        assert (out.float() - ref).abs().mean() < 0.05
+        idx_half = half.encode(x)
+        assert [i.shape for i in idx_half] == [i.shape for i in idx] and all(i.dtype == torch.long for i in idx_half)
+        f_hat = half.add_scale(half.empty_latent(2), 0, half.embed(idx[0]).float())
+        assert f_hat.dtype == torch.float32  # the refinement accumulates in float32

@@ -113,10 +113,28 @@ class ScaleTokenizer(L.LightningModule):
             if idx.dim() != 2 or idx.shape[1] != pn * pn:
                 raise ValueError(f"token map {k} has shape {tuple(idx.shape)}; scale {k} of patch_nums "
                                  f"{self.patch_nums} needs (B, {pn * pn}).")
+            if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+                raise ValueError(f"token map {k} is {idx.dtype}; token ids are integers (LongTensor), as encode() "
+                                 f"and the generator return them.")
+        self._check_id_range(indices)
         f_hat = self.empty_latent(indices[0].shape[0], device=indices[0].device)
         for k, idx in enumerate(indices):
             f_hat = self.add_scale(f_hat, k, self.embed(idx).float())
         return f_hat
+
+    def _check_id_range(self, indices: Sequence[torch.Tensor]) -> None:
+        """One clear error for ids outside the codebook (an embedding lookup would raise a bare IndexError, or a
+        device-side assert on CUDA). One host synchronisation for all scales; decoding only, not sampling."""
+        V = self.codebook.shape[0]
+        present = [idx for idx in indices if idx.numel()]
+        if not present:
+            return
+        bounds = torch.stack([torch.stack((idx.min(), idx.max())) for idx in present]).tolist()
+        lo, hi = min(b[0] for b in bounds), max(b[1] for b in bounds)
+        if lo < 0 or hi >= V:
+            raise ValueError(f"token ids run from {lo} to {hi} but this tokenizer's codebook has {V} entries "
+                             f"(ids 0..{V - 1}): the tokens come from another tokenizer or codebook size; decode them "
+                             f"with the tokenizer that made them.")
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:

@@ -144,7 +144,15 @@ class MultiScaleVQ(ScaleTokenizer):
     def encode_latent(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``(B, 3, H, W)`` in [-1, 1] -> continuous latent ``f`` ``(B, z, H/d, W/d)``."""
         self._check_images(images)
-        return self.quant_conv(self.encoder(self._to_memory_format(images)))
+        return self.quant_conv(self.encoder(self._to_memory_format(self._to_weight_dtype(images, self.encoder))))
+
+    @staticmethod
+    def _to_weight_dtype(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        """``x`` in ``module``'s weight dtype when autocast is off (a tokenizer cast with ``.to(torch.bfloat16)``
+        takes float32 images and latents; under autocast the layers cast for themselves)."""
+        if torch.is_autocast_enabled(x.device.type):
+            return x
+        return x.to(next(module.parameters()).dtype)
 
     def _check_images(self, images: torch.Tensor) -> None:
         """One clear error for images the encoder cannot take as they are: not ``(B, C, H, W)`` float with the
@@ -188,11 +196,12 @@ class MultiScaleVQ(ScaleTokenizer):
             return f_hat.float() + self.quantize.upsample_refine(h, scale, f_hat.shape[-1])
 
     def decode_latent(self, f_hat: torch.Tensor) -> torch.Tensor:
-        """Latent ``(B, z, pn_K, pn_K)`` -> images ``(B, 3, H, W)`` clamped to [-1, 1]."""
+        """Latent ``(B, z, pn_K, pn_K)`` -> images ``(B, 3, H, W)`` clamped to [-1, 1] (in the weights' dtype
+        when autocast is off: bfloat16 for a tokenizer cast with ``.to(torch.bfloat16)``)."""
         return self._decode(f_hat).clamp(-1, 1)
 
     def _decode(self, f_hat: torch.Tensor) -> torch.Tensor:  # unclamped, for training
-        return self.decoder(self.post_quant_conv(self._to_memory_format(f_hat)))
+        return self.decoder(self.post_quant_conv(self._to_memory_format(self._to_weight_dtype(f_hat, self.decoder))))
 
     def set_patch_nums(self, patch_nums: Sequence[int]) -> None:
         """Use another set of scales (same weights); resizes the usage buffer if K changes."""

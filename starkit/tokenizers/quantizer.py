@@ -57,7 +57,9 @@ class Phi(nn.Conv2d):
         self.resi_ratio = abs(resi_ratio)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
-        return h.mul(1 - self.resi_ratio) + super().forward(h).mul(self.resi_ratio)
+        # the weights in h's dtype: the refinement runs in float32 also when the tokenizer was cast to bf16
+        conv = F.conv2d(h, self.weight.to(h.dtype), None if self.bias is None else self.bias.to(h.dtype), padding=1)
+        return h.mul(1 - self.resi_ratio) + conv.mul(self.resi_ratio)
 
 
 class PhiBank(nn.Module):
@@ -180,7 +182,7 @@ class MultiScaleQuantizer(nn.Module):
                 if compute_loss:  # a scatter, not bincount: bincount waits on the GPU for the max index
                     hits.append(torch.zeros(self.codebook_size, device=f.device).index_add_(
                         0, idx_N, torch.ones_like(idx_N, dtype=torch.float32)))
-                e = self.embedding(idx_N.view(B, pn, pn)).permute(0, 3, 1, 2)  # (B, C, pn, pn)
+                e = self.embedding(idx_N.view(B, pn, pn)).float().permute(0, 3, 1, 2)  # (B, C, pn, pn)
                 h = self.upsample_refine(e, k, H)  # (B, C, H, W)
                 f_hat = f_hat + h
                 rest = rest - h.detach()
