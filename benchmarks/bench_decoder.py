@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import statistics
 import sys
 import time
 
@@ -24,6 +22,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from starkit.tokenizers import MultiScaleVQ, cnn  # noqa: E402
+
+from bench_generator import write_results  # noqa: E402
+from bench_tokenizer import timed  # noqa: E402
 
 P1024 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
 NEW = ("subpixel_upsample", "channel_stats_group_norm")
@@ -33,26 +34,6 @@ def set_variant(name: str) -> None:
     """Switch :data:`cnn.INFERENCE_REWRITES` for the variant ``name`` (see the module docstring)."""
     for key in cnn.INFERENCE_REWRITES:
         cnn.INFERENCE_REWRITES[key] = not (name == "base" and key in NEW or name == f"no_{key}")
-
-
-def timed(fn, warmup: int, repeats: int, cuda: bool) -> float:
-    """Median seconds of ``fn()``."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def top_kernels(fn, rows: int) -> list:
@@ -69,6 +50,13 @@ def top_kernels(fn, rows: int) -> list:
     ranked = sorted(totals.items(), key=lambda kv: -kv[1][1])
     return [(name, calls, us) for name, (calls, us) in ranked[:rows]] + [("all kernels", sum(
         c for c, _ in totals.values()), sum(us for _, us in totals.values()))]
+
+
+def print_kernel_table(title: str, table: list) -> None:
+    """A markdown table of :func:`top_kernels` rows under ``title``."""
+    print(f"\n{title}:\n\n| kernel | calls | us |\n|---|---|---|")
+    for name, calls, us in table:
+        print(f"| {name[:100]} | {calls} | {us:.0f} |")
 
 
 def main(argv=None) -> None:
@@ -117,10 +105,10 @@ def main(argv=None) -> None:
                     t0 = time.perf_counter()
                     out = tok.decode_latent(latents[B]).float()
                     first = time.perf_counter() - t0
-                    dec = timed(lambda: tok.decode_latent(latents[B]), args.warmup, args.repeats, cuda)
+                    dec = timed(lambda: tok.decode_latent(latents[B]), args.warmup, args.repeats, dev)
                     enc = None
                     if variant in args.encode_variants.split(","):
-                        enc = timed(lambda: tok.encode_latent(images[B]), args.warmup, args.repeats, cuda)
+                        enc = timed(lambda: tok.encode_latent(images[B]), args.warmup, args.repeats, dev)
                     if cuda and B == batches[0] and variant in args.profile_variants.split(","):
                         kernels[variant] = top_kernels(lambda: tok.decode_latent(latents[B]), args.kernel_rows)
                 outputs[(variant, B)] = out
@@ -139,13 +127,9 @@ def main(argv=None) -> None:
     set_variant("all")
     device_name = torch.cuda.get_device_name(dev) if cuda else "CPU"
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(dict(device=device_name, torch=torch.__version__, argv=sys.argv, rows=rows,
-                           kernels={k: [list(r) for r in v] for k, v in kernels.items()}), fh, indent=1)
+        write_results(args.json, device_name, args, rows, kernels={k: [list(r) for r in v] for k, v in kernels.items()})
     for variant, table in kernels.items():
-        print(f"\nkernels of one batch-{batches[0]} decode, variant {variant}:\n\n| kernel | calls | us |\n|---|---|---|")
-        for name, calls, us in table:
-            print(f"| {name[:90]} | {calls} | {us:.0f} |")
+        print_kernel_table(f"kernels of one batch-{batches[0]} decode, variant {variant}", table)
     base_ms = {r["batch"]: r["decode_ms"] for r in rows if r["variant"] == "base"}
     print(f"\n## VQ decoder rewrites ({device_name}, torch {torch.__version__}, {'bf16 channels_last compiled' if cuda else 'fp32 eager'})\n")
     print("| variant | batch | decode ms (per image) | vs base | encode ms | max / mean diff vs base | max diff vs fp32 eager |")

@@ -14,9 +14,7 @@ The markdown table is printed last.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 import time
 
@@ -26,27 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from starkit.samplers.head import SamplerHead  # noqa: E402
 from starkit.utils import compiling  # noqa: E402
 
-
-def timed(fn, warmup: int, repeats: int, cuda: bool) -> float:
-    """Median seconds of ``fn()``."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from bench_decoder import print_kernel_table, timed, top_kernels  # noqa: E402
+from bench_generator import write_results  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -95,23 +74,18 @@ def main(argv=None) -> None:
                     predict(revealed, positions)
                 first = time.perf_counter() - t0
                 for label, positions in (("all rows", None), ("2/3 of the rows", some)):
-                    t = timed(lambda: predict(revealed, positions), args.warmup, args.repeats, cuda)
+                    t = timed(lambda: predict(revealed, positions), args.warmup, args.repeats, dev)
                     rows.append(dict(mode=mode, rows=label, ms=t * 1e3, compile_s=first))
                     print(f"[bench_head] {rows[-1]}", flush=True)
                     if cuda and positions is None:
-                        from bench_decoder import top_kernels
                         kernels[mode] = top_kernels(lambda: predict(revealed, positions), args.kernel_rows)
         finally:
             compiling.compile_once = real_compile_once
     name = torch.cuda.get_device_name(dev) if cuda else "CPU"
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(dict(device=name, torch=torch.__version__, argv=sys.argv, rows=rows,
-                           kernels={k: [list(r) for r in v] for k, v in kernels.items()}), fh, indent=1)
+        write_results(args.json, name, args, rows, kernels={k: [list(r) for r in v] for k, v in kernels.items()})
     for mode, table in kernels.items():
-        print(f"\nkernels of one step with all rows, {mode} shapes:\n\n| kernel | calls | us |\n|---|---|---|")
-        for kname, calls, us in table:
-            print(f"| {kname[:100]} | {calls} | {us:.0f} |")
+        print_kernel_table(f"kernels of one step with all rows, {mode} shapes", table)
     print(f"\n## Sampler head, {args.side}x{args.side} scale, batch {args.batch} ({R} rows) ({name}, torch {torch.__version__})\n")
     print("| shapes | rows | ms per reveal step | first calls (s, compiles) |\n|---|---|---|---|")
     for r in rows:
