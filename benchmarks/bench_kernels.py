@@ -1,4 +1,4 @@
-"""Two kernel-level changes of d30 @1024 generation, each against what it replaced, at the real shapes:
+"""Kernel-level changes of d30 @1024 generation, each against what it replaced, at the real shapes:
 
 * the FFN's first layer: ``F.linear`` then tanh GELU (two kernels; the GELU a full pass over ``(M, 4C)``)
   against :func:`starkit.generator.blocks.fc1_gelu` (GELU in cuBLASLt's epilogue);
@@ -6,6 +6,8 @@
   :func:`starkit.tokenizers.cnn.tap_conv3x3` (one matrix product to the 9 taps, then a shifted sum), eager and
   compiled (the decoder runs compiled). (Zero-padding the filters to 8 outputs was tried first: 24.5 ->
   24.8 ms at batch 4, no gain; H200, 2026-11-29.)
+* the KV-cache appends: ``copy_`` into a slice of the cache against
+  :func:`starkit.generator.blocks.copy_wide` (the same bytes moved 16 per element), in CUDA graphs.
 
     python benchmarks/bench_kernels.py --json $OUT/kernels.json     # H200, ~30 s
     python benchmarks/bench_kernels.py --tiny                       # CPU smoke run (small shapes)
@@ -102,6 +104,36 @@ def small_rows(tiny: bool, dev: torch.device, warmup: int, repeats: int) -> list
     return rows
 
 
+def kv_appends(tiny: bool, dev: torch.device, warmup: int, repeats: int) -> list:
+    """The KV-cache append of one block (keys and values into the token-major cache, from the qkv product's
+    views) at d30 @1024's 21x21 and 64x64 scales, batch 1 and 16 with guidance, in a CUDA graph: ``copy_``
+    against :func:`starkit.generator.blocks.copy_wide` (16-byte elements). The copies must be bitwise equal."""
+    from starkit.generator.blocks import copy_wide
+    rows, dt = [], torch.bfloat16
+    H, d, total = (2, 32, 40) if tiny else (30, 64, 9451)
+    for batch in (1, 16):
+        R = 2 * batch
+        for side, start in ((3, 14), (4, 23)) if tiny else ((21, 585), (64, 5355)):
+            l = side * side  # start: the tokens of the scales before it
+            qkv = torch.randint(-2 ** 15, 2 ** 15, (R, l, 3, H, d), dtype=torch.int16, device=dev).view(dt)
+            _, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (R, H, l, d) views, rows 3 H d apart
+            k = k.transpose(1, 2).contiguous().transpose(1, 2)  # token-major, as the compiled region gives keys
+            caches = [torch.zeros(R, total, H, d, dtype=dt, device=dev).transpose(1, 2) for _ in range(4)]
+            plain = lambda: (caches[0][:, :, start:start + l].copy_(k), caches[1][:, :, start:start + l].copy_(v))
+            wide = lambda: (copy_wide(caches[2][:, :, start:start + l], k), copy_wide(caches[3][:, :, start:start + l], v))
+            times = []
+            for fn in (plain, wide):
+                replay, calls = graphed(fn, dev)
+                times.append(timed(replay, warmup, repeats, dev) / calls)
+            equal = torch.equal(caches[0].view(torch.int16), caches[2].view(torch.int16)) and torch.equal(
+                caches[1].view(torch.int16), caches[3].view(torch.int16))
+            rows.append({"case": f"KV append (keys + values), {side}x{side} scale, batch {batch} ({R} rows)",
+                         "before": "copy_", "after": "copy_wide", "before_ms": times[0] * 1e3,
+                         "after_ms": times[1] * 1e3, "speedup": times[0] / times[1],
+                         "max_abs_diff": 0.0 if equal else float("nan")})
+    return rows
+
+
 def main(argv=None) -> None:
     ap = kernel_bench_parser(__doc__, repeats=20)
     ap.add_argument("--small-rows", action="store_true",
@@ -110,7 +142,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     dev = kernel_bench_device(args)
     with torch.no_grad():
-        rows = run(args.tiny, dev, args.warmup, args.repeats)
+        rows = run(args.tiny, dev, args.warmup, args.repeats) + kv_appends(args.tiny, dev, args.warmup, args.repeats)
         if args.small_rows:
             rows += small_rows(args.tiny, dev, args.warmup, args.repeats)
     name = device_name(dev)

@@ -798,3 +798,29 @@ def test_l2_normalize_equals_f_normalize_with_its_gradient():
     (got * weights).sum().backward()
     (want * weights).sum().backward()
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_copy_wide_moves_the_same_bits_through_wide_views(monkeypatch):
+    """The KV-cache appends copy rows through 16- or 8-byte views (blocks.copy_wide; CUDA only, the CPU stands in
+    here): the cache holds the same bits as a plain copy, any bf16 bit pattern (NaNs included), for token-major and
+    head-major caches, from the qkv product's strided views; rows that do not divide take the plain copy."""
+    from starkit.generator import blocks
+    from starkit.generator.blocks import KVCache, wide_copy_type
+    monkeypatch.setattr(blocks, "WIDE_COPY_DEVICES", ("cpu",))
+    g = torch.Generator().manual_seed(0)
+    for token_major in (True, False):
+        for d, wide in ((64, torch.complex128), (4, torch.int64), (6, None)):
+            cache = KVCache(2, 3, 20, d, "cpu", torch.bfloat16, token_major=token_major)
+            want_k, want_v = torch.zeros(2, 3, 20, d, dtype=torch.int16), torch.zeros(2, 3, 20, d, dtype=torch.int16)
+            start = 0
+            for l in (1, 4, 9):
+                bits = torch.randint(-2 ** 15, 2 ** 15, (2, l, 3, 3, d), dtype=torch.int16, generator=g)
+                _, k, v = bits.view(torch.bfloat16).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, l, d) views
+                assert wide_copy_type(cache.k[:, :, start:start + l], v) == wide, (d, token_major)
+                keys, values = cache.append(k, v)
+                want_k[:, :, start:start + l], want_v[:, :, start:start + l] = k.view(torch.int16), v.view(torch.int16)
+                start += l
+                assert torch.equal(keys.view(torch.int16), want_k[:, :, :start])
+                assert torch.equal(values.view(torch.int16), want_v[:, :, :start])
+    monkeypatch.setattr(blocks, "WIDE_COPY_DEVICES", ("cuda",))
+    assert wide_copy_type(torch.zeros(2, 64, dtype=torch.bfloat16), torch.zeros(2, 64, dtype=torch.bfloat16)) is None
