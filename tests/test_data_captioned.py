@@ -292,3 +292,23 @@ def test_symlinked_subfolders_are_scanned_once(tmp_path):
     (root / "loop").symlink_to(root, target_is_directory=True)  # a link back up: no endless walk
     keys = [item.key for item in scan_folder(str(root), "empty")[0]]
     assert keys == ["again/x.jpg", "y.png"]
+
+
+def test_the_pixel_limit_replaces_pillows_own(monkeypatch):
+    """``max_image_pixels: null`` means no limit, and a limit above Pillow's decompression-bomb threshold
+    (``Image.MAX_IMAGE_PIXELS``, ~179 M pixels raise) is honoured: Pillow's check would otherwise skip such images
+    as too large whatever the setting; Pillow's setting is restored afterwards."""
+    import io
+    from PIL import Image
+    from starkit.data.images import SampleError, decode_rgb
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), (10, 20, 30)).save(buf, format="PNG")
+    data = buf.getvalue()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 400 pixels: over twice Pillow's limit here
+    assert decode_rgb(data, "big.png", max_pixels=None).size == (20, 20)
+    assert decode_rgb(data, "big.png", max_pixels=1000).size == (20, 20)
+    with pytest.raises(SampleError, match="too_large: big.png is 20x20, over 300 pixels"):
+        decode_rgb(data, "big.png", max_pixels=300)
+    assert Image.MAX_IMAGE_PIXELS == 100
+    with pytest.raises(Image.DecompressionBombError):  # Pillow's own check is untouched outside
+        Image.open(io.BytesIO(data))

@@ -16,8 +16,10 @@ Nothing here depends on torchvision; the tensor conversion uses torch alone.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -109,6 +111,29 @@ def load_rgb(
     return decode_rgb(path, path, max_pixels, repairs)
 
 
+_PILLOW_LIMIT_LOCK = threading.Lock()
+_pillow_limit_state = {"users": 0, "saved": None}
+
+
+@contextlib.contextmanager
+def _pillow_limit_off():
+    """Pillow's own decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, ~179 M pixels raise) switched off while
+    images are opened here: ``max_pixels`` is checked from the header instead, so that ``None`` means no limit
+    and a limit above Pillow's is honoured. Restored when the last overlapping user (threads) leaves."""
+    with _PILLOW_LIMIT_LOCK:
+        if _pillow_limit_state["users"] == 0:
+            _pillow_limit_state["saved"] = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+        _pillow_limit_state["users"] += 1
+    try:
+        yield
+    finally:
+        with _PILLOW_LIMIT_LOCK:
+            _pillow_limit_state["users"] -= 1
+            if _pillow_limit_state["users"] == 0:
+                Image.MAX_IMAGE_PIXELS = _pillow_limit_state["saved"]
+
+
 def decode_rgb(source, name: str, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
                repairs: Optional[List[str]] = None) -> Image.Image:
     """Decode an image from a path, a file object or ``bytes`` (e.g. a tar member) into RGB.
@@ -119,7 +144,8 @@ def decode_rgb(source, name: str, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_
     Args:
         source: a path, a binary file object, or the file's bytes.
         name: how the sample is named in error messages.
-        max_pixels: largest accepted ``width * height``; ``None`` disables the check.
+        max_pixels: largest accepted ``width * height``; ``None`` disables the check (Pillow's own limit,
+            ``Image.MAX_IMAGE_PIXELS``, does not apply here: this one replaces it).
         repairs: if given, the names of the repairs made are appended to it.
 
     Raises:
@@ -131,7 +157,7 @@ def decode_rgb(source, name: str, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_
             raise SampleError("empty_file", f"{name} has zero bytes")
         source = io.BytesIO(source)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pillow_limit_off():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(source) as img:
                 width, height = img.size
