@@ -219,3 +219,27 @@ def test_a_reader_with_only_empty_shards_stops_and_the_others_go_on(shards, tmp_
             taken = [s["path"] for _, s in zip(range(3 * PER_SHARD), iter(stream))]
             # shuffled, each reader gets the good shard in some passes; not shuffled, reader 1 only the empty one
             assert len(taken) == (0 if not shuffle and consumer == 1 else 3 * PER_SHARD)
+
+
+def test_captions_from_caption_and_json_members(tmp_path):
+    """A sample without a .txt caption takes a .caption member, else the "caption" (or "text", "prompt") string of
+    its .json metadata; the .txt wins when present; JSON without such a string (or broken) is a missing caption."""
+    path = tmp_path / "00000.tar"
+    with tarfile.open(path, "w") as tf:
+        for key, members in {
+            "a": {"txt": b"from txt", "json": b'{"caption": "from json"}'},
+            "b": {"json": b'{"caption": "  from json  ", "text": "no"}'},
+            "c": {"json": b'{"text": "text key"}'},
+            "d": {"caption": b"caption member"},
+            "e": {"json": b'{"caption": 3}'},
+            "f": {"json": b'{"caption": '},
+            "g": {"json": b'{"prompt": ""}'},
+        }.items():
+            _add(tf, f"{key}.jpg", _jpeg(ord(key)))
+            for ext, data in members.items():
+                _add(tf, f"{key}.{ext}", data)
+    ds = WebDatasetStream([str(path)], resolution=32, repeat=False, shuffle=False)
+    captions = {s["path"].split("#")[1]: s["caption"] for s in ds}
+    assert captions == {"a": "from txt", "b": "from json", "c": "text key", "d": "caption member", "e": "", "f": "",
+                        "g": ""}
+    assert ds.stats == {"skipped": {}, "repaired": {"caption_missing": 2, "caption_empty": 1}}

@@ -1,7 +1,9 @@
 """Captioned images in WebDataset tar shards (the layout img2dataset writes), streamed.
 
 A shard is a tar file whose members are grouped by *key*: ``000000000.jpg``,
-``000000000.txt`` (caption), optional ``000000000.json``, then the next key. Shards are
+``000000000.txt`` (caption), optional ``000000000.json``, then the next key. The caption is
+the ``.txt`` member, else a ``.caption`` member, else the ``"caption"`` (or ``"text"``,
+``"prompt"``) string of the ``.json`` member. Shards are
 given as a brace pattern (``data/{00000..00099}.tar``), a glob (``data/*.tar``) or a list.
 
 Reading order, one *pass* over the data at a time:
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import random
 import re
@@ -260,7 +263,7 @@ class WebDatasetStream(IterableDataset):
         image_ext = next((e for e in members if e in _IMAGE_EXTS or e.rsplit(".", 1)[-1] in _IMAGE_EXTS), None)
         if image_ext is None:
             raise SampleError("missing_file", f"{name} has no image member ({', '.join(sorted(members)) or 'none'})")
-        caption = self._caption(tf, name, members.get("txt"), repairs)
+        caption = self._caption(tf, name, members, repairs)
         img = decode_rgb(_read(tf, members[image_ext]), name, self.max_image_pixels, repairs)
         short, long = sorted(img.size)
         if long > MAX_ASPECT_RATIO * short:
@@ -275,7 +278,15 @@ class WebDatasetStream(IterableDataset):
             raise SampleError("undecodable", f"{name}: transform failed: {err!r}") from None
         return {"image": image, "caption": caption, "path": name}
 
-    def _caption(self, tf, name, member, repairs: List[str]) -> str:
+    def _caption(self, tf, name, members: Dict[str, tarfile.TarInfo], repairs: List[str]) -> str:
+        member = members.get("txt") or members.get("caption")
+        if member is None and "json" in members:
+            text = _json_caption(tf, members["json"])
+            if text is not None:
+                text = text.strip()
+                if not text:
+                    repairs.append("caption_empty")
+                return text
         if member is None:
             if self.missing_caption == "skip":
                 raise SampleError("missing_caption", f"{name} has no caption")
@@ -299,6 +310,23 @@ class WebDatasetStream(IterableDataset):
     def stats(self) -> Dict[str, Dict[str, int]]:
         """Counts by cause on this rank, summed over workers: ``{"skipped": {...}, "repaired": {...}}``."""
         return self.counts.stats()
+
+
+#: keys of a sample's .json member that hold its caption, in order of preference (img2dataset writes "caption")
+JSON_CAPTION_KEYS = ("caption", "text", "prompt")
+
+
+def _json_caption(tf: tarfile.TarFile, member: tarfile.TarInfo) -> Optional[str]:
+    """The caption string of a sample's JSON metadata, or None (no such key, not a string, unreadable JSON)."""
+    try:
+        meta = json.loads(_read(tf, member).decode("utf-8-sig", errors="replace"))
+    except (tarfile.TarError, OSError, ValueError):
+        return None
+    if isinstance(meta, dict):
+        for key in JSON_CAPTION_KEYS:
+            if isinstance(meta.get(key), str):
+                return meta[key]
+    return None
 
 
 def _read(tf: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
@@ -362,7 +390,7 @@ class ResumableStreamLoader(DataLoader):
             shards = self.dataset.shards
             raise RuntimeError(
                 f"no usable sample in the {len(shards)} training shard(s) (e.g. {shards[0]!r}); counts: "
-                f"{self.dataset.stats}. A shard is a tar of <key>.jpg (or .png, .webp ...) + <key>.txt members.")
+                f"{self.dataset.stats}. A shard is a tar of <key>.jpg (or .png, .webp ...) + <key>.txt (or <key>.json with a \"caption\") members.")
 
     def _layout(self) -> Tuple[int, int]:
         return dist_info()[1], max(self.num_workers, 1)
