@@ -243,3 +243,20 @@ def test_captions_from_caption_and_json_members(tmp_path):
     assert captions == {"a": "from txt", "b": "from json", "c": "text key", "d": "caption member", "e": "", "f": "",
                         "g": ""}
     assert ds.stats == {"skipped": {}, "repaired": {"caption_missing": 2, "caption_empty": 1}}
+
+
+def test_a_truncated_shard_keeps_the_samples_before_the_cut(tmp_path):
+    """A shard cut off part of the way (a copy interrupted): the samples whose bytes are all there are read, the
+    damage is counted once as bad_shard, and a member cut in its data is skipped as undecodable, not the shard."""
+    root = write_shards(tmp_path / "full", n_shards=1, per_shard=8)
+    data = open(os.path.join(root, "00000.tar"), "rb").read()
+    whole = {s["path"].split("#")[1] for s in WebDatasetStream([os.path.join(root, "00000.tar")], resolution=32,
+                                                                 repeat=False, shuffle=False)}
+    assert len(whole) == 8
+    for cut in (len(data) // 2, len(data) // 2 + 700):
+        path = tmp_path / f"cut{cut}.tar"
+        path.write_bytes(data[:cut])
+        ds = WebDatasetStream([str(path)], resolution=32, repeat=False, shuffle=True, seed=1)
+        got = [s["path"].split("#")[1] for s in ds]
+        assert 2 <= len(got) < 8 and set(got) <= whole, cut
+        assert ds.stats["skipped"].get("bad_shard") == 1

@@ -29,7 +29,9 @@ Bad samples are handled as in :class:`~starkit.data.CaptionedImageDataModule`: a
 undecodable, empty, too large or extreme-aspect image is skipped and counted by cause; a
 missing caption becomes ``""`` (``missing_caption="empty"``, counted) or skips the sample;
 a key with no image counts as ``missing_file``; an unreadable tar counts once as
-``bad_shard``. Counts live in a shared-memory tensor with one row per worker.
+``bad_shard``, and so does a tar truncated or corrupt part of the way, whose samples before the
+damage are still read (a member cut in its bytes is skipped as ``undecodable``). Counts live in a
+shared-memory tensor with one row per worker.
 
 Shuffling is shard order + within-shard order (no cross-shard mixing buffer: a buffer's
 contents cannot be restored exactly without replaying the stream). img2dataset writes
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import json
 import os
 import random
@@ -124,15 +127,28 @@ def split_key(name: str) -> Tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def index_shard(path: str) -> List[Tuple[str, Dict[str, tarfile.TarInfo]]]:
+def index_shard(path: str, problems: Optional[List[str]] = None) -> List[Tuple[str, Dict[str, tarfile.TarInfo]]]:
     """The keys of a tar shard in file order, each with its members by extension (headers only).
 
     A key whose extension appears again (the same key written twice, e.g. concatenated shards)
-    starts a new sample, so neither copy is lost."""
+    starts a new sample, so neither copy is lost. A shard that is truncated or corrupt part of the
+    way through keeps the members before the damage (the error is appended to ``problems``)."""
     groups: List[Tuple[str, Dict[str, tarfile.TarInfo]]] = []
     latest: Dict[str, Dict[str, tarfile.TarInfo]] = {}  # key -> its last group
     with tarfile.open(path, "r:*") as tf:
-        for member in tf.getmembers():
+        while True:
+            try:
+                member = tf.next()
+            except (tarfile.ReadError, EOFError) as err:  # truncated or corrupt further on: keep what came before
+                if problems is not None:
+                    problems.append(f"{type(err).__name__}: {err} after {len(groups)} key(s)")
+                break
+            if member is None:  # the end, or a cut inside a header, which tarfile takes for the end:
+                if problems is not None and isinstance(tf.fileobj, io.BufferedReader) \
+                        and os.path.getsize(path) % tarfile.BLOCKSIZE:  # an uncompressed tar is whole blocks
+                    problems.append(f"truncated: {os.path.getsize(path)} bytes is not a whole number of "
+                                    f"{tarfile.BLOCKSIZE}-byte tar blocks ({len(groups)} key(s) before the cut)")
+                break
             if not member.isfile() or os.path.basename(member.name).startswith("."):
                 continue
             key, ext = split_key(member.name)
@@ -233,13 +249,15 @@ class WebDatasetStream(IterableDataset):
             pass_, shard_pos, offset = pass_ + 1, 0, 0
 
     def _read_shard(self, shard_id: int, pass_: int, start: int) -> Iterator[Tuple[int, dict]]:
-        path = self.shards[shard_id]
+        path, problems = self.shards[shard_id], []
         try:
-            keys = index_shard(path)
+            keys = index_shard(path, problems)
         except (tarfile.TarError, OSError, EOFError) as err:
             if start == 0:
                 self.counts.count("bad_shard", path, f"{type(err).__name__}: {err}")
             return
+        if problems and start == 0:  # damaged part of the way: the samples before the damage are still read
+            self.counts.count("bad_shard", path, problems[0])
         if self.shuffle:
             random.Random(_stable_seed(self.seed, pass_, os.path.basename(path))).shuffle(keys)
         try:
@@ -252,6 +270,9 @@ class WebDatasetStream(IterableDataset):
                         sample = self._load(tf, name, members, repairs)
                     except SampleError as err:
                         self.counts.count(err.cause, name, err.detail)
+                        continue
+                    except (tarfile.TarError, OSError, EOFError) as err:  # this member's bytes cut off or unreadable
+                        self.counts.count("undecodable", name, f"tar member unreadable: {type(err).__name__}: {err}")
                         continue
                     for cause in repairs:
                         self.counts.count(cause, name, "")
