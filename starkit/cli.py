@@ -16,7 +16,7 @@ import sys
 from typing import List, Optional
 
 import lightning as L
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback, _InstantiatorFn
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback, _InstantiatorFn
 
 # Import every component module so that short class names resolve in YAML.
 _COMPONENT_MODULES = (
@@ -106,6 +106,16 @@ class RunConfigSaver(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
 
+class StarkitArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser with a one-line usage before an error message: the error (a missing config file, an
+    unknown option, a bad value) stays on the screen instead of following ~50 lines of every option; ``--help``
+    still lists them all."""
+
+    def print_usage(self, file=None) -> None:
+        prog = self.prog.replace(" [options]", "")
+        (file or sys.stdout).write(f"usage: {prog} [--config CONFIG] [options]\n")
+
+
 class StarkitCLI(LightningCLI):
     """LightningCLI with starkit's defaults: any LightningModule / LightningDataModule by
     ``class_path``, configs saved next to the run (overwriting allowed)."""
@@ -115,6 +125,7 @@ class StarkitCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", RunConfigSaver)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("parser_class", StarkitArgumentParser)
         kwargs.setdefault("parser_kwargs", {"prog": "starkit", "description": DESCRIPTION,
                                             **{name: {"prog": f"starkit {name}"} for name in self.subcommands()}})
         super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)

@@ -410,3 +410,21 @@ def test_atomic_writes_give_files_the_permissions_of_a_plain_open(tmp_path):
         + [f for f in (tmp_path / "model").rglob("*") if f.is_file()]
     mode = stat.S_IMODE(plain.stat().st_mode)
     assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == {f.name: mode for f in files}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["fit", "--config", "/no/such/recipe.yaml"], "File does not exist: '/no/such/recipe.yaml'"),
+    (["fit", "--trainer.max_stepz", "3"], "unrecognized arguments: --trainer.max_stepz 3"),
+])
+def test_a_command_line_error_is_not_buried_under_every_option(argv, message, capsys):
+    """A bad command line prints a one-line usage, the --help tip and the error (jsonargparse printed ~50 lines of
+    every option first); --help still lists the options."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "usage: starkit fit [--config CONFIG] [options]" and len(err) <= 4, err
+    assert message in err[-1] and err[-1].startswith("error:")
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    assert "--trainer.max_steps" in capsys.readouterr().out
