@@ -47,6 +47,20 @@ def test_ema_updates_once_per_optimizer_step_under_gradient_accumulation(monkeyp
     assert len(calls) == 2  # before: 4 (one per micro-batch: decay**2 per optimizer step)
 
 
+def test_the_sampler_head_stage_does_not_update_the_ema_of_the_frozen_transformer(monkeypatch):
+    """stage='sampler_head' freezes the transformer: its EMA would stay equal to it, so it is not updated (each
+    update reads and writes every weight), and ema_decay there says it has no effect."""
+    from starkit.generator import distributed
+    from starkit.samplers import StableSampler
+    calls = []
+    monkeypatch.setattr(distributed, "ema_update", lambda module, decay: calls.append(1))
+    with pytest.warns(UserWarning, match="ema_decay has no effect with stage='sampler_head'"):
+        gen = make_tiny_generator(ema_decay=0.9, stage="sampler_head", sampler=StableSampler(head_depth=1))
+    _trainer(max_steps=2).fit(gen, _loader())
+    assert calls == []
+    assert all(torch.equal(e, t) for e, t in zip(gen.ema.parameters(), gen.transformer.parameters()))
+
+
 def test_checkpoints_hold_the_ema_of_their_step_and_the_ema_stays_in_eval_mode():
     seen = []
 

@@ -17,6 +17,7 @@ import warnings
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 
 from starkit.generator.hparams import library_hparams
@@ -157,6 +158,10 @@ class ScaleWiseGenerator(L.LightningModule):
         self.ema = None
         if ema_decay is not None:
             self.ema = copy.deepcopy(self.transformer).requires_grad_(False).eval()  # Lightning never calls train()
+            if stage == "sampler_head":
+                rank_zero_warn("ema_decay has no effect with stage='sampler_head': the transformer is frozen, so "
+                               "its EMA stays equal to it (kept for the checkpoint's layout, not updated), and the "
+                               "sampler head trains without an EMA. Drop ema_decay to save the copy's memory.")
         if init_from:
             from starkit.generator.progressive import init_transformer_from
             init_transformer_from(self, init_from)
@@ -386,7 +391,9 @@ class ScaleWiseGenerator(L.LightningModule):
             self._update_ema()
 
     def _update_ema(self) -> None:
-        if self.ema is not None:  # sharded alike under FSDP: see starkit/generator/distributed.py
+        # the sampler_head stage freezes the transformer: its EMA stays equal to it, and an update would only
+        # read and write every weight (3 x 8 GB per step at d30)
+        if self.ema is not None and self.hparams.stage != "sampler_head":  # sharded alike under FSDP (distributed.py)
             from starkit.generator.distributed import ema_update
             ema_update(self, self.hparams.ema_decay)
 
