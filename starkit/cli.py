@@ -18,6 +18,8 @@ from typing import List, Optional
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback, _InstantiatorFn
 
+from starkit.utils.class_path import is_related
+
 # Import every component module so that short class names resolve in YAML.
 _COMPONENT_MODULES = (
     "starkit.tokenizers",
@@ -171,7 +173,7 @@ class StarkitCLI(LightningCLI):
             return
         hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
         saved = hparams.get("_class_path") if isinstance(hparams, dict) else None
-        if saved and not _related_classes(recipe, saved):
+        if saved and not is_related(recipe, saved):
             raise ValueError(
                 f"--ckpt_path {path!r} is a checkpoint of {saved}, but the recipe's model is {recipe}: "
                 f"--ckpt_path resumes or evaluates the same kind of model. Give a checkpoint written with this "
@@ -190,21 +192,6 @@ class StarkitCLI(LightningCLI):
                                      subclasses=self.subclass_mode_model)
         self.parser.add_instantiator(_TopLevelInstantiator(cli=self, key="data"), L.LightningDataModule,
                                      subclasses=self.subclass_mode_data)
-
-
-def _related_classes(a: str, b: str) -> bool:
-    """Whether the classes at import paths ``a`` and ``b`` are the same or one subclasses the other (a predict
-    recipe's ``PretrainedGenerator`` and a ``ScaleWiseGenerator`` checkpoint are); unresolvable: compare names."""
-    def resolve(path):
-        module, _, name = path.rpartition(".")
-        try:
-            return getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError, ValueError):
-            return None
-    ca, cb = resolve(a), resolve(b)
-    if isinstance(ca, type) and isinstance(cb, type):
-        return issubclass(ca, cb) or issubclass(cb, ca)
-    return a.rpartition(".")[2] == b.rpartition(".")[2]
 
 
 def main(args: Optional[List[str]] = None) -> Optional[StarkitCLI]:

@@ -18,6 +18,9 @@ from PIL import Image
 
 from starkit.generator import ScaleWiseGenerator
 from starkit.generator.hparams import component_config
+from starkit.samplers import ScaleSampler
+from starkit.text import TextEncoder
+from starkit.utils.class_path import build_from_config, import_class
 from starkit.utils.io import atomic_save_safetensors, atomic_write_bytes, images_to_pil
 
 FORMAT = "starkit-model"
@@ -26,23 +29,13 @@ COMPONENT_ARGS = ("tokenizer", "text_encoder", "positional", "sampler")
 NOT_EXPORTED = ("init_from", "_instantiator", "_class_path")
 
 
-def _instantiate(config: dict):
-    """Build an object from ``{"class_path": ..., "init_args": {...}}`` (nested dicts too)."""
-    import importlib
-    module, _, name = config["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    args = {k: (_instantiate(v) if isinstance(v, dict) and "class_path" in v else v)
-            for k, v in (config.get("init_args") or {}).items()}
-    return cls(**args)
-
-
 def _positional_factory(config: Optional[dict]):
     if not config:
         return None
     import functools
-    import importlib
-    module, _, name = config["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
+
+    from starkit.positional import PositionalEncoding
+    cls = import_class(config["class_path"], PositionalEncoding, "starkit.json: positional")
     return functools.partial(cls, **(config.get("init_args") or {}))
 
 
@@ -77,11 +70,12 @@ def load_generator(path: str, device: Union[str, torch.device] = "cpu", sampler:
     tokenizer = MultiScaleVQ.from_pretrained(tokenizer_dir, frozen=True)
     tokenizer.hparams["pretrained"] = tokenizer_dir  # its weights have a home: keep them out of checkpoints
     text_cfg = json.loads(json.dumps(config["text_encoder"]).replace("${MODEL_DIR}", os.path.abspath(path)))
-    text_encoder = _instantiate(text_cfg)
+    text_encoder = build_from_config(text_cfg, TextEncoder, "starkit.json: text_encoder")
     gen_args = dict(config["generator"], stage="generator")  # a training stage means nothing at inference
     generator = ScaleWiseGenerator(
         tokenizer=tokenizer, text_encoder=text_encoder, positional=_positional_factory(config.get("positional")),
-        sampler=_instantiate(sampler or config["sampler"]) if (sampler or config.get("sampler")) else None,
+        sampler=build_from_config(sampler or config["sampler"], ScaleSampler, "sampler" if sampler else "starkit.json: sampler")
+        if (sampler or config.get("sampler")) else None,
         **gen_args,
     )
     weights = load_file(os.path.join(path, "generator.safetensors"), device="cpu")

@@ -130,3 +130,32 @@ def test_python_m_starkit_help_names_the_command(tmp_path):
                             env=dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", "")))
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("usage: starkit ") and "__main__" not in result.stdout
+
+
+@pytest.mark.parametrize("slot, class_path, message", [
+    ("text_encoder", "os.system", "is a builtin_function_or_method, not a class"),
+    ("text_encoder", "subprocess.Popen", "is not a starkit.text.base.TextEncoder"),
+    ("sampler", "starkit.text.RandomTextEncoder", "is not a starkit.samplers.base.ScaleSampler"),
+    ("positional", "collections.OrderedDict", "is not a starkit.positional.base.PositionalEncoding"),
+    ("text_encoder", "no_such_package.Encoder", "cannot import 'no_such_package'"),
+])
+def test_a_model_directory_names_only_classes_of_the_right_kind(tiny_model_dir, tmp_path, slot, class_path, message):
+    """A model directory may come from anyone: what its starkit.json names is checked before anything is built
+    (a function such as os.system, or a class of another kind, is refused with one error naming the slot)."""
+    import json
+    import shutil
+
+    from starkit.pipeline import load_generator
+    from starkit.utils.class_path import build_from_config
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    cfg = json.loads((model / "starkit.json").read_text())
+    cfg[slot] = {"class_path": class_path, "init_args": {"args": "echo hostile > pwned.txt", "shell": True}
+                 if class_path == "subprocess.Popen" else {}}
+    (model / "starkit.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=rf"starkit.json: {slot}: .*{message}"):
+        load_generator(str(model))
+    assert not (tmp_path / "pwned.txt").exists() and not os.path.exists("pwned.txt")
+    with pytest.raises(ValueError, match=r"nested\.init_args\.inner: 'subprocess.Popen' is not a torch.nn"):
+        build_from_config({"class_path": "torch.nn.Sequential", "init_args": {"inner": {
+            "class_path": "subprocess.Popen", "init_args": {"args": "true"}}}}, what="nested")

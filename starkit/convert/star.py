@@ -137,12 +137,13 @@ def _parallel_sampler_config(settings: dict) -> dict:
 def _build_reference(arch: dict, patch_nums: Sequence[int], positional: dict, head_norm: bool, with_head: bool):
     """The names and shapes the weights must have (our transformer and head, built with one block)."""
     import functools
-    import importlib
 
     from starkit.generator.transformer import ScaleTransformer
     from starkit.samplers.head import SamplerHead
-    module, _, name = positional["class_path"].rpartition(".")
-    pe_cls = functools.partial(getattr(importlib.import_module(module), name), **positional.get("init_args", {}))
+    from starkit.positional import PositionalEncoding
+    from starkit.utils.class_path import import_class
+    pe_cls = functools.partial(import_class(positional["class_path"], PositionalEncoding, "positional"),
+                               **positional.get("init_args", {}))
     pe = pe_cls(arch["width"], arch["num_heads"], patch_nums)
     net = ScaleTransformer(patch_nums, arch["vocab_size"], arch["latent_dim"],
                            arch["text_dim"] if arch["cross_attention"] else None, 1, arch["width"],
