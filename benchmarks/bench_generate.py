@@ -278,17 +278,17 @@ def main(argv=None) -> None:
                     help="the compiled paths meet the small scales first, as before starkit.utils.compiling.tune_first_at "
                          "(their Triton kernels then keep launch configurations timed at small sizes)")
     ap.add_argument("--kv-head-major", action="store_true",
-                    help="KV caches stored head-major (B, H, L, d), as before starkit.generator.blocks.KV_TOKEN_MAJOR")
+                    help="KV caches stored head-major (B, H, L, d), as before starkit.generator.kv_cache.KV_TOKEN_MAJOR")
     ap.add_argument("--text", choices=("clip", "random"), default="clip")
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
-    from starkit.generator import blocks
+    from starkit.generator import kv_cache
     from starkit.utils import compiling
-    saved = blocks.KV_TOKEN_MAJOR, compiling.TUNE_DEVICE_TYPES  # restored at the end (the tests call main())
+    saved = kv_cache.KV_TOKEN_MAJOR, compiling.TUNE_DEVICE_TYPES  # restored at the end (the tests call main())
     if args.kv_head_major:
-        blocks.KV_TOKEN_MAJOR = False
+        kv_cache.KV_TOKEN_MAJOR = False
     if args.no_tune_first:
         compiling.TUNE_DEVICE_TYPES = ()
     if dev.type == "cuda":
@@ -305,7 +305,7 @@ def main(argv=None) -> None:
             rows += time_ours(config, args, dev, text, ceiling)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-        blocks.KV_TOKEN_MAJOR, compiling.TUNE_DEVICE_TYPES = saved
+        kv_cache.KV_TOKEN_MAJOR, compiling.TUNE_DEVICE_TYPES = saved
     if args.json:
         bg.write_results(args.json, device_name, args, rows, ceiling_tflops=ceiling)
     print()

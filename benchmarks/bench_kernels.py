@@ -7,7 +7,7 @@
   compiled (the decoder runs compiled). (Zero-padding the filters to 8 outputs was tried first: 24.5 ->
   24.8 ms at batch 4, no gain; H200, 2026-11-29.)
 * the KV-cache appends: ``copy_`` into a slice of the cache against
-  :func:`starkit.generator.blocks.copy_wide` (the same bytes moved 16 per element), in CUDA graphs.
+  :func:`starkit.generator.kv_cache.copy_wide` (the same bytes moved 16 per element), in CUDA graphs.
 
     python benchmarks/bench_kernels.py --json $OUT/kernels.json     # H200, ~30 s
     python benchmarks/bench_kernels.py --tiny                       # CPU smoke run (small shapes)
@@ -107,8 +107,8 @@ def small_rows(tiny: bool, dev: torch.device, warmup: int, repeats: int) -> list
 def kv_appends(tiny: bool, dev: torch.device, warmup: int, repeats: int) -> list:
     """The KV-cache append of one block (keys and values into the token-major cache, from the qkv product's
     views) at d30 @1024's 21x21 and 64x64 scales, batch 1 and 16 with guidance, in a CUDA graph: ``copy_``
-    against :func:`starkit.generator.blocks.copy_wide` (16-byte elements). The copies must be bitwise equal."""
-    from starkit.generator.blocks import copy_wide
+    against :func:`starkit.generator.kv_cache.copy_wide` (16-byte elements). The copies must be bitwise equal."""
+    from starkit.generator.kv_cache import copy_wide
     rows, dt = [], torch.bfloat16
     H, d, total = (2, 32, 40) if tiny else (30, 64, 9451)
     for batch in (1, 16):

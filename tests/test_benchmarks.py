@@ -189,13 +189,13 @@ def test_bench_generate_old_orders_restore_the_defaults(capsys):
     """--no-tune-first and --kv-head-major (the before of the eighth comparison) set module defaults for the run
     and put them back."""
     import bench_generate
-    from starkit.generator import blocks
+    from starkit.generator import kv_cache
     from starkit.utils import compiling
-    before = blocks.KV_TOKEN_MAJOR, compiling.TUNE_DEVICE_TYPES
+    before = kv_cache.KV_TOKEN_MAJOR, compiling.TUNE_DEVICE_TYPES
     bench_generate.main(["--tiny", "--configs", "d16@256", "--batches", "1", "--repeats", "1", "--warmup", "0",
                          "--samplers", "parallel", "--text", "random", "--cuda-graphs", "--skip-eager", "--skip-plain",
                          "--compile-blocks", "--compile-decoder", "--compile-text", "--no-tune-first", "--kv-head-major"])
-    assert (blocks.KV_TOKEN_MAJOR, compiling.TUNE_DEVICE_TYPES) == before
+    assert (kv_cache.KV_TOKEN_MAJOR, compiling.TUNE_DEVICE_TYPES) == before
     out = capsys.readouterr().out
     assert "starkit graphs, compiled blocks" in out and "| d16@256 | starkit graphs |" not in out
 

@@ -649,15 +649,15 @@ def test_no_memory_for_the_tuning_call_warns_and_generates(monkeypatch):
 def test_token_major_kv_caches_give_the_head_major_images(monkeypatch):
     """KV caches stored (B, L, H, d) (whole-row appends) give what the head-major storage gave, eager and
     with the compiled regions (which then emit the keys token-major)."""
-    from starkit.generator import blocks
-    from starkit.generator.blocks import KVCache
+    from starkit.generator import kv_cache
+    from starkit.generator.kv_cache import KVCache
     cache = KVCache(2, 3, 10, 4, "cpu", torch.float32)
     assert cache.k.shape == (2, 3, 10, 4) and cache.k.transpose(1, 2).is_contiguous()
     assert cache.v.stride() == cache.k.stride()
     gen = make_tiny_generator().eval()
     prompts = ["a red circle", "two blue squares"]
     got = [gen.generate(prompts, seed=4, compile_blocks=c, return_indices=True) for c in (False, True)]
-    monkeypatch.setattr(blocks, "KV_TOKEN_MAJOR", False)
+    monkeypatch.setattr(kv_cache, "KV_TOKEN_MAJOR", False)
     assert not KVCache(2, 3, 10, 4, "cpu", torch.float32).k.transpose(1, 2).is_contiguous()
     want = [gen.generate(prompts, seed=4, compile_blocks=c, return_indices=True) for c in (False, True)]
     for (image_a, idx_a), (image_b, idx_b) in zip(got, want):
@@ -801,12 +801,12 @@ def test_l2_normalize_equals_f_normalize_with_its_gradient():
 
 
 def test_copy_wide_moves_the_same_bits_through_wide_views(monkeypatch):
-    """The KV-cache appends copy rows through 16- or 8-byte views (blocks.copy_wide; CUDA only, the CPU stands in
+    """The KV-cache appends copy rows through 16- or 8-byte views (kv_cache.copy_wide; CUDA only, the CPU stands in
     here): the cache holds the same bits as a plain copy, any bf16 bit pattern (NaNs included), for token-major and
     head-major caches, from the qkv product's strided views; rows that do not divide take the plain copy."""
-    from starkit.generator import blocks
-    from starkit.generator.blocks import KVCache, wide_copy_type
-    monkeypatch.setattr(blocks, "WIDE_COPY_DEVICES", ("cpu",))
+    from starkit.generator import kv_cache
+    from starkit.generator.kv_cache import KVCache, wide_copy_type
+    monkeypatch.setattr(kv_cache, "WIDE_COPY_DEVICES", ("cpu",))
     g = torch.Generator().manual_seed(0)
     for token_major in (True, False):
         for d, wide in ((64, torch.complex128), (4, torch.int64), (6, None)):
@@ -822,5 +822,5 @@ def test_copy_wide_moves_the_same_bits_through_wide_views(monkeypatch):
                 start += l
                 assert torch.equal(keys.view(torch.int16), want_k[:, :, :start])
                 assert torch.equal(values.view(torch.int16), want_v[:, :, :start])
-    monkeypatch.setattr(blocks, "WIDE_COPY_DEVICES", ("cuda",))
+    monkeypatch.setattr(kv_cache, "WIDE_COPY_DEVICES", ("cuda",))
     assert wide_copy_type(torch.zeros(2, 64, dtype=torch.bfloat16), torch.zeros(2, 64, dtype=torch.bfloat16)) is None

@@ -32,7 +32,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from starkit.generator import blocks
+from starkit.generator import kv_cache
 from starkit.generator.blocks import (Block, KVCache, autocast_weight, fc1_gelu, l2_normalize, take_rows,
                                       token_major)
 from starkit.positional import as_cis, rotate_float32
@@ -53,7 +53,7 @@ def attention_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     if rotary is not None:
         qf, kf = rotate_float32(qf, rotary), rotate_float32(kf, rotary)
     k = kf.to(v.dtype)
-    return token_major(qf.to(v.dtype)), token_major(k) if blocks.KV_TOKEN_MAJOR else k, v  # k as the cache stores it
+    return token_major(qf.to(v.dtype)), token_major(k) if kv_cache.KV_TOKEN_MAJOR else k, v  # k as the cache stores it
 
 
 def _project(out: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
