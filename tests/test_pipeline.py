@@ -156,6 +156,8 @@ def test_a_model_directory_names_only_classes_of_the_right_kind(tiny_model_dir, 
     with pytest.raises(ValueError, match=rf"starkit.json: {slot}: .*{message}"):
         load_generator(str(model))
     assert not (tmp_path / "pwned.txt").exists() and not os.path.exists("pwned.txt")
+    from starkit.samplers import ScaleSampler, StableSampler
+    assert type(build_from_config({"class_path": "StableSampler"}, ScaleSampler)) is StableSampler  # short names
     with pytest.raises(ValueError, match=r"nested\.init_args\.inner: 'subprocess.Popen' is not a torch.nn"):
         build_from_config({"class_path": "torch.nn.Sequential", "init_args": {"inner": {
             "class_path": "subprocess.Popen", "init_args": {"args": "true"}}}}, what="nested")

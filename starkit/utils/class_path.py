@@ -14,11 +14,15 @@ from typing import Optional, Type
 from torch import nn
 
 
+#: where a class path without a module (``"StableSampler"``) is looked up, in this order
+SHORT_NAME_PACKAGES = ("starkit.samplers", "starkit.text", "starkit.positional", "starkit.tokenizers")
+
+
 def import_class(path: str, base: Optional[type] = None, what: str = "class_path") -> type:
     """The class at ``path``, checked to be a class and, given ``base``, a subclass of it.
 
     Args:
-        path: ``"package.module.Name"``.
+        path: ``"package.module.Name"``, or a class name of :data:`SHORT_NAME_PACKAGES`.
         base: the class the slot needs (None: any class).
         what: how the slot is named in errors (e.g. ``"starkit.json: text_encoder"``).
 
@@ -26,16 +30,23 @@ def import_class(path: str, base: Optional[type] = None, what: str = "class_path
         ValueError: the path does not import, names nothing, names no class, or a class of another kind.
     """
     module_name, _, name = str(path).rpartition(".")
-    if not module_name or not name:
+    if not name:
         raise ValueError(f"{what}: {path!r} is not an import path of a class (expected 'package.module.Name').")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"{what}: cannot import {module_name!r} for {path!r} ({err}); install the package that "
-                         f"defines it or fix the class_path.") from None
-    obj = getattr(module, name, None)
-    if obj is None:
-        raise ValueError(f"{what}: {module_name!r} has no {name!r}; fix the class_path.")
+    if not module_name:  # a short name, as in the YAML recipes: starkit's component packages
+        obj = next((getattr(importlib.import_module(package), name) for package in SHORT_NAME_PACKAGES
+                    if hasattr(importlib.import_module(package), name)), None)
+        if obj is None:
+            raise ValueError(f"{what}: no class {name!r} in {', '.join(SHORT_NAME_PACKAGES)}; give its full "
+                             f"import path ('package.module.Name').")
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ValueError(f"{what}: cannot import {module_name!r} for {path!r} ({err}); install the package "
+                             f"that defines it or fix the class_path.") from None
+        obj = getattr(module, name, None)
+        if obj is None:
+            raise ValueError(f"{what}: {module_name!r} has no {name!r}; fix the class_path.")
     if not isinstance(obj, type):
         raise ValueError(f"{what}: {path!r} is a {type(obj).__name__}, not a class: a config names classes only "
                          f"(refused, nothing was called).")
