@@ -428,3 +428,32 @@ def test_a_command_line_error_is_not_buried_under_every_option(argv, message, ca
     with pytest.raises(SystemExit):
         main(["fit", "--help"])
     assert "--trainer.max_steps" in capsys.readouterr().out
+
+
+def test_nonfinite_guard_checks_once_per_optimizer_step_and_in_float32():
+    """The guard keeps the losses of the backward passes and checks them with the gradients at the optimizer step
+    (one host synchronisation per step, none after the forward); gradient norms in float32, so that large fp16
+    gradients are not taken for infinite; a NaN loss of an earlier micro-batch is still found."""
+    guard = NonFiniteGuard("stop")
+
+    class _Opt:
+        param_groups = [{"params": []}]
+    p = torch.nn.Parameter(torch.zeros(1000, dtype=torch.float16))
+    p.grad = torch.full((1000,), 300.0, dtype=torch.float16)  # norm 9487: inf in fp16, finite in float32
+    module = torch.nn.Module()
+    module.p = p
+    _Opt.param_groups[0]["params"] = [p]
+
+    class _Trainer:
+        global_step, current_epoch, should_stop = 7, 0, False
+        precision_plugin = None
+        fit_loop = type("L", (), {"epoch_loop": type("E", (), {"batch_idx": 3})()})()
+    for loss in (torch.tensor(1.0), torch.tensor(2.0)):
+        guard.on_before_backward(_Trainer, module, loss)
+    guard.on_before_optimizer_step(_Trainer, module, _Opt)  # finite: nothing happens
+    assert p.grad is not None and guard._losses == []
+    for loss in (torch.tensor(float("nan")), torch.tensor(2.0)):  # the first micro-batch's loss is NaN
+        guard.on_before_backward(_Trainer, module, loss)
+    with pytest.raises(NonFiniteLossError, match="global step 7 .*the loss is nan"):
+        guard.on_before_optimizer_step(_Trainer, module, _Opt)
+    assert p.grad is None  # the bad update never happens

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Literal, Optional
+from typing import List, Literal, Optional
 
 import lightning as L
 import torch
@@ -30,7 +30,8 @@ class NonFiniteGuard(L.Callback):
     """Stop, or skip the update, when the loss or a gradient is NaN or infinite.
 
     The check runs after the backward pass and before the optimizer step (and before
-    gradient clipping). Skipping works by setting every gradient of the optimizer to
+    gradient clipping): the losses of the step's backward passes and the gradients' float32
+    norms (one multi-tensor kernel) with one host synchronisation per optimizer step. Skipping works by setting every gradient of the optimizer to
     ``None`` for that step: AdamW/SGD leave such parameters untouched (no update, no weight
     decay, no change to Adam's moments). The learning-rate scheduler still advances.
     With ``precision: 16-mixed`` the gradient scaler already skips overflowing steps, so
@@ -62,19 +63,27 @@ class NonFiniteGuard(L.Callback):
         self.action, self.check_grads, self.max_consecutive_skips = action, check_grads, max_consecutive_skips
         self.skipped = 0
         self._consecutive = 0
-        self._fault: Optional[str] = None
+        self._losses: List[torch.Tensor] = []  # of the backward passes since the last optimizer step
 
     # ------------------------------------------------------------------ hooks
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
-        if self._fault is None and not bool(torch.isfinite(loss.detach()).all()):
-            self._fault = f"the loss is {loss.detach().float().flatten()[0].item()}"
+        self._losses.append(loss.detach().float().reshape(-1))  # checked at the optimizer step: no sync here
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        fault, self._fault = self._fault, None
+        losses, self._losses = self._losses, []
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if fault is None and self.check_grads and not _uses_grad_scaler(trainer) and params:
-            norms = torch.stack([p.grad.detach().float().norm() for p in params])
-            if not bool(torch.isfinite(norms).all()):
+        checks, norms = [], None
+        if losses:
+            losses = torch.cat(losses)
+            checks.append(torch.isfinite(losses).all())
+        if self.check_grads and not _uses_grad_scaler(trainer) and params:
+            norms = torch.stack(torch._foreach_norm([p.grad.detach() for p in params], 2, dtype=torch.float32))
+            checks.append(torch.isfinite(norms).all())
+        fault = None
+        if checks and not bool(torch.stack(checks).all()):  # one host synchronisation per optimizer step
+            if len(losses) and not bool(torch.isfinite(losses).all()):
+                fault = f"the loss is {losses[~torch.isfinite(losses)][0].item()}"
+            else:
                 names = {id(p): n for n, p in pl_module.named_parameters()}
                 bad = [names.get(id(p), "?") for p, n in zip(params, norms.tolist()) if not math.isfinite(n)]
                 fault = f"{len(bad)} gradient(s) are not finite (first: {bad[0]})"
