@@ -144,10 +144,11 @@ def index_shard(path: str, problems: Optional[List[str]] = None) -> List[Tuple[s
                     problems.append(f"{type(err).__name__}: {err} after {len(groups)} key(s)")
                 break
             if member is None:  # the end, or a cut inside a header, which tarfile takes for the end:
+                size = os.path.getsize(path)
                 if problems is not None and isinstance(tf.fileobj, io.BufferedReader) \
-                        and os.path.getsize(path) % tarfile.BLOCKSIZE:  # an uncompressed tar is whole blocks
-                    problems.append(f"truncated: {os.path.getsize(path)} bytes is not a whole number of "
-                                    f"{tarfile.BLOCKSIZE}-byte tar blocks ({len(groups)} key(s) before the cut)")
+                        and size % tarfile.BLOCKSIZE:  # an uncompressed tar is whole blocks
+                    problems.append(f"truncated: {size} bytes is not a whole number of {tarfile.BLOCKSIZE}-byte "
+                                    f"tar blocks ({len(groups)} key(s) before the cut)")
                 break
             if not member.isfile() or os.path.basename(member.name).startswith("."):
                 continue
@@ -301,27 +302,22 @@ class WebDatasetStream(IterableDataset):
 
     def _caption(self, tf, name, members: Dict[str, tarfile.TarInfo], repairs: List[str]) -> str:
         member = members.get("txt") or members.get("caption")
-        if member is None and "json" in members:
-            text = _json_caption(tf, members["json"])
-            if text is not None:
-                text = text.strip()
-                if not text:
-                    repairs.append("caption_empty")
-                return text
-        if member is None:
+        text = _json_caption(tf, members["json"]) if member is None and "json" in members else None
+        if member is not None:
+            try:
+                raw = _read(tf, member)
+            except (tarfile.TarError, OSError) as err:
+                raise SampleError("caption_unreadable", f"{name}: {err}") from None
+            try:
+                text = raw.decode("utf-8-sig")
+            except UnicodeDecodeError:
+                text = raw.decode("utf-8", errors="replace")
+                repairs.append("caption_not_utf8")
+        if text is None:
             if self.missing_caption == "skip":
                 raise SampleError("missing_caption", f"{name} has no caption")
             repairs.append("caption_missing")
             return ""
-        try:
-            raw = _read(tf, member)
-        except (tarfile.TarError, OSError) as err:
-            raise SampleError("caption_unreadable", f"{name}: {err}") from None
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            text = raw.decode("utf-8", errors="replace")
-            repairs.append("caption_not_utf8")
         text = text.strip()
         if not text:
             repairs.append("caption_empty")
@@ -411,7 +407,8 @@ class ResumableStreamLoader(DataLoader):
             shards = self.dataset.shards
             raise RuntimeError(
                 f"no usable sample in the {len(shards)} training shard(s) (e.g. {shards[0]!r}); counts: "
-                f"{self.dataset.stats}. A shard is a tar of <key>.jpg (or .png, .webp ...) + <key>.txt (or <key>.json with a \"caption\") members.")
+                f"{self.dataset.stats}. A shard is a tar of <key>.jpg (or .png, .webp ...) + <key>.txt (or "
+                f"<key>.json with a \"caption\") members.")
 
     def _layout(self) -> Tuple[int, int]:
         return dist_info()[1], max(self.num_workers, 1)
