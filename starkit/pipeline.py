@@ -39,6 +39,20 @@ def _positional_factory(config: Optional[dict]):
     return functools.partial(cls, **(config.get("init_args") or {}))
 
 
+def text_encoder_from_config(config: dict, model_dir: str) -> TextEncoder:
+    """The text encoder that a model directory's ``starkit.json`` names (``${MODEL_DIR}`` in its arguments: the
+    directory, where a copied text encoder lives)."""
+    text_cfg = json.loads(json.dumps(config["text_encoder"]).replace("${MODEL_DIR}", os.path.abspath(model_dir)))
+    return build_from_config(text_cfg, TextEncoder, "starkit.json: text_encoder")
+
+
+def sampler_from_config(config: dict) -> Optional[ScaleSampler]:
+    """The sampler that a model directory's ``starkit.json`` names, or None without one."""
+    if not config.get("sampler"):
+        return None
+    return build_from_config(config["sampler"], ScaleSampler, "starkit.json: sampler")
+
+
 def read_model_config(path: str) -> dict:
     """Read and check ``starkit.json`` of a model directory (one clear error if it is not one)."""
     cfg_path = os.path.join(path, "starkit.json")
@@ -69,13 +83,11 @@ def load_generator(path: str, device: Union[str, torch.device] = "cpu", sampler:
     tokenizer_dir = os.path.join(path, config["tokenizer"])
     tokenizer = MultiScaleVQ.from_pretrained(tokenizer_dir, frozen=True)
     tokenizer.hparams["pretrained"] = tokenizer_dir  # its weights have a home: keep them out of checkpoints
-    text_cfg = json.loads(json.dumps(config["text_encoder"]).replace("${MODEL_DIR}", os.path.abspath(path)))
-    text_encoder = build_from_config(text_cfg, TextEncoder, "starkit.json: text_encoder")
+    text_encoder = text_encoder_from_config(config, path)
     gen_args = dict(config["generator"], stage="generator")  # a training stage means nothing at inference
     generator = ScaleWiseGenerator(
         tokenizer=tokenizer, text_encoder=text_encoder, positional=_positional_factory(config.get("positional")),
-        sampler=build_from_config(sampler or config["sampler"], ScaleSampler, "sampler" if sampler else "starkit.json: sampler")
-        if (sampler or config.get("sampler")) else None,
+        sampler=build_from_config(sampler, ScaleSampler, "sampler") if sampler else sampler_from_config(config),
         **gen_args,
     )
     weights = load_file(os.path.join(path, "generator.safetensors"), device="cpu")

@@ -31,9 +31,10 @@ class NonFiniteGuard(L.Callback):
 
     The check runs after the backward pass and before the optimizer step (and before
     gradient clipping): the losses of the step's backward passes and the gradients' float32
-    norms (one multi-tensor kernel) with one host synchronisation per optimizer step. Skipping works by setting every gradient of the optimizer to
-    ``None`` for that step: AdamW/SGD leave such parameters untouched (no update, no weight
-    decay, no change to Adam's moments). The learning-rate scheduler still advances.
+    norms (one multi-tensor kernel) with one host synchronisation per optimizer step. Skipping
+    works by setting every gradient of the optimizer to ``None`` for that step: AdamW/SGD leave
+    such parameters untouched (no update, no weight decay, no change to Adam's moments). The
+    learning-rate scheduler still advances.
     With ``precision: 16-mixed`` the gradient scaler already skips overflowing steps, so
     only the loss is checked there.
 

@@ -169,11 +169,16 @@ def write_model_config(model_dir: str, config: dict) -> None:
     atomic_write_bytes(os.path.join(model_dir, "starkit.json"), json.dumps(config, indent=2).encode())
 
 
+def check_vae_file(vae_path: str) -> None:
+    """:class:`NotACheckpointError` naming a VQVAE file (not a ``.safetensors`` one) that cannot be a checkpoint."""
+    if not vae_path.endswith(".safetensors"):
+        check_checkpoint_file(vae_path, "a VQVAE checkpoint")
+
+
 def write_tokenizer(vae_path: str, model_dir: str, patch_nums: Sequence[int], vocab_size: int, latent_dim: int) -> None:
     """Convert VAR's VQVAE file (or a tokenizer directory) into ``model_dir/tokenizer``."""
     from starkit.tokenizers import MultiScaleVQ
-    if not vae_path.endswith(".safetensors"):
-        check_checkpoint_file(vae_path, "a VQVAE checkpoint")
+    check_vae_file(vae_path)
     tokenizer = MultiScaleVQ.from_pretrained(vae_path, patch_nums=list(patch_nums))
     if (tokenizer.codebook_size, tokenizer.embed_dim) != (vocab_size, latent_dim):
         raise CheckpointMismatchError(

@@ -4,7 +4,6 @@ Used by the equivalence checks and for model directories that need generator opt
 (AdaLN, no cross-attention) that ``ScaleWiseGenerator`` does not take yet."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -41,17 +40,13 @@ def load_parts(model_dir: str, device: str = "cpu", text_encoder=None) -> ModelP
 
     from starkit.convert.common import check_against, expected_shapes
     from starkit.generator.transformer import ScaleTransformer, resolve_size
-    from starkit.pipeline import _positional_factory, read_model_config
-    from starkit.samplers import ScaleSampler
-    from starkit.text import TextEncoder
-    from starkit.utils.class_path import build_from_config
+    from starkit.pipeline import _positional_factory, read_model_config, sampler_from_config, text_encoder_from_config
     from starkit.positional import NormalizedRoPE2D
     from starkit.tokenizers import MultiScaleVQ
     config = read_model_config(model_dir)
     tokenizer = MultiScaleVQ.from_pretrained(os.path.join(model_dir, config["tokenizer"]), frozen=True)
     if text_encoder is None:
-        text_cfg = json.loads(json.dumps(config["text_encoder"]).replace("${MODEL_DIR}", os.path.abspath(model_dir)))
-        text_encoder = build_from_config(text_cfg, TextEncoder, "starkit.json: text_encoder")
+        text_encoder = text_encoder_from_config(config, model_dir)
     g = config["generator"]
     arch = resolve_size(g.get("size", "d16"), g.get("depth"), g.get("width"), g.get("num_heads"))
     patch_nums = tuple(g.get("patch_nums") or tokenizer.patch_nums)
@@ -63,7 +58,7 @@ def load_parts(model_dir: str, device: str = "cpu", text_encoder=None) -> ModelP
                            mlp_ratio=g.get("mlp_ratio", 4.0), head_norm=g.get("head_norm", True),
                            cond_dim=text_encoder.dim, adaln=adaln,
                            start_from_condition=g.get("start_from_condition", "proj"))
-    sampler = build_from_config(config["sampler"], ScaleSampler, "starkit.json: sampler") if config.get("sampler") else None
+    sampler = sampler_from_config(config)
     if sampler is not None:
         sampler.build(arch["width"], text_encoder.dim, tokenizer.embed_dim, tokenizer.codebook_size,
                       arch["num_heads"], patch_nums)

@@ -123,13 +123,11 @@ def convert_var(checkpoint: str, vae: str, out_dir: str, patch_nums: Optional[Se
 def convert_var_vae(vae: str, out_dir: str, patch_nums: Optional[Sequence[int]] = None,
                     resolution: Optional[int] = None) -> str:
     """VAR's VQVAE file -> a starkit tokenizer directory (``config.json`` + ``model.safetensors``)."""
-    from starkit.convert.common import PATCH_NUMS
-    from starkit.utils.checkpoint_io import check_checkpoint_file
+    from starkit.convert.common import PATCH_NUMS, check_vae_file
     from starkit.tokenizers import MultiScaleVQ
     if patch_nums is not None and resolution is not None:
         raise ValueError("give either patch_nums or resolution, not both")
-    if not vae.endswith(".safetensors"):
-        check_checkpoint_file(vae, "a VQVAE checkpoint")
+    check_vae_file(vae)
     pn = patch_nums or PATCH_NUMS[int(resolution or 256)]
     MultiScaleVQ.from_pretrained(vae, patch_nums=list(pn)).save_pretrained(out_dir)
     return out_dir

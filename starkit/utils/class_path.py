@@ -33,8 +33,8 @@ def import_class(path: str, base: Optional[type] = None, what: str = "class_path
     if not name:
         raise ValueError(f"{what}: {path!r} is not an import path of a class (expected 'package.module.Name').")
     if not module_name:  # a short name, as in the YAML recipes: starkit's component packages
-        obj = next((getattr(importlib.import_module(package), name) for package in SHORT_NAME_PACKAGES
-                    if hasattr(importlib.import_module(package), name)), None)
+        obj = next((found for found in (getattr(importlib.import_module(package), name, None)
+                                        for package in SHORT_NAME_PACKAGES) if found is not None), None)
         if obj is None:
             raise ValueError(f"{what}: no class {name!r} in {', '.join(SHORT_NAME_PACKAGES)}; give its full "
                              f"import path ('package.module.Name').")
