@@ -6,8 +6,9 @@ d30 transformer and sampler head at the token counts of the last scales, timed i
     python benchmarks/bench_fp8.py --json $OUT/fp8.json      # H200 (sm90), ~1 min
     python benchmarks/bench_fp8.py --tiny                    # CPU smoke run (small shapes)
 
-A decision aid, not a path of the library: starkit generates in bf16. ``share of a d30 @1024 call``
-needs the per-layer split of a call (profile_generate.py); this script gives the per-GEMM ratios only.
+The quantization is the library's (:mod:`starkit.generator.fp8`, ``generate(fp8=True)``); "with quantizing x"
+times it as a pass of its own, as eager code runs it (the compiled regions fuse it with the LayerNorm or
+residual before the product). End-to-end figures: ``bench_generate.py --fp8``.
 """
 from __future__ import annotations
 
@@ -22,32 +23,17 @@ sys.path.insert(0, HERE)
 from bench_generator import device_name, kernel_bench_device, kernel_bench_parser, write_results  # noqa: E402
 from bench_tokenizer import timed  # noqa: E402  (CUDA-event median of a call)
 
+sys.path.insert(0, os.path.dirname(HERE))
+from starkit.generator.fp8 import quantize_rows, quantize_weight  # noqa: E402
+
 WIDTH, FFN, VOCAB = 1920, 7680, 4096  # d30
 LAYERS = {"qkv": (WIDTH, 3 * WIDTH), "proj": (WIDTH, WIDTH), "fc1": (WIDTH, FFN), "fc2": (FFN, WIDTH),
           "logits": (WIDTH, VOCAB)}
-E4M3_MAX = 448.0
-
-
-def quantize_rows(x: torch.Tensor):
-    """x ``(M, K)`` -> e4m3 ``(M, K)`` and float32 scales ``(M, 1)`` with x ~= q * scale."""
-    scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
-    return (x.float() / scale).to(torch.float8_e4m3fn), scale
 
 
 def fp8_linear(x_q, x_scale, w_q, w_scale, bias):
-    """``x @ w.T + bias`` from e4m3 operands: x_q ``(M, K)``, w_q ``(N, K)``, scales ``(M, 1)``, ``(1, N)``.
-    (Where the row-wise kernel takes no bias, the bias is added after it.)"""
-    global _BIAS_IN_KERNEL
-    if _BIAS_IN_KERNEL:
-        try:
-            return torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale, bias=bias,
-                                    out_dtype=torch.bfloat16)
-        except RuntimeError:
-            _BIAS_IN_KERNEL = False
-    return torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16) + bias
-
-
-_BIAS_IN_KERNEL = True
+    """``x @ w.T + bias`` from e4m3 operands: x_q ``(M, K)``, w_q ``(N, K)``, scales ``(M, 1)``, ``(1, N)``."""
+    return torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale, bias=bias, out_dtype=torch.bfloat16)
 
 
 def run(tiny: bool, dev: torch.device, warmup: int, repeats: int) -> list:
@@ -60,8 +46,7 @@ def run(tiny: bool, dev: torch.device, warmup: int, repeats: int) -> list:
             x = torch.randn(M, K, device=dev, generator=g).to(torch.bfloat16)
             w = (torch.randn(N, K, device=dev, generator=g) * K ** -0.5).to(torch.bfloat16)
             bias = (torch.randn(N, device=dev, generator=g) * 0.1).to(torch.bfloat16)  # nonzero: a lost bias shows
-            w_q, w_scale = quantize_rows(w)  # per output channel: (N, K), (N, 1)
-            w_scale = w_scale.t().contiguous()  # (1, N)
+            w_q, w_scale = quantize_weight(w)  # per output channel: (N, K), (1, N)
             x_q, x_scale = quantize_rows(x)
             ref = F.linear(x, w, bias)
             out = fp8_linear(x_q, x_scale, w_q, w_scale, bias)
@@ -87,8 +72,7 @@ def main(argv=None) -> None:
     name = device_name(dev)
     if args.json:
         write_results(args.json, name, args, rows)
-    print(f"\n### FP8 against bf16 linear layers ({name}, torch {torch.__version__}; bias "
-          f"{'in the kernel' if _BIAS_IN_KERNEL else 'added after it'})\n")
+    print(f"\n### FP8 against bf16 linear layers ({name}, torch {torch.__version__}; bias in the kernel)\n")
     print("| tokens | layer | M x K x N | bf16 ms (TFLOP/s) | fp8 ms (TFLOP/s) | speed-up | with quantizing x | rel. error |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -9,6 +9,7 @@ GPU, with the ratio: the benchmark of issue 7 (random weights, real architecture
     ... --compile-head     # and rows with the stable sampler's head compiled (first call compiles, untimed warm-up)
     ... --compile-blocks   # and rows with generate(compile_blocks=True): the blocks' element-wise work compiled
     ... --compile-text     # and rows with the CLIP text encoder compiled; with two or more --compile-*: all together
+    ... --fp8              # and the all-compiled rows again with generate(fp8=True) (float8 products; an approximation)
 
 For each config (d16@256, d30@512, d30@1024), sampler (parallel, stable) and batch (1, 16):
   * starkit: ``ScaleWiseGenerator.generate(prompts, cfg, top_k, top_p, seed)`` under bf16 autocast
@@ -124,6 +125,9 @@ def time_ours(config: str, args, dev, text, ceiling) -> list:
     if args.without_text_graph and args.cuda_graphs and hasattr(text, "cuda_graph"):  # CLIP launched from Python
         variants += [(label + ", text without graph", h, b, t, hg, mode) for label, h, b, t, hg, mode in variants
                      if label.startswith("all compiled") and hg]
+    if args.fp8:  # the same all-compiled variants with the blocks' products in float8 (generate(fp8=True))
+        variants += [(label + ", fp8", h, b, t, hg, mode) for label, h, b, t, hg, mode in variants
+                     if label.startswith("all compiled") or (label == "compiled blocks" and len(variants) == 1)]
     for label, head, blocks, compile_text, head_graphs, graphs_mode in variants:
         for sampler_name in args.samplers.split(","):
             if sampler_name != "stable" and not (blocks or compile_text):
@@ -142,7 +146,7 @@ def time_ours(config: str, args, dev, text, ceiling) -> list:
                     with torch.no_grad():
                         gen.generate(prompts, seed=0, sampler=sampler,
                                      cuda_graphs=graphs_mode if args.cuda_graphs else False,
-                                     compile_blocks=blocks, **bg.SAMPLING)
+                                     compile_blocks=blocks, fp8=label.endswith(", fp8"), **bg.SAMPLING)
 
                 impl = ("starkit graphs, " if args.cuda_graphs else "starkit, ") + label
                 row = timed(impl, config, sampler_name, B, call, args, dev, generate_flops(arch, B, guided=True),
@@ -151,6 +155,7 @@ def time_ours(config: str, args, dev, text, ceiling) -> list:
                            compiled_text=compile_text, compiled_head=head and sampler_name == "stable",
                            head_graphs=head_graphs and sampler_name == "stable" and args.cuda_graphs,
                            compiled_blocks=blocks, whole_graph=graphs_mode == "whole" and args.cuda_graphs,
+                           fp8=label.endswith(", fp8"),
                            text_graph=bool(getattr(text, "cuda_graph", False) and args.cuda_graphs))
                 rows.append(row)
             if hasattr(text, "compile_model"):
@@ -279,6 +284,9 @@ def main(argv=None) -> None:
                          "(their Triton kernels then keep launch configurations timed at small sizes)")
     ap.add_argument("--kv-head-major", action="store_true",
                     help="KV caches stored head-major (B, H, L, d), as before starkit.generator.kv_cache.KV_TOKEN_MAJOR")
+    ap.add_argument("--fp8", action="store_true",
+                    help="also time the all-compiled variants with generate(fp8=True) (the blocks' products in "
+                         "float8 e4m3; needs --compile-blocks)")
     ap.add_argument("--text", choices=("clip", "random"), default="clip")
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

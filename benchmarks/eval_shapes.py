@@ -2,6 +2,7 @@
 
     python benchmarks/eval_shapes.py models/demo --num 512 --seeds 0,1
     python benchmarks/eval_shapes.py models/demo --sampler parallel --cfg 2.0 --json $OUT/eval.json
+    python benchmarks/eval_shapes.py models/demo --fp8          # the blocks' products in float8 e4m3
 
 Loads MODEL_DIR with ``StarPipeline.from_pretrained``, generates one image per prompt for the
 first ``--num`` prompts of ``--split`` (held-out colour-shape combinations by default) with
@@ -41,7 +42,8 @@ def sampler_config(model_dir: str, choice: str) -> dict | None:
 
 
 def evaluate(model_dir: str, num: int = 512, seeds=(0,), sampler: str = "saved", cfg=None, split: str = "heldout",
-             batch_size: int = 64, device: str = "auto", world_seed: int = 0, save_grid: str | None = None) -> dict:
+             batch_size: int = 64, device: str = "auto", world_seed: int = 0, save_grid: str | None = None,
+             fp8: bool = False) -> dict:
     """Scores per seed and their mean: ``{"rows": [(name, scores)], "seconds": ...}``."""
     from starkit.eval import ShapesScore
     from starkit.pipeline import StarPipeline
@@ -61,7 +63,7 @@ def evaluate(model_dir: str, num: int = 512, seeds=(0,), sampler: str = "saved",
         for b, start in enumerate(range(0, num, batch_size)):
             chunk = truths[start:start + batch_size]
             with torch.no_grad(), autocast:
-                images = gen.generate([t["caption"] for t in chunk], cfg=cfg, seed=seed * 100003 + b)
+                images = gen.generate([t["caption"] for t in chunk], cfg=cfg, seed=seed * 100003 + b, fp8=fp8)
             images = images.float().clamp(0, 1).cpu()
             if first is None:
                 first = images[:64]
@@ -82,7 +84,7 @@ def evaluate(model_dir: str, num: int = 512, seeds=(0,), sampler: str = "saved",
         rows.append(("mean", mean))
     return {"rows": rows, "seconds_per_seed": timings, "device": device, "model_dir": model_dir, "num": num,
             "split": split, "sampler": sampler, "cfg": cfg, "sampler_config": dict(gen.sampler.hparams or {}),
-            "sampler_class": type(gen.sampler).__name__}
+            "sampler_class": type(gen.sampler).__name__, "fp8": fp8}
 
 
 def main(argv=None) -> dict:
@@ -96,14 +98,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--split", choices=["heldout", "train"], default="heldout")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--fp8", action="store_true", help="generate(fp8=True): the blocks' products in float8")
     parser.add_argument("--json", default=None, help="also write the results as JSON here")
     parser.add_argument("--save-grid", default=None, help="write a grid PNG of the first seed's first 64 images")
     args = parser.parse_args(argv)
     seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
     result = evaluate(args.model_dir, args.num, seeds, args.sampler, args.cfg, args.split, args.batch_size,
-                      args.device, save_grid=args.save_grid)
+                      args.device, save_grid=args.save_grid, fp8=args.fp8)
     print(f"ShapesScore of {args.model_dir}: {args.num} {args.split} prompts per seed, sampler "
           f"{result['sampler_class']} {json.dumps(result['sampler_config'])}, cfg override {args.cfg}, "
+          f"{'fp8 products, ' if args.fp8 else ''}"
           f"{result['device']}, {', '.join(f'{t:.1f}' for t in result['seconds_per_seed'])} s per seed "
           f"(generation + scoring)")
     print(format_table(result["rows"]))

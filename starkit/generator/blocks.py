@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from starkit.generator import fp8
 from starkit.generator.kv_cache import KVCache  # noqa: F401  (re-exported: its former home)
 from starkit.positional import as_cis, rotate_float32
 from starkit.utils.inference_cache import inference_cached, inference_param
@@ -91,9 +92,12 @@ def autocast_weight(module: nn.Module, name: str, tensor: Optional[torch.Tensor]
 
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state-dict keys) whose weight and bias are cast to the
-    autocast dtype once per weight version at inference (:func:`autocast_weight`)."""
+    autocast dtype once per weight version at inference (:func:`autocast_weight`), or that multiplies in
+    FP8 while its ``fp8`` flag is set at inference (:mod:`starkit.generator.fp8`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fp8.active(self):
+            return fp8.layer_linear(self, x)
         return F.linear(x, autocast_weight(self, "weight", self.weight, x), autocast_weight(self, "bias", self.bias, x))
 
 
@@ -169,9 +173,7 @@ class SelfAttention(nn.Module):
         """``x`` ``(B, l, C)`` -> ``(B, l, C)``; with ``query_rows`` ``(B, h)`` only those tokens' outputs
         ``(B, h, C)`` (keys and values still from all ``l``: the sampler head's last block)."""
         B, l, C = x.shape
-        weight = autocast_weight(self.mat_qkv, "weight", self.mat_qkv.weight, x)
-        bias = self._qkv_bias(x)
-        qkv = F.linear(x, weight, bias).view(B, l, 3, self.num_heads, self.head_dim)
+        qkv = fp8.layer_linear(self.mat_qkv, x, self._qkv_bias(x)).view(B, l, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, l, d)
         # rotary: (cos, sin), complex tables, or None; compiled graphs keep the real pair (no complex codegen)
         q, k = self.qk_norm(q, k, rotary if torch.compiler.is_compiling() and isinstance(rotary, tuple)
@@ -224,9 +226,8 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, text_kv: Tuple[torch.Tensor, torch.Tensor],
                 text_bias: torch.Tensor) -> torch.Tensor:
         B, l, C = x.shape
-        weight = autocast_weight(self.mat_q, "weight", self.mat_q.weight, x)
         bias = autocast_weight(self, "q_bias", self.q_bias, x)  # cached as "q_bias:<dtype>"
-        q = F.linear(x, weight, bias).view(B, l, self.num_heads, self.head_dim).transpose(1, 2)
+        q = fp8.layer_linear(self.mat_q, x, bias).view(B, l, self.num_heads, self.head_dim).transpose(1, 2)
         q = F.normalize(q.float(), dim=-1).mul(self.qk_norm.scale())
         k, v = text_kv
         q = q.to(v.dtype)
@@ -275,7 +276,7 @@ class FFN(nn.Module):
         fc1 = self.fc1
         autocast = torch.is_autocast_enabled(x.device.type)
         if (torch.is_grad_enabled() or x.device.type not in FC1_GELU_DEVICES or type(fc1) is not Linear
-                or fc1.bias is None or fc1._forward_hooks or fc1._forward_pre_hooks
+                or fc1.bias is None or fc1._forward_hooks or fc1._forward_pre_hooks or fp8.active(fc1)
                 or (not autocast and x.dtype != fc1.weight.dtype)):  # (a dtype mismatch: the plain layer's error)
             return self.fc2(F.gelu(fc1(x), approximate="tanh"))
         weight = autocast_weight(fc1, "weight", fc1.weight, x)  # inference: GELU in the matrix product's epilogue

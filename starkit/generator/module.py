@@ -427,7 +427,7 @@ class ScaleWiseGenerator(L.LightningModule):
                  seed: Union[None, int, Sequence[int]] = None,
                  num_images_per_prompt: int = 1, sampler: Optional[ScaleSampler] = None,
                  use_ema: bool = True, return_indices: bool = False, cuda_graphs: Union[bool, str] = False,
-                 compile_blocks: bool = False):
+                 compile_blocks: bool = False, fp8: bool = False):
         """Generate images for prompts with a KV cache and batched classifier-free guidance.
 
         Args:
@@ -460,6 +460,11 @@ class ScaleWiseGenerator(L.LightningModule):
                 the stable sampler's head. Combines with ``cuda_graphs``. On an H200 with CUDA graphs,
                 d30 @1024 stable: 7.6% faster at batch 1, 11.2% at batch 16; d16 @256 stable batch 1:
                 slower (the head's small steps pay the regions' per-call cost); docs/performance.md.
+            fp8: the linear layers of the transformer's and the sampler head's blocks multiply in float8 e4m3
+                with row-wise scales (:mod:`starkit.generator.fp8`; GPUs of compute capability 8.9 or later).
+                An approximation: each product is ~4% off bf16's, so the images differ from bf16's of the same
+                seed. Faster only with ``compile_blocks`` (and ``StableSampler(compile_head=True)``), where the
+                quantization is fused; docs/performance.md has the figures.
 
         Returns:
             images ``(N, 3, H, W)`` float in [0, 1] (and the list of indices if asked).
@@ -484,9 +489,18 @@ class ScaleWiseGenerator(L.LightningModule):
         sampler = (sampler or self.sampler).with_settings(cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature)
         net = self.ema if (use_ema and self.ema is not None) else self.transformer
         check_cuda_graphs(cuda_graphs)
+        from starkit.generator.fp8 import check_supported, fp8_layers
+        if fp8:
+            check_supported(self.device)
+        if cuda_graphs:  # graphs replay the products they were captured with: new ones when the precision changes
+            if self.__dict__.get("_graphs_fp8", bool(fp8)) != bool(fp8):
+                self.release_cuda_graphs()
+            self.__dict__["_graphs_fp8"] = bool(fp8)
         static = self.__dict__.setdefault("_static_steps", {}) if cuda_graphs else None
-        images, indices = run_sampling(net, self.tokenizer, self.text_encoder, sampler, prompts, seed, self.device,
-                                       static_steps=static, fused=compile_blocks, whole_graph=cuda_graphs == "whole")
+        with fp8_layers([net, sampler], enabled=fp8):
+            images, indices = run_sampling(net, self.tokenizer, self.text_encoder, sampler, prompts, seed,
+                                           self.device, static_steps=static, fused=compile_blocks,
+                                           whole_graph=cuda_graphs == "whole")
         return (images, indices) if return_indices else images
 
     def release_cuda_graphs(self) -> None:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from starkit.generator import fp8
 from starkit.generator.blocks import Block, Linear
 from starkit.positional import as_cis
 from starkit.utils.inference_cache import inference_cached, inference_param
@@ -238,10 +239,12 @@ class SamplerHead(nn.Module):
         itself without autocast. A compiled graph reading float32 weights under autocast casts each of them
         at every call (graphs cannot keep :func:`inference_param`'s cast copies): four weight matrices per
         block at every reveal step. Only the linear layers are cast (autocast casts them too); the query
-        scale stays float32."""
+        scale stays float32. Layers in FP8 mode (:mod:`starkit.generator.fp8`) get their e4m3 weights and
+        scales stored in the copy (:func:`~starkit.generator.fp8.pack`), one copy per set of such layers."""
         if not torch.is_autocast_enabled(x.device.type) or torch.is_grad_enabled():
             return self
         dtype = torch.get_autocast_dtype(x.device.type)
+        in_fp8 = tuple(i for i, layer in enumerate(fp8.block_layers(self.blocks)) if fp8.active(layer))
 
         def build() -> "SamplerHead":
             blocks = nn.ModuleList(copy.deepcopy(block) for block in self.blocks).requires_grad_(False)
@@ -249,11 +252,14 @@ class SamplerHead(nn.Module):
                 module.__dict__.pop("_inference_cache", None)  # (copied with the blocks)
                 if isinstance(module, nn.Linear):
                     module.to(dtype)
+            for layer in fp8.block_layers(blocks):
+                if fp8.active(layer):
+                    fp8.pack(layer)
             shell = copy.copy(self)
             shell.__dict__ = {k: v for k, v in self.__dict__.items() if k != "_inference_cache"}
             shell._modules = dict(self._modules, blocks=blocks)
             return shell
-        return inference_cached(self, f"blocks_in:{dtype}", tuple(self.blocks.parameters()), build)
+        return inference_cached(self, f"blocks_in:{dtype}:fp8{in_fp8}", tuple(self.blocks.parameters()), build)
 
     def _input_and_blocks(self, base: torch.Tensor, added: torch.Tensor, rotary, rows, fused: bool) -> torch.Tensor:
         """``base`` ``(R, 1 + l, C)`` plus ``added`` ``(R, l, C)`` on the tokens, then :meth:`run_blocks`."""

@@ -58,6 +58,12 @@ def inference_cached(module: nn.Module, name: str, params: Tuple[torch.Tensor, .
     return hit[1]
 
 
+def autocast_dtype(x: torch.Tensor):
+    """The autocast dtype of ``x``'s device when autocast is on there, else None."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 def inference_param(module: nn.Module, name: str, params: Tuple[torch.Tensor, ...], build, x: torch.Tensor):
     """``build()`` (a tensor derived from ``params``), in the autocast dtype of ``x``'s device when autocast
     is on; while gradients are off it is built once per version of ``params`` and kept in ``module``.
@@ -67,7 +73,7 @@ def inference_param(module: nn.Module, name: str, params: Tuple[torch.Tensor, ..
     the weights per scale and per sampler step. The cast copy costs its size in the autocast dtype."""
     if torch.is_grad_enabled():
         return build()
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+    dtype = autocast_dtype(x)
     return inference_cached(module, f"{name}:{dtype}", params, lambda: build() if dtype is None else build().to(dtype))
 
 
