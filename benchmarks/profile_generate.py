@@ -189,7 +189,7 @@ def profile_case(case: str, args, dev, text) -> None:
         with torch.no_grad():
             gen.generate(prompts, seed=0, sampler=sampler,
                          cuda_graphs="whole" if args.whole_graph and args.cuda_graphs else args.cuda_graphs,
-                         compile_blocks=args.compile_blocks, **bg.SAMPLING)
+                         compile_blocks=args.compile_blocks, fp8=args.fp8, **bg.SAMPLING)
 
     net = gen.ema if gen.ema is not None else gen.transformer  # what generate() samples with
     from starkit.generator.graphs import StaticScaleSteps
@@ -230,7 +230,7 @@ def profile_case(case: str, args, dev, text) -> None:
         timer.enabled = False
         total_plain = sorted(plain)[len(plain) // 2]
         print(f"\n## {case} (cuda_graphs={'whole' if args.whole_graph and args.cuda_graphs else args.cuda_graphs}, compile_head={args.compile_head}, "
-              f"compile_text={args.compile_text}, compile_blocks={args.compile_blocks}, compile_decoder={args.compile_decoder}): unsynchronised call {total_plain * 1000:.1f} ms "
+              f"compile_text={args.compile_text}, compile_blocks={args.compile_blocks}, compile_decoder={args.compile_decoder}, fp8={args.fp8}): unsynchronised call {total_plain * 1000:.1f} ms "
               f"(median of {args.repeats})")
         phases = {k: v / args.repeats for k, v in timer.totals.items()}
         print("| phase (synchronised) | ms per call | share |\n|---|---|---|")
@@ -273,6 +273,7 @@ def main(argv=None) -> None:
                     help="tokenizer.optimize_for_inference(channels_last=True)")
     ap.add_argument("--compile-head", action="store_true", help="StableSampler(compile_head=True)")
     ap.add_argument("--compile-blocks", action="store_true", help="generate(compile_blocks=True)")
+    ap.add_argument("--fp8", action="store_true", help="generate(fp8=True): the blocks' products in float8")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rows", type=int, default=25)
