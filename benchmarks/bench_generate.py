@@ -287,6 +287,9 @@ def main(argv=None) -> None:
     ap.add_argument("--fp8", action="store_true",
                     help="also time the all-compiled variants with generate(fp8=True) (the blocks' products in "
                          "float8 e4m3; needs --compile-blocks)")
+    ap.add_argument("--inductor-option", action="append", default=[], metavar="NAME=INT",
+                    help="an Inductor option of the compiled inference regions (starkit.utils.compiling."
+                         "INFERENCE_OPTIONS), e.g. triton.multi_kernel=1; repeatable")
     ap.add_argument("--text", choices=("clip", "random"), default="clip")
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -294,7 +297,10 @@ def main(argv=None) -> None:
     dev = torch.device(args.device)
     from starkit.generator import kv_cache
     from starkit.utils import compiling
-    saved = kv_cache.KV_TOKEN_MAJOR, compiling.TUNE_DEVICE_TYPES  # restored at the end (the tests call main())
+    saved = kv_cache.KV_TOKEN_MAJOR, compiling.TUNE_DEVICE_TYPES, dict(compiling.INFERENCE_OPTIONS)  # restored
+    for option in args.inductor_option:  # at the end (the tests call main())
+        name, _, value = option.partition("=")
+        compiling.INFERENCE_OPTIONS[name] = int(value)
     if args.kv_head_major:
         kv_cache.KV_TOKEN_MAJOR = False
     if args.no_tune_first:
@@ -303,7 +309,8 @@ def main(argv=None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # as sample.py runs
     ceiling = matmul_ceiling(dev)
     device_name = bg.device_name(dev)
-    bg.log(f"{device_name}, torch {torch.__version__}, bf16 matmul ceiling {ceiling}")
+    bg.log(f"{device_name}, torch {torch.__version__}, bf16 matmul ceiling {ceiling}, inference compile options "
+           f"{compiling.INFERENCE_OPTIONS}")
     rows, workdir = [], tempfile.mkdtemp(prefix="bench_generate_")
     try:
         text, _ = bg.build_text_encoder(args.text, args.tiny, dev, workdir)
@@ -313,7 +320,9 @@ def main(argv=None) -> None:
             rows += time_ours(config, args, dev, text, ceiling)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-        kv_cache.KV_TOKEN_MAJOR, compiling.TUNE_DEVICE_TYPES = saved
+        kv_cache.KV_TOKEN_MAJOR, compiling.TUNE_DEVICE_TYPES = saved[:2]
+        compiling.INFERENCE_OPTIONS.clear()
+        compiling.INFERENCE_OPTIONS.update(saved[2])
     if args.json:
         bg.write_results(args.json, device_name, args, rows, ceiling_tflops=ceiling)
     print()

@@ -108,14 +108,14 @@ _DYNAMIC_DIMS = {"attention_inputs": {0: (0, 1), 4: (0,)}, "cross_inputs": {0: (
 def run_compiled(fn, *args):
     """``fn(*args)`` compiled (``dynamic=False``, built once: :func:`~starkit.utils.compiling.compile_once`)
     with the activations' varying dimensions marked dynamic (sizes of 1 stay static), autocast off."""
-    from starkit.utils.compiling import compile_errors_named, compile_once
+    from starkit.utils.compiling import compile_errors_named, compile_once, inference_options
     for i, axes in _DYNAMIC_DIMS[fn.__name__].items():
         for t in (args[i] if isinstance(args[i], tuple) else (args[i],)):
             for axis in axes if t is not None else ():
                 torch._dynamo.maybe_mark_dynamic(t, axis)
     with torch.autocast(args[0].device.type, enabled=False), \
             compile_errors_named(f"{fn.__name__} for compile_blocks", "compile_blocks=False"):
-        return compile_once(fn, dynamic=False)(*args)
+        return compile_once(fn, options=inference_options(args[0].device), dynamic=False)(*args)
 
 
 def tune_at_largest_scale(net, x: torch.Tensor, text_kvs=None, text_bias: Optional[torch.Tensor] = None) -> None:

@@ -183,8 +183,8 @@ class SamplerHead(nn.Module):
         weight = self.revealed_weight(base).to(base.dtype)  # (C, Cvae)
         runner = self
         if compiled:
-            from starkit.utils.compiling import compile_errors_named, compile_once, recompile_limit
-            blocks = compile_once(type(self)._input_and_blocks, dynamic=True)
+            from starkit.utils.compiling import compile_errors_named, compile_once, inference_options, recompile_limit
+            blocks = compile_once(type(self)._input_and_blocks, options=inference_options(base.device), dynamic=True)
             runner = self.with_blocks_in_autocast_dtype(base)
         else:
             blocks = type(self)._input_and_blocks

@@ -18,15 +18,26 @@ import torch
 BACKEND = "inductor"  # tests swap in a failing backend to check the message
 
 
-def compile_once(fn: Callable, **kwargs):
-    """``torch.compile(fn, backend=BACKEND, **kwargs)`` of a plain function, built once per function,
-    backend and arguments (a function holds no weights: one compiled object serves every model)."""
-    return _compile_cached(fn, BACKEND, tuple(sorted(kwargs.items())))
+#: Inductor options of the compiled inference regions on CUDA (the blocks' regions of
+#: ``generate(compile_blocks=True)`` and the sampler head of ``StableSampler(compile_head=True)``).
+INFERENCE_OPTIONS: dict = {}
+
+
+def inference_options(device: torch.device) -> dict:
+    """:data:`INFERENCE_OPTIONS` for code compiled for ``device`` (none off CUDA)."""
+    return dict(INFERENCE_OPTIONS) if device.type == "cuda" else {}
+
+
+def compile_once(fn: Callable, options: dict | None = None, **kwargs):
+    """``torch.compile(fn, backend=BACKEND, options=options, **kwargs)`` of a plain function, built once per
+    function, backend, options and arguments (a function holds no weights: one compiled object serves every
+    model)."""
+    return _compile_cached(fn, BACKEND, tuple(sorted(kwargs.items())), tuple(sorted((options or {}).items())))
 
 
 @functools.lru_cache(maxsize=None)
-def _compile_cached(fn: Callable, backend, kwargs: tuple):
-    return torch.compile(fn, backend=backend, **dict(kwargs))
+def _compile_cached(fn: Callable, backend, kwargs: tuple, options: tuple = ()):
+    return torch.compile(fn, backend=backend, **dict(kwargs), **({"options": dict(options)} if options else {}))
 
 
 @contextlib.contextmanager
