@@ -4,7 +4,9 @@ The KV-cached scale steps of a random-weight STAR transformer (d30 @1024 by defa
 inputs three ways: float32 eager (the reference), bf16 autocast with the compiled block regions (what
 ``generate(compile_blocks=True)`` runs), and the same with the blocks' products in FP8. Printed per scale:
 the relative RMS error of the hidden states and of the logits against float32, and how often the logits'
-top token agrees with float32's, for bf16 and for FP8.
+top token agrees with float32's, for bf16 and for FP8. On CUDA also the Triton kernel that applies the GELU and
+quantizes fc2's input (``starkit.generator.fp8_kernels``) against PyTorch's operations (compiled): the share of
+equal e4m3 codes, the largest scale difference, and the time of each at d30's FFN width.
 
     python benchmarks/check_fp8.py --json $OUT/check_fp8.json          # H200, ~1 min
     python benchmarks/check_fp8.py --tiny                              # CPU smoke run
@@ -48,6 +50,27 @@ def run_scales(net, text, inputs, mode: str, dev: torch.device):
     return out
 
 
+def kernel_rows(dev: torch.device) -> list:
+    """The GELU + row quantization kernel against ``quantize_rows(gelu(x))`` compiled, at 4C = 7680."""
+    import torch.nn.functional as F
+    from bench_tokenizer import timed
+    from starkit.generator import fp8, fp8_kernels
+    if dev.type != "cuda" or not fp8_kernels.AVAILABLE:
+        return []
+    reference = torch.compile(lambda x: fp8.quantize_rows(F.gelu(x, approximate="tanh")), dynamic=False)
+    rows = []
+    for M in (2 * 4097, 32 * 4097):
+        x = (torch.randn(M, 7680, device=dev) * 2).to(torch.bfloat16)
+        q, s = torch.ops.starkit.gelu_quantize_rows(x)
+        rq, rs = reference(x)
+        t_kernel = timed(lambda: torch.ops.starkit.gelu_quantize_rows(x), 3, 20, dev)
+        t_ref = timed(lambda: reference(x), 3, 20, dev)
+        rows.append({"rows": M, "codes_equal": float((q.view(torch.uint8) == rq.view(torch.uint8)).float().mean()),
+                     "scale_max_rel_diff": float(((s - rs).abs() / rs).max()), "kernel_ms": t_kernel * 1e3,
+                     "inductor_ms": t_ref * 1e3, "kernel_gb_s": M * 7680 * 3 / t_kernel / 1e9})
+    return rows
+
+
 def rel_rms(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a - ref).norm() / ref.norm().clamp_min(1e-30))
 
@@ -82,9 +105,18 @@ def main(argv=None) -> None:
             row[f"{mode}_top1"] = float((lg.argmax(-1) == ref_l.argmax(-1)).float().mean())
         rows.append(row)
     name = bg.device_name(dev)
+    kernels = kernel_rows(dev)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"device": name, "config": args.config, "torch": torch.__version__, "rows": rows}, fh, indent=2)
+            json.dump({"device": name, "config": args.config, "torch": torch.__version__, "rows": rows,
+                       "kernel": kernels}, fh, indent=2)
+    if kernels:
+        print(f"\n### GELU + row quantization of fc2's input, (M, 7680) bf16 ({name})\n")
+        print("| rows | e4m3 codes equal | largest scale difference | Triton kernel ms (GB/s) | Inductor ms |")
+        print("|---|---|---|---|---|")
+        for r in kernels:
+            print(f"| {r['rows']} | {100 * r['codes_equal']:.3f}% | {r['scale_max_rel_diff']:.1e} | "
+                  f"{r['kernel_ms']:.3f} ({r['kernel_gb_s']:.0f}) | {r['inductor_ms']:.3f} |")
     print(f"\n### FP8 and bf16 against float32, {args.config} random weights, {len(captions)} rows ({name})\n")
     print("| scale | side | bf16 hidden err | fp8 hidden err | bf16 logits err | fp8 logits err | bf16 top-1 = fp32 "
           "| fp8 top-1 = fp32 |")

@@ -273,7 +273,9 @@ class FFN(nn.Module):
         self.fc2 = Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fc1 = self.fc1
+        fc1, fc2 = self.fc1, self.fc2
+        if fp8.active(fc2) and type(fc2) is Linear and not (fc2._forward_hooks or fc2._forward_pre_hooks):
+            return fp8.layer_linear(fc2, fc1(x), gelu=True)  # the GELU with fc2's input quantization (one pass)
         autocast = torch.is_autocast_enabled(x.device.type)
         if (torch.is_grad_enabled() or x.device.type not in FC1_GELU_DEVICES or type(fc1) is not Linear
                 or fc1.bias is None or fc1._forward_hooks or fc1._forward_pre_hooks or fp8.active(fc1)

@@ -47,18 +47,36 @@ def quantize_weight(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return q, scale.t().contiguous()
 
 
+def gelu_quantize_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rows` of ``GELU_tanh(x)``: the FFN's second input. On CUDA with Triton one kernel reads
+    each row once (:mod:`starkit.generator.fp8_kernels`); Inductor's code for the same reads it twice (the
+    row maximum first), at 4C = 7680 columns the larger part of what FP8 costs at d30 (docs/performance.md)."""
+    if x.is_cuda:
+        from starkit.generator import fp8_kernels
+        if fp8_kernels.AVAILABLE:
+            return torch.ops.starkit.gelu_quantize_rows(x.reshape(-1, x.shape[-1]))
+    return quantize_rows(F.gelu(x, approximate="tanh"))
+
+
+def product(q: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+            weight_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """The FP8 product of row-quantized ``q`` ``(M, K)`` with scales ``(M, 1)`` and an e4m3 ``weight``
+    ``(N, K)`` with scales ``(1, N)``, plus ``bias``: ``(M, N)`` in ``out_dtype``."""
+    return torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale,
+                            bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-           weight_scale: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+           weight_scale: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None,
+           gelu: bool = False) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, or with ``weight_scale`` (an e4m3 ``weight`` ``(N, K)`` from
     :func:`quantize_weight` and its scales ``(1, N)``) the FP8 product of ``x`` ``(..., K)`` quantized row by
-    row: ``(..., N)`` in ``out_dtype`` (default: the bias's dtype, else x's)."""
+    row: ``(..., N)`` in ``out_dtype`` (default: the bias's dtype, else x's). ``gelu``: of ``GELU_tanh(x)``."""
     if weight_scale is None:
-        return F.linear(x, weight, bias)
+        return F.linear(F.gelu(x, approximate="tanh") if gelu else x, weight, bias)
     out_dtype = out_dtype or (bias.dtype if bias is not None else x.dtype)
-    q, scale = quantize_rows(x)  # (M, K), (M, 1)
-    out = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale,
-                           bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype)  # (M, N)
-    return out.view(*x.shape[:-1], weight.shape[0])
+    q, scale = gelu_quantize_rows(x) if gelu else quantize_rows(x)  # (M, K), (M, 1)
+    return product(q, scale, weight, bias, weight_scale, out_dtype).view(*x.shape[:-1], weight.shape[0])
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -94,13 +112,14 @@ def weights(layer: nn.Linear, x: torch.Tensor, bias: Optional[torch.Tensor] = No
     return q, None if bias is None else bias.to(compute_dtype(x)), scale
 
 
-def layer_linear(layer: nn.Linear, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``layer(x)`` (with ``bias`` instead of the layer's own if given) through :func:`weights` and
-    :func:`linear`; the compute dtype is the autocast dtype (else x's)."""
+def layer_linear(layer: nn.Linear, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                 gelu: bool = False) -> torch.Tensor:
+    """``layer(x)`` (with ``bias`` instead of the layer's own if given; ``gelu``: ``layer(GELU_tanh(x))``)
+    through :func:`weights` and :func:`linear`; the compute dtype is the autocast dtype (else x's)."""
     weight, bias, scale = weights(layer, x, bias)
     if scale is None:
-        return F.linear(x, weight, bias)
-    return linear(x, weight, bias, scale, out_dtype=compute_dtype(x))
+        return F.linear(F.gelu(x, approximate="tanh") if gelu else x, weight, bias)
+    return linear(x, weight, bias, scale, out_dtype=compute_dtype(x), gelu=gelu)
 
 
 def pack(layer: nn.Linear) -> None:

@@ -95,9 +95,7 @@ def ffn_output(x: torch.Tensor, g: torch.Tensor, fc2_w: torch.Tensor, fc2_b: tor
                fc2_s: Optional[torch.Tensor] = None, gelu: bool = False) -> torch.Tensor:
     """The FFN's residual: ``x + fc2(g)`` ``(B, l, C)``, with g = GELU(fc1(h)) ``(B, l, 4C)`` (``gelu``: g is
     fc1's output and the GELU is applied here)."""
-    if gelu:
-        g = F.gelu(g, approximate="tanh")
-    return x + fp8.linear(g, fc2_w, fc2_b, fc2_s)
+    return x + fp8.linear(g, fc2_w, fc2_b, fc2_s, gelu=gelu)
 
 
 # which dimensions of which arguments vary between calls: x (rows, tokens), out (rows, tokens), rotary (tokens)
