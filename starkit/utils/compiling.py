@@ -19,12 +19,13 @@ BACKEND = "inductor"  # tests swap in a failing backend to check the message
 
 
 #: Inductor options of the compiled inference regions on CUDA (the blocks' regions of
-#: ``generate(compile_blocks=True)`` and the sampler head of ``StableSampler(compile_head=True)``).
-#: ``triton.multi_kernel=1``: a row reduction wider than 1024 (the LayerNorms over C = 1920, the FP8 row
-#: maxima) gets a persistent and a looped kernel, the faster one chosen by timing at the first call (which
-#: runs at the largest scale: :func:`tune_first_at`). H200, d30 @1024 stable batch 16 (docs/performance.md,
-#: eleventh comparison): fp8 0.3081 -> 0.3019 s/image; bf16 within the runs' ~1-2% spread.
-INFERENCE_OPTIONS: dict = {"triton.multi_kernel": 1}
+#: ``generate(compile_blocks=True)`` and the sampler head of ``StableSampler(compile_head=True)``); none by
+#: default. ``{"triton.multi_kernel": 1}`` (a row reduction wider than 1024 gets a persistent and a looped
+#: kernel, the faster chosen by timing) took fp8 at d30 @1024 batch 16 from 0.3081 to 0.3019 s/image on an H200
+#: (docs/performance.md, eleventh comparison), but with torch 2.11 a later process that finds those graphs in
+#: Inductor's FX graph cache fails to load them (``TypeError: 'NoneType' object does not support the context
+#: manager protocol`` in ``MultiKernelCall.cache_file_path``): not a default.
+INFERENCE_OPTIONS: dict = {}
 
 
 def inference_options(device: torch.device) -> dict:
