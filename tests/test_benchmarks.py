@@ -92,8 +92,27 @@ def test_bench_attention_tiny_and_find_syncs_needs_a_gpu(tmp_path, capsys):
             find_syncs.main([])
 
 
+def test_bench_generate_fp8_rows_and_check_fp8_tiny(tmp_path, capsys):
+    """--fp8 repeats the all-compiled rows with generate(fp8=True); check_fp8.py compares FP8 and bf16 with float32
+    scale by scale (on the CPU "bf16" is float32 itself: ~zero error)."""
+    import check_fp8
+    out = tmp_path / "gen.json"
+    bench_generate.main(["--tiny", "--configs", "d16@256", "--samplers", "stable", "--batches", "1", "--repeats", "1",
+                         "--warmup", "0", "--text", "random", "--cuda-graphs", "--skip-eager", "--skip-plain",
+                         "--compile-head", "--compile-blocks", "--only-all-compiled", "--fp8", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["impl"], r["fp8"]) for r in rows] == [("starkit graphs, all compiled", False),
+                                                    ("starkit graphs, all compiled, fp8", True)]
+    assert all(r["latency_s"] > 0 for r in rows)
+    check = tmp_path / "check.json"
+    check_fp8.main(["--tiny", "--config", "d16@256", "--json", str(check)])
+    result = json.loads(check.read_text())
+    assert len(result["rows"]) == 10 and result["kernel"] == []  # no GPU: no kernel rows
+    assert all(0.01 < r["fp8_hidden_err"] < 0.1 and r["bf16_hidden_err"] < 1e-4 for r in result["rows"])
+
+
 def test_bench_fp8_tiny(tmp_path):
-    """bench_fp8.py (a decision aid for issue 7): FP8 row-wise products agree with bf16 to e4m3's precision."""
+    """bench_fp8.py: FP8 row-wise products agree with bf16 to e4m3's precision."""
     import bench_fp8
     out = tmp_path / "fp8.json"
     bench_fp8.main(["--tiny", "--json", str(out)])

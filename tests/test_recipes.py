@@ -77,7 +77,8 @@ def test_training_recipe_runs_a_step_on_cpu(recipe, tmp_path):
 @pytest.mark.parametrize("recipe", [p for p in RECIPES if family(p)[0] == "predict"], ids=lambda p: family(p)[1])
 def test_predict_recipe_writes_images(recipe, tmp_path, tiny_model_dir):
     out = tmp_path / "out"
-    fast = ["--model.init_args.cuda_graphs=whole", "--model.init_args.compile_blocks=true"] if "tiny" in recipe else []
+    fast = ["--model.init_args.cuda_graphs=whole", "--model.init_args.compile_blocks=true",
+            "--model.init_args.fp8=true"] if "tiny" in recipe else []
     main(["predict", "--config", recipe, f"--model.init_args.path={tiny_model_dir}", "--trainer.accelerator=cpu", *fast,
           "--trainer.precision=32-true", "--data.init_args.prompt_file=null",
           '--data.init_args.prompts=["a red circle", "two blue squares"]', "--data.init_args.num_images_per_prompt=1",
@@ -91,7 +92,7 @@ def test_pretrained_generator_passes_its_generate_options_to_prediction(tiny_mod
     out = gen.predict_step({"prompt": ["a red circle"], "seed": [3]}, 0)
     assert out["images"].shape[0] == 1 and "_static_steps" in gen.__dict__  # the static steps were used
     plain = _load_pretrained(tiny_model_dir)
-    assert plain.predict_options == {"cuda_graphs": False, "compile_blocks": False}
+    assert plain.predict_options == {"cuda_graphs": False, "compile_blocks": False, "fp8": False}
     assert torch.equal(plain.predict_step({"prompt": ["a red circle"], "seed": [3]}, 0)["images"], out["images"])
 
 
