@@ -54,8 +54,8 @@ def test_fp8_layers_cover_the_blocks_products_only_and_are_restored():
 
 
 def test_generate_fp8_runs_every_path_and_leaves_bf16_generation_unchanged():
-    """fp8 changes the images (an approximation) but not much at the first scales; the eager, compiled-region and
-    static-step paths give the same fp8 tokens; a bf16 call after an fp8 one gives the bf16 images again (the
+    """fp8 changes the images (an approximation) but not much at the first scales; the compiled-region, static-step
+    and whole-generation-graph paths give the same fp8 tokens; a bf16 call after an fp8 one gives the bf16 images again (the
     static steps captured in fp8 are released)."""
     from starkit.samplers import StableSampler
     gen = make_tiny_generator(sampler=StableSampler(causal_scales=2, steps=2, steps_last=3)).eval()
@@ -65,11 +65,12 @@ def test_generate_fp8_runs_every_path_and_leaves_bf16_generation_unchanged():
     _, eager = gen.generate(prompts, seed=1, return_indices=True, fp8=True)
     _, regions = gen.generate(prompts, seed=1, return_indices=True, fp8=True, compile_blocks=True)
     _, static = gen.generate(prompts, seed=1, return_indices=True, fp8=True, compile_blocks=True, cuda_graphs=True)
+    _, whole = gen.generate(prompts, seed=1, return_indices=True, fp8=True, compile_blocks=True, cuda_graphs="whole")
     _, again = gen.generate(prompts, seed=1, return_indices=True, compile_blocks=True, cuda_graphs=True)
     assert torch.equal(want[0], eager[0])  # the first scale: one token per image, not moved by ~4% rounding
     assert any(not torch.equal(a, b) for a, b in zip(want, eager))  # but the products did change
-    for a, b in zip(regions, static):
-        assert torch.equal(a, b)
+    for a, b, c in zip(regions, static, whole):
+        assert torch.equal(a, b) and torch.equal(a, c)
     assert all(torch.equal(a, b) for a, b in zip(want, again))
     assert sum((a == b).float().mean() for a, b in zip(eager, regions)) / len(eager) > 0.8
 
