@@ -62,7 +62,8 @@ def test_generate_fp8_runs_every_path_and_leaves_bf16_generation_unchanged():
     gen.sampler.head_trained.fill_(1)
     prompts = ["a red circle", "two blue squares"]
     _, want = gen.generate(prompts, seed=1, return_indices=True)
-    _, eager = gen.generate(prompts, seed=1, return_indices=True, fp8=True)
+    with pytest.warns(UserWarning, match="without compile_blocks=True quantizes"):  # slower than bf16: said once
+        _, eager = gen.generate(prompts, seed=1, return_indices=True, fp8=True)
     _, regions = gen.generate(prompts, seed=1, return_indices=True, fp8=True, compile_blocks=True)
     _, static = gen.generate(prompts, seed=1, return_indices=True, fp8=True, compile_blocks=True, cuda_graphs=True)
     _, whole = gen.generate(prompts, seed=1, return_indices=True, fp8=True, compile_blocks=True, cuda_graphs="whole")

@@ -492,6 +492,11 @@ class ScaleWiseGenerator(L.LightningModule):
         from starkit.generator.fp8 import check_supported, fp8_layers
         if fp8:
             check_supported(self.device)
+            if not compile_blocks and not self.__dict__.get("_warned_fp8_eager"):
+                self.__dict__["_warned_fp8_eager"] = True
+                warnings.warn("generate(fp8=True) without compile_blocks=True quantizes the products' inputs in passes of "
+                              "their own: on an H200 each product is then 0.38-0.97x bf16's speed (docs/performance.md). "
+                              "Pass compile_blocks=True (and StableSampler(compile_head=True)).", UserWarning, stacklevel=2)
         if cuda_graphs:  # graphs replay the products they were captured with: new ones when the precision changes
             if self.__dict__.get("_graphs_fp8", bool(fp8)) != bool(fp8):
                 self.release_cuda_graphs()
