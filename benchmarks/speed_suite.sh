@@ -20,7 +20,8 @@
 #               the compiled block regions (generate(compile_blocks=True)), against the official code
 #   attention : benchmarks/bench_attention.py, the SDPA/Flex kernels at starkit's shapes (not in the default list)
 #   syncs     : benchmarks/find_syncs.py, host synchronisations of a d16 @256 step and generation (not in the default list)
-#   fp8       : benchmarks/bench_fp8.py, FP8 against bf16 for d30's linear layers (not in the default list)
+#   fp8       : benchmarks/bench_fp8.py, FP8 against bf16 for d30's linear layers, then benchmarks/check_fp8.py (the
+#               accuracy of generate(fp8=True) and its Triton kernel) (not in the default list)
 #   profile   : benchmarks/profile_generate.py --per-scale of PROFILE_CASES (default d16@256:parallel:1, the
 #               question of the sixth comparison) with graphs and every compiled path (not in the default list)
 #   layouts   : benchmarks/bench_attention_layouts.py --dynamic, the self-attention step's memory layouts (not in the
@@ -101,7 +102,10 @@ for stage in $stages; do
     fp8)
       fp8_args=(--json "$out/fp8.json")
       [ -n "${TINY:-}" ] && fp8_args+=(--tiny)
-      run fp8 "${FP8_LIMIT:-120}" python "$here/bench_fp8.py" "${fp8_args[@]}" ;;
+      run fp8 "${FP8_LIMIT:-120}" python "$here/bench_fp8.py" "${fp8_args[@]}"
+      check_args=(--json "$out/check_fp8.json")
+      [ -n "${TINY:-}" ] && check_args+=(--tiny --config d16@256)
+      run check_fp8 "${CHECK_FP8_LIMIT:-120}" python "$here/check_fp8.py" "${check_args[@]}" ;;
     kernels)
       kernels_args=(--small-rows --json "$out/kernels.json")
       [ -n "${TINY:-}" ] && kernels_args+=(--tiny)

@@ -110,3 +110,13 @@ def test_compile_once_keys_on_inductor_options():
     assert compiling.compile_once(f, options={"max_autotune": False}, dynamic=False) is not \
         compiling.compile_once(f, dynamic=False)
     assert compiling.inference_options(torch.device("cpu")) == {}
+
+
+def test_pipeline_call_takes_fp8(tiny_model_dir):
+    """StarPipeline(...)(prompts, fp8=True): PIL images of the bf16 ones' size; no layer left in FP8 mode after."""
+    from starkit.pipeline import StarPipeline
+    pipe = StarPipeline.from_pretrained(tiny_model_dir)
+    plain = pipe(["a red circle"], seed=0, compile_blocks=True)
+    quantized = pipe(["a red circle"], seed=0, compile_blocks=True, fp8=True)
+    assert len(quantized) == 1 and quantized[0].size == plain[0].size
+    assert not any(getattr(layer, "fp8", False) for layer in fp8.block_layers(pipe.generator))
