@@ -824,3 +824,17 @@ def test_copy_wide_moves_the_same_bits_through_wide_views(monkeypatch):
                 assert torch.equal(values.view(torch.int16), want_v[:, :, :start])
     monkeypatch.setattr(kv_cache, "WIDE_COPY_DEVICES", ("cuda",))
     assert wide_copy_type(torch.zeros(2, 64, dtype=torch.bfloat16), torch.zeros(2, 64, dtype=torch.bfloat16)) is None
+
+
+def test_generate_in_training_mode_gives_the_eval_mode_images():
+    """A generator in training mode (as load_from_checkpoint returns it) generates as in eval mode: stochastic
+    depth must not drop blocks at sampling time (it made images depend on the global RNG); the modes are restored."""
+    gen = make_tiny_generator(drop_path_rate=0.9).eval()
+    want = gen.generate(["a red circle", "two blue squares"], seed=5)
+    gen.train()
+    torch.manual_seed(123)
+    got = gen.generate(["a red circle", "two blue squares"], seed=5)
+    torch.manual_seed(7)
+    assert torch.equal(got, want) and torch.equal(gen.generate(["a red circle", "two blue squares"], seed=5), want)
+    assert gen.transformer.training and gen.transformer.blocks[-1].drop_path.training
+    assert not gen.tokenizer.training  # frozen parts stay in eval mode (ScaleWiseGenerator.train)

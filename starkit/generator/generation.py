@@ -5,12 +5,29 @@ sampling loop itself is :mod:`starkit.generator.sampling`.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Optional, Sequence, Union
 
 import torch
 
 from starkit.samplers import ScaleSampler
+
+
+@contextlib.contextmanager
+def in_eval_mode(*modules: torch.nn.Module):
+    """The modules in eval mode within the block, each put back in its own mode after. A generator fresh from
+    ``load_from_checkpoint`` is in training mode, where stochastic depth drops blocks at random: generation
+    must not depend on the module's mode (the same seed, the same images)."""
+    modes = [(m, [(sub, sub.training) for sub in m.modules()]) for m in modules if m is not None]
+    for m, _ in modes:
+        m.eval()
+    try:
+        yield
+    finally:
+        for _, subs in modes:
+            for sub, training in subs:
+                sub.training = training
 
 
 class GenerationMixin:
@@ -98,7 +115,7 @@ class GenerationMixin:
                 self.release_cuda_graphs()
             self.__dict__["_graphs_fp8"] = bool(fp8)
         static = self.__dict__.setdefault("_static_steps", {}) if cuda_graphs else None
-        with fp8_layers([net, sampler], enabled=fp8):
+        with fp8_layers([net, sampler], enabled=fp8), in_eval_mode(net, sampler):
             images, indices = run_sampling(net, self.tokenizer, self.text_encoder, sampler, prompts, seed,
                                            self.device, static_steps=static, fused=compile_blocks,
                                            whole_graph=cuda_graphs == "whole")
