@@ -76,7 +76,7 @@ def main(argv=None) -> None:
     if args.tiny:
         arch, pn = dict(ch=32, z_channels=8, codebook_size=64), (1, 2, 4)
         args.warmup, args.repeats = 1, 2
-        cnn.TAP_CONV_DEVICES = ("cpu",)  # the rewrites on the CPU, so that the smoke test runs them
+        cnn.REWRITE_DEVICES = ("cpu",)  # the rewrites on the CPU, so that the smoke test runs them
     else:
         arch, pn = dict(ch=160, z_channels=32, codebook_size=4096), P1024
     torch.manual_seed(0)

@@ -241,7 +241,7 @@ def test_bench_decoder_tiny(tmp_path, capsys, monkeypatch):
     rounding of the plain layers (the rewrites run on the CPU in the smoke test)."""
     import bench_decoder
     from starkit.tokenizers import cnn
-    monkeypatch.setattr(cnn, "TAP_CONV_DEVICES", cnn.TAP_CONV_DEVICES)  # the smoke test adds the CPU: restored
+    monkeypatch.setattr(cnn, "REWRITE_DEVICES", cnn.REWRITE_DEVICES)  # the smoke test adds the CPU: restored
     monkeypatch.setattr(cnn, "INFERENCE_REWRITES", dict(cnn.INFERENCE_REWRITES))
     out = tmp_path / "decoder.json"
     bench_decoder.main(["--tiny", "--json", str(out), "--batches", "1,2"])

@@ -327,9 +327,9 @@ def test_tap_conv_decodes_the_images_of_the_plain_conv(monkeypatch):
     calls, real = [], cnn.tap_conv3x3
     monkeypatch.setattr(cnn, "tap_conv3x3", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
-        monkeypatch.setattr(cnn, "TAP_CONV_DEVICES", ())
+        monkeypatch.setattr(cnn, "REWRITE_DEVICES", ())
         plain = tok.decode_latent(f)
-        monkeypatch.setattr(cnn, "TAP_CONV_DEVICES", ("cpu",))
+        monkeypatch.setattr(cnn, "REWRITE_DEVICES", ("cpu",))
         torch.testing.assert_close(tok.decode_latent(f), plain, rtol=1e-5, atol=1e-5)
     assert calls == [1]
     x, w, b = torch.randn(2, 5, 7, 6), torch.randn(3, 5, 3, 3), torch.randn(3)
@@ -360,8 +360,8 @@ def test_upsample_and_group_norm_rewrites_decode_the_images_of_the_plain_layers(
     monkeypatch.setattr(cnn, "group_norm_channels_last", count("gn", real_gn))
     with torch.no_grad():
         plain = tok.decode_latent(f)
-        assert calls == {"up": 0, "gn": 0}  # CPU is not in TAP_CONV_DEVICES
-        monkeypatch.setattr(cnn, "TAP_CONV_DEVICES", ("cpu",))
+        assert calls == {"up": 0, "gn": 0}  # CPU is not in REWRITE_DEVICES
+        monkeypatch.setattr(cnn, "REWRITE_DEVICES", ("cpu",))
         rewritten = tok.decode_latent(f)
         n_up = sum(isinstance(m, cnn.Upsample) for m in tok.decoder.modules())
         n_gn = sum(isinstance(m, torch.nn.GroupNorm) for m in tok.decoder.modules())

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 #: device types on which the inference rewrites below replace the plain layers (no gradients only)
-TAP_CONV_DEVICES = ("cuda",)
+REWRITE_DEVICES = ("cuda",)
 
 #: the inference rewrites, each exact in real arithmetic and on by default; switched off one at a time for A/B
 #: measurements (``benchmarks/bench_decoder.py``) and debugging. ``tap_conv_out``: the decoder's last conv as
@@ -32,8 +32,8 @@ INFERENCE_REWRITES = {"tap_conv_out": True, "subpixel_upsample": True, "channel_
 
 def use_rewrite(name: str, x: torch.Tensor) -> bool:
     """Whether the inference rewrite ``name`` (:data:`INFERENCE_REWRITES`) applies to input ``x``: switched on,
-    no gradients being recorded, and ``x`` on one of :data:`TAP_CONV_DEVICES`."""
-    return INFERENCE_REWRITES[name] and not torch.is_grad_enabled() and x.device.type in TAP_CONV_DEVICES
+    no gradients being recorded, and ``x`` on one of :data:`REWRITE_DEVICES`."""
+    return INFERENCE_REWRITES[name] and not torch.is_grad_enabled() and x.device.type in REWRITE_DEVICES
 
 
 def tap_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
