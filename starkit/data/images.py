@@ -369,17 +369,27 @@ def read_caption(item: CaptionedItem, missing_caption: str, repairs: List[str]) 
             raw = None
         except OSError as err:
             raise SampleError("caption_unreadable", f"{item.caption_file}: {err}") from None
-        if raw is None:
-            text = None
-        else:
-            try:
-                text = raw.decode("utf-8-sig")
-            except UnicodeDecodeError:
-                text = raw.decode("utf-8", errors="replace")
-                repairs.append("caption_not_utf8")
+        text = None if raw is None else decode_caption(raw, repairs)
+    return finish_caption(text, str(item.image), missing_caption, repairs)
+
+
+def decode_caption(raw: bytes, repairs: List[str]) -> str:
+    """Caption bytes as text: UTF-8 (a BOM dropped), else decoded with replacement characters and
+    ``caption_not_utf8`` recorded in ``repairs``."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        repairs.append("caption_not_utf8")
+        return raw.decode("utf-8", errors="replace")
+
+
+def finish_caption(text: Optional[str], name: str, missing_caption: str, repairs: List[str]) -> str:
+    """A caption read for sample ``name`` (None: it has none), stripped. A missing one raises
+    ``SampleError("missing_caption")`` with ``missing_caption="skip"``, else becomes ``""`` (``caption_missing``
+    recorded); an empty one is kept and ``caption_empty`` recorded."""
     if text is None:
         if missing_caption == "skip":
-            raise SampleError("missing_caption", f"{item.image} has no caption")
+            raise SampleError("missing_caption", f"{name} has no caption")
         repairs.append("caption_missing")
         return ""
     text = text.strip()

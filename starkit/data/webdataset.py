@@ -63,7 +63,9 @@ from .images import (
     SKIP_CAUSES,
     SampleCounts,
     SampleError,
+    decode_caption,
     decode_rgb,
+    finish_caption,
     split_counts,
     var_transform,
 )
@@ -308,20 +310,8 @@ class WebDatasetStream(IterableDataset):
                 raw = _read(tf, member)
             except (tarfile.TarError, OSError) as err:
                 raise SampleError("caption_unreadable", f"{name}: {err}") from None
-            try:
-                text = raw.decode("utf-8-sig")
-            except UnicodeDecodeError:
-                text = raw.decode("utf-8", errors="replace")
-                repairs.append("caption_not_utf8")
-        if text is None:
-            if self.missing_caption == "skip":
-                raise SampleError("missing_caption", f"{name} has no caption")
-            repairs.append("caption_missing")
-            return ""
-        text = text.strip()
-        if not text:
-            repairs.append("caption_empty")
-        return text
+            text = decode_caption(raw, repairs)
+        return finish_caption(text, name, self.missing_caption, repairs)
 
     @property
     def stats(self) -> Dict[str, Dict[str, int]]:
