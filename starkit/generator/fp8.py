@@ -114,7 +114,7 @@ def weights(layer: nn.Linear, x: torch.Tensor, bias: Optional[torch.Tensor] = No
         q, scale = packed, layer.fp8_scale
     else:
         q, scale = inference_cached(layer, "fp8", (layer.weight,), lambda: quantize_weight(layer.weight.detach()))
-    return q, None if bias is None else bias.to(compute_dtype(x)), scale
+    return q, bias, scale
 
 
 def layer_linear(layer: nn.Linear, x: torch.Tensor, bias: Optional[torch.Tensor] = None,

@@ -41,6 +41,7 @@ from starkit.generator import fp8, kv_cache
 from starkit.generator.blocks import (Block, KVCache, autocast_weight, fc1_gelu, l2_normalize, take_rows,
                                       token_major)
 from starkit.positional import as_cis, rotate_float32
+from starkit.utils.inference_cache import autocast_dtype
 
 
 def attention_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, q_scale: torch.Tensor,
@@ -125,8 +126,7 @@ def tune_at_largest_scale(net, x: torch.Tensor, text_kvs=None, text_bias: Option
     if block.training or hasattr(block, "ada_lin"):
         return
     device, tokens = x.device, net.patch_nums[-1] ** 2
-    autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-    key = ("fused_regions", str(device), x.dtype, autocast, net.width, net.num_heads, block.norm.eps,
+    key = ("fused_regions", str(device), x.dtype, autocast_dtype(x), net.width, net.num_heads, block.norm.eps,
            text_kvs is not None, x.shape[0] == 1)
 
     def call():

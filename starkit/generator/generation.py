@@ -19,15 +19,14 @@ def in_eval_mode(*modules: torch.nn.Module):
     """The modules in eval mode within the block, each put back in its own mode after. A generator fresh from
     ``load_from_checkpoint`` is in training mode, where stochastic depth drops blocks at random: generation
     must not depend on the module's mode (the same seed, the same images)."""
-    modes = [(m, [(sub, sub.training) for sub in m.modules()]) for m in modules if m is not None]
-    for m, _ in modes:
-        m.eval()
+    training = [sub for m in modules if m is not None for sub in m.modules() if sub.training]
+    for sub in training:
+        sub.training = False
     try:
         yield
     finally:
-        for _, subs in modes:
-            for sub, training in subs:
-                sub.training = training
+        for sub in training:
+            sub.training = True
 
 
 class GenerationMixin:

@@ -29,7 +29,7 @@ from torch import nn
 from starkit.generator import fp8
 from starkit.generator.blocks import Block, Linear
 from starkit.positional import as_cis
-from starkit.utils.inference_cache import inference_cached, inference_param
+from starkit.utils.inference_cache import autocast_dtype, inference_cached, inference_param
 
 if TYPE_CHECKING:
     from starkit.samplers.head_graphs import HeadStepGraphs
@@ -213,9 +213,8 @@ class SamplerHead(nn.Module):
 
         if compiled and largest_tokens and largest_tokens > l:
             from starkit.utils.compiling import tune_first_at
-            device = base.device.type
-            autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-            key = ("sampler_head", type(self), str(base.device), base.dtype, autocast, self.width, rot is None, R == 1)
+            key = ("sampler_head", type(self), str(base.device), base.dtype, autocast_dtype(base), self.width,
+                   rot is None, R == 1)
             tune_first_at(key, base.device, lambda: self._run_at_size(features, base, rot, largest_tokens))
 
         if graphs is not None:  # the blocks, norm and logits head of each step replayed; float32 outside

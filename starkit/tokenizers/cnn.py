@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from starkit.utils.inference_cache import autocast_dtype
+
 #: device types on which the inference rewrites below replace the plain layers (no gradients only)
 REWRITE_DEVICES = ("cuda",)
 
@@ -45,7 +47,7 @@ def tap_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
     memory-bound and far faster than cuDNN's kernel for that shape. Returns ``(B, Cout, H, W)``."""
     B, _, H, W = x.shape
     cout = weight.shape[0]
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    dtype = autocast_dtype(x) or x.dtype
     taps = weight.permute(1, 2, 3, 0).reshape(weight.shape[1], 9 * cout).to(dtype)  # (Cin, 9 Cout)
     per_tap = torch.matmul(x.permute(0, 2, 3, 1).to(dtype), taps).view(B, H, W, 3, 3, cout)
     per_tap = F.pad(per_tap.float(), (0, 0, 0, 0, 0, 0, 1, 1, 1, 1))  # (B, H + 2, W + 2, 3, 3, Cout), zero border
