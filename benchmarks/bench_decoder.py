@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from starkit.tokenizers import MultiScaleVQ, cnn  # noqa: E402
 
-from bench_generator import write_results  # noqa: E402
+from bench_generator import device_name, write_results  # noqa: E402
 from bench_tokenizer import timed  # noqa: E402
 
 P1024 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
@@ -125,13 +125,13 @@ def main(argv=None) -> None:
         finally:
             tok.decoder, tok.encoder = decoder, encoder
     set_variant("all")
-    device_name = torch.cuda.get_device_name(dev) if cuda else "CPU"
+    name = device_name(dev)
     if args.json:
-        write_results(args.json, device_name, args, rows, kernels={k: [list(r) for r in v] for k, v in kernels.items()})
+        write_results(args.json, name, args, rows, kernels={k: [list(r) for r in v] for k, v in kernels.items()})
     for variant, table in kernels.items():
         print_kernel_table(f"kernels of one batch-{batches[0]} decode, variant {variant}", table)
     base_ms = {r["batch"]: r["decode_ms"] for r in rows if r["variant"] == "base"}
-    print(f"\n## VQ decoder rewrites ({device_name}, torch {torch.__version__}, {'bf16 channels_last compiled' if cuda else 'fp32 eager'})\n")
+    print(f"\n## VQ decoder rewrites ({name}, torch {torch.__version__}, {'bf16 channels_last compiled' if cuda else 'fp32 eager'})\n")
     print("| variant | batch | decode ms (per image) | vs base | encode ms | max / mean diff vs base | max diff vs fp32 eager |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

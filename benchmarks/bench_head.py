@@ -25,7 +25,7 @@ from starkit.samplers.head import SamplerHead  # noqa: E402
 from starkit.utils import compiling  # noqa: E402
 
 from bench_decoder import print_kernel_table, timed, top_kernels  # noqa: E402
-from bench_generator import write_results  # noqa: E402
+from bench_generator import device_name, write_results  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -81,7 +81,7 @@ def main(argv=None) -> None:
                         kernels[mode] = top_kernels(lambda: predict(revealed, positions), args.kernel_rows)
         finally:
             compiling.compile_once = real_compile_once
-    name = torch.cuda.get_device_name(dev) if cuda else "CPU"
+    name = device_name(dev)
     if args.json:
         write_results(args.json, name, args, rows, kernels={k: [list(r) for r in v] for k, v in kernels.items()})
     for mode, table in kernels.items():
